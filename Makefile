@@ -1,0 +1,34 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/smoke.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+# torch is installed first with exact pins so nothing later pulls a different build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	DATA_ROOT=$(DATA_ROOT) $(BIN)/vit-pipeline shard --config $(CONFIG)
+
+test: setup
+	DATA_ROOT=$(DATA_ROOT) $(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	DATA_ROOT=$(DATA_ROOT) $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,130 @@
+"""`vit-pipeline`: the command line over the pipeline's steps.
+
+Every subcommand builds the one PipelineConfig (a --config file, then --set overrides, then the
+subcommand's own flags) so the CLI and the Prefect flow can never disagree about a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.samples import ShardFormatError
+from tasks.shard import ShardOptions, shard_dataset, verify_shards
+from tasks.sources import SourceError
+
+log = logging.getLogger("vit-pipeline")
+EXIT_BAD_INPUT = 2
+EXIT_VERIFY_FAILED = 1
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="a configs/*.yaml file (default: built-in defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set training.epochs=3 (repeatable)",
+    )
+    parser.add_argument("--run-name", help="outputs go under ./runs/<run name>/ (tracking.run_name)")
+
+
+def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """Turn the subcommand's explicit flags into config overrides (flags win over --set)."""
+    overrides = list(args.overrides)
+    for attribute, dotted in {"run_name": "tracking.run_name", **mapping}.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            # JSON quoting keeps a path with ':' or '#' a plain string when read back as YAML.
+            overrides.append(f"{dotted}={json.dumps(value) if isinstance(value, str) else value}")
+    return overrides
+
+
+def _load(args: argparse.Namespace, mapping: dict[str, str]) -> PipelineConfig:
+    return load_config(args.config, _flag_overrides(args, mapping))
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    config = _load(
+        args,
+        {
+            "dataset": "data.dataset",
+            "data_root": "data.data_root",
+            "out": "data.shard_dir",
+            "shard_size": "data.shard_size",
+            "image_format": "data.image_format",
+            "image_size": "data.image_size",
+            "workers": "data.shard_workers",
+        },
+    )
+    data = config.data
+    result = shard_dataset(
+        data.dataset,
+        data.data_root,
+        config.shard_location,
+        ShardOptions(
+            shard_size=data.shard_size,
+            image_format=data.image_format,
+            image_size=data.image_size,
+            shuffle_seed=data.shuffle_seed,
+            workers=data.shard_workers,
+        ),
+        download_dir=data.download_dir,
+        progress=not args.quiet,
+    )
+    splits = ", ".join(
+        f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards"
+        for name, split in result.manifest["splits"].items()
+    )
+    state = "up to date, nothing to do" if result.skipped else "written"
+    print(f"{result.location}: {state} ({splits}; fingerprint {result.manifest['fingerprint'][:12]})")
+    return 0
+
+
+def cmd_verify_shards(args: argparse.Namespace) -> int:
+    report = verify_shards(str(args.location))
+    if report.ok:
+        print(f"{report.location}: OK ({report.shards_checked} shards, {report.samples_checked} samples)")
+        return 0
+    for problem in report.problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    print(f"{report.location}: {len(report.problems)} problem(s)", file=sys.stderr)
+    return EXIT_VERIFY_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shard = commands.add_parser("shard", help="turn a dataset into verified WebDataset shards")
+    _config_arguments(shard)
+    shard.add_argument("--dataset", choices=["cifar10", "imagefolder"])
+    shard.add_argument("--data-root", help="dataset directory (default: $DATA_ROOT, else download CIFAR-10)")
+    shard.add_argument("--out", help="shard directory or fsspec URL (default: runs/<run name>/shards)")
+    shard.add_argument("--shard-size", type=int, help="samples per shard")
+    shard.add_argument("--image-format", choices=["npy", "png"])
+    shard.add_argument("--image-size", type=int, help="ImageFolder: resize images to this square size")
+    shard.add_argument("--workers", type=int, help="shard-writing processes")
+    shard.set_defaults(handler=cmd_shard)
+
+    verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
+    verify.add_argument("location", help="shard directory or fsspec URL")
+    verify.set_defaults(handler=cmd_verify_shards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError) as error:
+        print(f"vit-pipeline {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The one typed configuration of the pipeline, loaded from configs/*.yaml.
+
+Every section forbids unknown keys, so a typo fails at load time with the field's dotted path
+instead of being silently ignored halfway through a GPU run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from timm.models import model_entrypoint
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DATA_ROOT_ENV = "DATA_ROOT"
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def our_model_names() -> list[str]:
+    """Models registered by vitmodels (importing it registers them with timm)."""
+    import vitmodels  # noqa: F401
+
+    return [name for name in timm.list_models() if model_entrypoint(name).__module__.startswith("vitmodels")]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    crop_padding: NonNegativeInt = 4
+    hflip: bool = True
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    randaugment_ops: PositiveInt = 2
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    mixup_alpha: NonNegativeFloat = 0.0
+    cutmix_alpha: NonNegativeFloat = 0.0
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Section):
+    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
+    # None means: take $DATA_ROOT, else download CIFAR-10 into download_dir.
+    data_root: Path | None = None
+    download_dir: Path = Path("data")
+    # A local directory or any fsspec URL (s3://bucket/prefix); None puts shards in the run directory.
+    shard_dir: str | None = None
+    shard_size: PositiveInt = 5000
+    image_format: Literal["npy", "png"] = "npy"
+    # ImageFolder images are resized to this square size; None requires them all to be one size.
+    image_size: PositiveInt | None = None
+    shard_workers: PositiveInt = 2
+    shuffle_seed: int | None = 0
+    loader_workers: NonNegativeInt = 2
+    shuffle_buffer: PositiveInt = 10_000
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = CIFAR10_STD
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("data_root")
+    @classmethod
+    def _data_root_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"directory does not exist: {value}")
+        return value
+
+    @field_validator("shard_dir")
+    @classmethod
+    def _no_shell_urls(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("pipe:"):
+            raise ValueError("pipe: URLs run shell commands and are not accepted; use a path or fsspec URL")
+        return value
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_root(self) -> DataConfig:
+        if self.dataset == "imagefolder" and self.data_root is None:
+            raise ValueError("dataset 'imagefolder' needs data.data_root (or $DATA_ROOT); it cannot be downloaded")
+        return self
+
+
+class ModelSpec(_Section):
+    """One model of the comparison: any name timm.create_model knows, ours included."""
+
+    name: str
+    pretrained: bool = False
+    pretrained_file: Path | None = None
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    # Distillation (DeiT): "baseline" means the pipeline's trained baseline checkpoint.
+    teacher: str | None = None
+    teacher_file: Path | None = None
+    distillation: Literal["none", "soft", "hard"] = "none"
+    distillation_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    distillation_tau: PositiveFloat = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        ours = ", ".join(our_model_names())
+        if not timm.is_model(value):
+            raise ValueError(
+                f"unknown model {value!r}; ours are: {ours}; any name in timm.list_models() works too"
+            )
+        return value
+
+    @field_validator("pretrained_file", "teacher_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file does not exist: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _teacher_for_distillation(self) -> ModelSpec:
+        if self.distillation != "none" and self.teacher is None:
+            raise ValueError(f"distillation {self.distillation!r} needs a teacher (e.g. teacher: baseline)")
+        return self
+
+
+class ModelConfig(_Section):
+    baseline: ModelSpec = Field(default_factory=lambda: ModelSpec(name="resnet18_cifar", drop_path_rate=0.0))
+    transformers: list[ModelSpec] = Field(
+        default_factory=lambda: [
+            ModelSpec(name="vit_tiny_patch4_32"),
+            ModelSpec(name="deit_tiny_distilled_patch4_32", teacher="baseline", distillation="hard"),
+            ModelSpec(name="swin_tiny_patch2_window4_32"),
+        ]
+    )
+
+    def all_specs(self) -> list[ModelSpec]:
+        return [self.baseline, *self.transformers]
+
+    def spec(self, name: str) -> ModelSpec:
+        for spec in self.all_specs():
+            if spec.name == name:
+                return spec
+        known = ", ".join(s.name for s in self.all_specs())
+        raise ConfigError(f"model.{name}: not in this configuration; configured models: {known}")
+
+
+class TrainingConfig(_Section):
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 1e-3
+    min_lr: NonNegativeFloat = 1e-5
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_epochs: NonNegativeFloat = 5.0
+    grad_clip_norm: PositiveFloat | None = 1.0
+    grad_accum_steps: PositiveInt = 1
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    bf16: bool = True
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    checkpoints_to_keep: PositiveInt = 2
+    max_failures: NonNegativeInt = 1
+    log_every_steps: PositiveInt = 20
+
+
+class ScalingConfig(_Section):
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegativeFloat = 0.0
+    # None: $RAY_ADDRESS if set, else a local Ray started in-process.
+    ray_address: str | None = None
+    ray_num_cpus: PositiveInt | None = None
+
+
+class TrackingConfig(_Section):
+    project: str = "vit-pipeline"
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    run_name: str = "default"
+    output_dir: Path = Path("runs")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, value: str) -> str:
+        if not RUN_NAME_PATTERN.match(value):
+            raise ValueError(
+                "must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+        return value
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.tracking.output_dir / self.tracking.run_name
+
+    @property
+    def shard_location(self) -> str:
+        return self.data.shard_dir or str(self.run_dir / "shards")
+
+
+def _describe_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {message} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.epochs=3` -> (["training", "epochs"], 3); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    dotted, raw = text.split("=", 1)
+    return dotted.strip().split("."), yaml.safe_load(raw)
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def build_config(
+    tree: dict[str, Any] | None = None, overrides: list[str] = (), source: str = "<defaults>"
+) -> PipelineConfig:
+    """Validate a raw mapping plus `a.b=value` overrides; $DATA_ROOT fills an unset data root."""
+    tree = dict(tree or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(tree, *parse_override(override))
+    env_root = os.environ.get(DATA_ROOT_ENV)
+    data = tree.setdefault("data", {})
+    if isinstance(data, dict) and data.get("data_root") is None and env_root:
+        data["data_root"] = env_root
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe_errors(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    if path is None:
+        return build_config(None, overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file does not exist: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(tree, overrides, source=str(path))

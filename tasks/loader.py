@@ -1,0 +1,254 @@
+"""Streams a split's shards into batches for DDP training and evaluation.
+
+The manifest's per-shard counts let every rank plan its epoch without talking to the others:
+the (per-epoch shuffled) shard order is concatenated into one sample stream, rank r takes a
+contiguous slice of it, and the slice is cut into the same number of batches on every rank. So in
+one epoch each sample is seen exactly once across ranks, no rank waits on a batch that never comes,
+and evaluation needs no padding duplicates. DataLoader workers take contiguous runs of the rank's
+batches and read only the shard ranges those batches cover.
+
+Workers yield uint8 batches; conversion to float and normalisation happen on the training device
+(`normalize`), which keeps worker-to-trainer traffic at a quarter of float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tasks.config import AugmentConfig
+from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
+from tasks.shard import read_manifest
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard, in shard order."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: list[Segment]
+    batch_sizes: list[int]
+
+
+def batches_per_rank(total: int, world_size: int, batch_size: int) -> int:
+    return math.ceil(math.ceil(total / world_size) / batch_size)
+
+
+def plan_worker(
+    shard_counts: list[int],
+    *,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+    shard_order: list[int],
+) -> WorkerPlan:
+    """The exact samples (as shard segments) and batch sizes one DataLoader worker of one rank yields."""
+    total = sum(shard_counts)
+    rank_start, rank_stop = rank * total // world_size, (rank + 1) * total // world_size
+    num_batches = batches_per_rank(total, world_size, batch_size)
+    rank_samples = rank_stop - rank_start
+    if rank_samples < num_batches:
+        raise ValueError(
+            f"{total} samples over {world_size} ranks leave rank {rank} {rank_samples} samples for "
+            f"{num_batches} batches; use a larger batch size or fewer ranks"
+        )
+    # Batch sizes differ by at most one so every rank has exactly num_batches batches.
+    small, larger_count = divmod(rank_samples, num_batches)
+    sizes = [small + 1] * larger_count + [small] * (num_batches - larger_count)
+    first_batch, last_batch = worker * num_batches // num_workers, (worker + 1) * num_batches // num_workers
+    start = rank_start + sum(sizes[:first_batch])
+    stop = start + sum(sizes[first_batch:last_batch])
+
+    segments, offset = [], 0
+    for shard in shard_order:
+        shard_start, shard_stop = offset, offset + shard_counts[shard]
+        offset = shard_stop
+        lo, hi = max(start, shard_start), min(stop, shard_stop)
+        if lo < hi:
+            segments.append(Segment(shard, lo - shard_start, hi - shard_start))
+    return WorkerPlan(segments, sizes[first_batch:last_batch])
+
+
+class BatchAugmenter:
+    """Training augmentation on uint8 N x C x H x W batches: pad-and-crop and flips work on the
+    whole batch; RandAugment/TrivialAugment (torchvision v2) run per image as each picks its own ops."""
+
+    def __init__(self, config: AugmentConfig, generator: torch.Generator):
+        self.config = config
+        self.generator = generator
+        self.policy = None
+        if config.auto_augment != "none":
+            from torchvision.transforms import v2
+
+            self.policy = (
+                v2.RandAugment(num_ops=config.randaugment_ops, magnitude=config.randaugment_magnitude)
+                if config.auto_augment == "randaugment"
+                else v2.TrivialAugmentWide()
+            )
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        count, _, height, width = images.shape
+        pad = self.config.crop_padding
+        if pad:
+            # A zeroed canvas plus one slice per image: much cheaper than F.pad or gather on uint8.
+            padded = images.new_zeros(count, images.shape[1], height + 2 * pad, width + 2 * pad)
+            padded[:, :, pad : pad + height, pad : pad + width] = images
+            offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=self.generator).tolist()
+            images = torch.stack(
+                [padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets)]
+            )
+        if self.config.hflip:
+            flip = torch.rand(count, generator=self.generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.policy is not None:
+            images = torch.stack([self.policy(image) for image in images])
+        return images
+
+
+class ShardStream(IterableDataset):
+    """One split of a shard directory as an iterable of (uint8 images, labels, keys) batches."""
+
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 10_000,
+    ):
+        if location.startswith("pipe:"):
+            raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+        manifest = read_manifest(location)
+        if manifest is None:
+            raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
+        if split not in manifest["splits"]:
+            raise KeyError(f"{location}: no split {split!r}; the manifest has {sorted(manifest['splits'])}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        shards = manifest["splits"][split]["shards"]
+        self.location = location.rstrip("/")
+        self.shard_names = [s["name"] for s in shards]
+        self.shard_counts = [s["num_samples"] for s in shards]
+        self.classes = manifest["classes"]
+        self.batch_size = batch_size
+        self.train = train
+        self.augment = augment or AugmentConfig()
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return batches_per_rank(sum(self.shard_counts), self.world_size, self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard_order(self) -> list[int]:
+        order = list(range(len(self.shard_names)))
+        if self.train:
+            # Seeded by epoch only, so every rank computes the same order.
+            np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+        return order
+
+    def _read_segments(self, segments: list[Segment]) -> Iterator[tuple[np.ndarray, int, str]]:
+        for segment in segments:
+            name = self.shard_names[segment.shard]
+            with fsspec.open(f"{self.location}/{name}", "rb") as stream:
+                for index, sample in enumerate(iter_samples(stream, name)):
+                    if index >= segment.stop:
+                        break
+                    if index >= segment.start:
+                        yield decode_image(sample), decode_label(sample), sample["__key__"]
+
+    def _shuffled(self, samples: Iterator, rng: np.random.Generator) -> Iterator:
+        """Bounded shuffle buffer: memory stays at shuffle_buffer samples whatever the split size."""
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = plan_worker(
+            self.shard_counts,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            batch_size=self.batch_size,
+            shard_order=self._shard_order(),
+        )
+        samples = self._read_segments(plan.segments)
+        augmenter = None
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            samples = self._shuffled(samples, rng)
+            augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))))
+        for size in plan.batch_sizes:
+            chunk = list(itertools.islice(samples, size))
+            if len(chunk) < size:
+                raise ShardFormatError(
+                    f"{self.location}: shards hold fewer samples than manifest.json lists; "
+                    f"run `vit-pipeline verify-shards {self.location}`"
+                )
+            images = torch.from_numpy(np.stack([image for image, _, _ in chunk])).permute(0, 3, 1, 2)
+            labels = torch.tensor([label for _, label, _ in chunk], dtype=torch.int64)
+            if augmenter is not None:
+                images = augmenter(images)
+            yield images.contiguous(), labels, [key for _, _, key in chunk]
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    """A DataLoader over whole batches built in the workers (the stream already batches)."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 N x C x H x W -> normalised float on `device` (done there, after the cheap uint8 copy)."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - mean_t) / std_t

@@ -1,0 +1,396 @@
+"""Shard step: a source dataset -> WebDataset tar shards + manifest.json; and their verification.
+
+Shards are written by worker processes (one shard per job) under temporary names and renamed into
+place, and the manifest is written last, so a crash never leaves a half-written shard or a manifest
+that points at one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from tasks.samples import (
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSION,
+    ShardFormatError,
+    decode_label,
+    encode_sample,
+    iter_samples,
+)
+from tasks.sources import Source, first_image_size, load_image_file, open_source
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    shard_size: int
+    image_format: str = "npy"
+    image_size: int | None = None
+    shuffle_seed: int | None = 0
+    workers: int = 2
+
+    def fingerprint_fields(self) -> dict:
+        # workers changes how, not what, is written, so it is not part of the fingerprint.
+        return {
+            "shard_size": self.shard_size,
+            "image_format": self.image_format,
+            "image_size": self.image_size,
+            "shuffle_seed": self.shuffle_seed,
+            "manifest_version": MANIFEST_VERSION,
+        }
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int
+    keys: list[str]
+    labels: list[int]
+    pixels: np.ndarray | None
+    files: list[str] | None
+    image_format: str
+    image_size: int | None
+    expected_size: tuple[int, int] | None
+    staging_dir: str
+    num_classes: int
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+
+@dataclass
+class ShardResult:
+    manifest: dict
+    skipped: bool
+    location: str
+
+
+@dataclass
+class VerifyReport:
+    location: str
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    samples_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def compute_fingerprint(source: Source, options: ShardOptions) -> str:
+    payload = json.dumps(
+        {"dataset": source.dataset, "source": source.digest, "classes": list(source.classes),
+         **options.fingerprint_fields()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _write_shard(job: ShardJob) -> dict:
+    """Runs in a worker process: encode the job's samples into one tar in the staging directory."""
+    class_counts = [0] * job.num_classes
+    pattern = os.path.join(job.staging_dir, f"{job.split}-%06d.tar.partial")
+    # mtime is fixed so the same input gives byte-identical shards.
+    with wds.ShardWriter(
+        pattern, maxcount=len(job.keys), start_shard=job.index, verbose=0, encoder=False, mtime=0
+    ) as writer:
+        for position, (key, label) in enumerate(zip(job.keys, job.labels, strict=True)):
+            if job.pixels is not None:
+                pixels = job.pixels[position]
+            else:
+                pixels = load_image_file(job.files[position], job.image_size, job.expected_size)
+            writer.write(encode_sample(key, pixels, label, job.image_format))
+            class_counts[label] += 1
+    partial = pattern % job.index
+    digest = hashlib.sha256()
+    with open(partial, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "name": job.name,
+        "num_samples": len(job.keys),
+        "sha256": digest.hexdigest(),
+        "bytes": os.path.getsize(partial),
+        "class_counts": class_counts,
+        "partial": partial,
+    }
+
+
+def _plan_jobs(source: Source, options: ShardOptions, staging_dir: str) -> list[ShardJob]:
+    jobs = []
+    for split, split_source in source.splits.items():
+        order = np.arange(len(split_source))
+        if options.shuffle_seed is not None:
+            # Shuffled once at write time so every shard holds a mix of classes (ImageFolder is sorted).
+            order = np.random.default_rng([options.shuffle_seed, len(split)]).permutation(order)
+        expected_size = None
+        if split_source.files is not None and options.image_size is None:
+            expected_size = first_image_size(split_source.files[0])
+        for index, start in enumerate(range(0, len(order), options.shard_size)):
+            chosen = order[start : start + options.shard_size]
+            jobs.append(
+                ShardJob(
+                    split=split,
+                    index=index,
+                    keys=[f"{split}_{int(i):07d}" for i in chosen],
+                    labels=[int(split_source.labels[i]) for i in chosen],
+                    pixels=None if split_source.pixels is None else split_source.pixels[chosen],
+                    files=None if split_source.files is None else [split_source.files[i] for i in chosen],
+                    image_format=options.image_format,
+                    image_size=options.image_size,
+                    expected_size=expected_size,
+                    staging_dir=staging_dir,
+                    num_classes=len(source.classes),
+                )
+            )
+    return jobs
+
+
+def read_manifest(location: str) -> dict | None:
+    fs, root = fsspec.core.url_to_fs(location)
+    path = _join(root, MANIFEST_NAME)
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ShardFormatError(f"{_join(location, MANIFEST_NAME)}: not valid JSON ({error})") from None
+
+
+def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> bool:
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = _join(root, shard["name"])
+            if not fs.exists(path) or fs.size(path) != shard["bytes"]:
+                return False
+            if hashlib.sha256(fs.cat_file(path)).hexdigest() != shard["sha256"]:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def _exclusive(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[None]:
+    """Serialise writers of one local shard directory (two identical runs write shards once)."""
+    if not _is_local(fs):
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".shard.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _publish(fs: fsspec.AbstractFileSystem, local_file: str, target: str) -> None:
+    """Move a finished local file to its final name; a rename locally, one PUT on object stores."""
+    if _is_local(fs):
+        os.replace(local_file, target)
+    else:
+        fs.put_file(local_file, target)
+        os.remove(local_file)
+
+
+def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
+    listed = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+    for path in fs.glob(_join(root, "*.tar")):
+        if path.rsplit("/", 1)[-1] not in listed:
+            fs.rm_file(path)
+
+
+def write_shards(
+    source: Source, location: str, options: ShardOptions, progress: bool = True
+) -> ShardResult:
+    """Shard `source` into `location` (path or fsspec URL); no work when intact shards already match."""
+    fingerprint = compute_fingerprint(source, options)
+    fs, root = fsspec.core.url_to_fs(location)
+    with _exclusive(fs, root):
+        existing = read_manifest(location)
+        if existing and existing.get("fingerprint") == fingerprint and _shards_intact(fs, root, existing):
+            log.info("shards in %s are up to date (fingerprint %s): nothing to do", location, fingerprint[:12])
+            return ShardResult(existing, skipped=True, location=location)
+        fs.makedirs(root, exist_ok=True)
+        if existing is not None:
+            # The old manifest goes first: a crash mid-rebuild must not leave it naming new shards.
+            fs.rm_file(_join(root, MANIFEST_NAME))
+        staging_parent = root if _is_local(fs) else None
+        with tempfile.TemporaryDirectory(prefix=".staging-", dir=staging_parent) as staging:
+            jobs = _plan_jobs(source, options, staging)
+            records = _run_jobs(jobs, options.workers, progress)
+            for record in records.values():
+                _publish(fs, record.pop("partial"), _join(root, record["name"]))
+        manifest = _build_manifest(source, jobs, records, fingerprint)
+        _remove_unlisted_shards(fs, root, manifest)
+        _write_manifest(fs, root, manifest)
+    return ShardResult(manifest, skipped=False, location=location)
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> dict[str, dict]:
+    records: dict[str, dict] = {}
+    with tqdm(total=sum(len(job.keys) for job in jobs), unit="img", desc="shard", disable=not progress) as bar:
+        for record in _finished_shards(jobs, workers):
+            records[record["name"]] = record
+            bar.update(record["num_samples"])
+    return records
+
+
+def _finished_shards(jobs: list[ShardJob], workers: int) -> Iterator[dict]:
+    if workers == 1 or len(jobs) == 1:
+        yield from map(_write_shard, jobs)
+        return
+    # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would deadlock on.
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(_write_shard, job) for job in jobs]):
+            yield future.result()
+
+
+def _build_manifest(source: Source, jobs: list[ShardJob], records: dict[str, dict], fingerprint: str) -> dict:
+    splits: dict[str, dict] = {}
+    for job in jobs:
+        record = records[job.name]
+        split = splits.setdefault(
+            job.split, {"num_samples": 0, "class_counts": [0] * len(source.classes), "shards": []}
+        )
+        split["num_samples"] += record["num_samples"]
+        split["class_counts"] = [a + b for a, b in zip(split["class_counts"], record.pop("class_counts"), strict=True)]
+        split["shards"].append(record)
+    return {
+        "dataset": source.dataset,
+        "classes": list(source.classes),
+        "splits": splits,
+        "fingerprint": fingerprint,
+        "image_format": jobs[0].image_format if jobs else None,
+        "version": MANIFEST_VERSION,
+    }
+
+
+def _write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=2)
+    if _is_local(fs):
+        temporary = os.path.join(root, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+        with open(temporary, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, os.path.join(root, MANIFEST_NAME))
+    else:
+        fs.pipe_file(_join(root, MANIFEST_NAME), text.encode())
+
+
+def shard_dataset(
+    dataset: str,
+    data_root: Path | None,
+    location: str,
+    options: ShardOptions,
+    download_dir: Path = Path("data"),
+    progress: bool = True,
+) -> ShardResult:
+    """The shard step as one call: read the source, write (or reuse) the shards."""
+    if location.startswith("pipe:"):
+        raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+    source = open_source(dataset, data_root, download_dir)
+    return write_shards(source, location, options, progress=progress)
+
+
+def _check_shard(
+    name: str, data: bytes, expected: dict, num_classes: int, seen_keys: set[str]
+) -> tuple[list[str], int, list[int]]:
+    problems = []
+    if len(data) != expected["bytes"]:
+        problems.append(f"{name}: size is {len(data)} bytes, manifest says {expected['bytes']}")
+    actual_hash = hashlib.sha256(data).hexdigest()
+    if actual_hash != expected["sha256"]:
+        problems.append(f"{name}: sha256 is {actual_hash[:16]}…, manifest says {expected['sha256'][:16]}…")
+    count, class_counts = 0, [0] * num_classes
+    try:
+        for sample in iter_samples(io.BytesIO(data), name):
+            key = sample["__key__"]
+            if key in seen_keys:
+                problems.append(f"{name}: duplicate sample key {key!r}")
+            seen_keys.add(key)
+            if not any(ext in sample for ext in IMAGE_EXTENSIONS) or LABEL_EXTENSION not in sample:
+                problems.append(f"{name}: sample {key!r} lacks an image or a label")
+                continue
+            label = decode_label(sample)
+            if not 0 <= label < num_classes:
+                problems.append(f"{name}: sample {key!r} has label {label}, outside 0..{num_classes - 1}")
+                continue
+            class_counts[label] += 1
+            count += 1
+    except ShardFormatError as error:
+        problems.append(str(error))
+    if count != expected["num_samples"]:
+        problems.append(f"{name}: holds {count} samples, manifest says {expected['num_samples']}")
+    return problems, count, class_counts
+
+
+def verify_shards(location: str) -> VerifyReport:
+    """Re-count and re-hash every shard against the manifest; report every difference found."""
+    report = VerifyReport(location)
+    manifest = read_manifest(location)
+    if manifest is None:
+        report.problems.append(f"{_join(location, MANIFEST_NAME)}: missing")
+        return report
+    fs, root = fsspec.core.url_to_fs(location)
+    num_classes = len(manifest["classes"])
+    seen_keys: set[str] = set()
+    listed = set()
+    for split_name, split in manifest["splits"].items():
+        split_counts = [0] * num_classes
+        for shard in split["shards"]:
+            listed.add(shard["name"])
+            path = _join(root, shard["name"])
+            if not fs.exists(path):
+                report.problems.append(f"{shard['name']}: missing")
+                continue
+            problems, count, class_counts = _check_shard(
+                shard["name"], fs.cat_file(path), shard, num_classes, seen_keys
+            )
+            report.problems.extend(problems)
+            report.shards_checked += 1
+            report.samples_checked += count
+            split_counts = [a + b for a, b in zip(split_counts, class_counts, strict=True)]
+        if not report.problems and split_counts != split["class_counts"]:
+            report.problems.append(
+                f"split {split_name}: class counts {split_counts} differ from the manifest's {split['class_counts']}"
+            )
+    for path in fs.glob(_join(root, "*.tar")):
+        name = path.rsplit("/", 1)[-1]
+        if name not in listed:
+            report.problems.append(f"{name}: unknown shard, not in the manifest")
+    return report
+

@@ -1,0 +1,143 @@
+import random
+
+import pytest
+import torch
+
+from tasks.config import AugmentConfig
+from tasks.loader import BatchAugmenter, ShardStream, batches_per_rank, make_loader, normalize, plan_worker
+
+from .conftest import SUBSET_TEST, SUBSET_TRAIN
+
+
+def _plan_keys(counts, world_size, workers, batch_size, order):
+    """Expand plans into (shard, index) samples per rank, plus per-rank batch counts."""
+    per_rank, batch_counts = [], []
+    for rank in range(world_size):
+        samples, batches = [], 0
+        for worker in range(workers):
+            plan = plan_worker(counts, rank=rank, world_size=world_size, worker=worker, num_workers=workers,
+                               batch_size=batch_size, shard_order=order)
+            segment_samples = [(s.shard, i) for s in plan.segments for i in range(s.start, s.stop)]
+            assert len(segment_samples) == sum(plan.batch_sizes)
+            assert all(0 < size <= batch_size for size in plan.batch_sizes)
+            samples += segment_samples
+            batches += len(plan.batch_sizes)
+        per_rank.append(samples)
+        batch_counts.append(batches)
+    return per_rank, batch_counts
+
+
+def test_plan_covers_every_sample_once_for_random_layouts():
+    rng = random.Random(0)
+    for _ in range(300):
+        counts = [rng.randint(1, 50) for _ in range(rng.randint(1, 6))]
+        world_size, workers = rng.randint(1, 4), rng.randint(1, 4)
+        batch_size = rng.randint(1, 16)
+        if sum(counts) // world_size < batches_per_rank(sum(counts), world_size, batch_size):
+            continue
+        order = list(range(len(counts)))
+        rng.shuffle(order)
+        per_rank, batch_counts = _plan_keys(counts, world_size, workers, batch_size, order)
+        every = [sample for samples in per_rank for sample in samples]
+        assert sorted(every) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))
+        assert len(set(batch_counts)) == 1
+
+
+def test_plan_refuses_layouts_that_would_leave_a_rank_without_a_batch():
+    with pytest.raises(ValueError, match="rank 0 1 samples for 2 batches"):
+        plan_worker([3], rank=0, world_size=2, worker=0, num_workers=1, batch_size=1, shard_order=[0])
+
+
+def _collect(location, split, train, world_size=2, workers=2, batch_size=64, epoch=0, shuffle_buffer=500):
+    keys_per_rank, batches_per_rank_seen = [], []
+    for rank in range(world_size):
+        stream = ShardStream(location, split, batch_size, train=train, rank=rank, world_size=world_size,
+                             seed=3, shuffle_buffer=shuffle_buffer)
+        stream.set_epoch(epoch)
+        keys, batches = [], 0
+        for images, labels, batch_keys in make_loader(stream, workers):
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+            assert labels.shape == (len(batch_keys),) and 0 <= labels.min() and labels.max() < 10
+            keys += batch_keys
+            batches += 1
+        assert batches == len(stream)
+        keys_per_rank.append(keys)
+        batches_per_rank_seen.append(batches)
+    return keys_per_rank, batches_per_rank_seen
+
+
+def test_two_ranks_two_workers_train_and_eval_exact_coverage(subset_shards):
+    for split, train, total in (("train", True, SUBSET_TRAIN), ("test", False, SUBSET_TEST)):
+        keys_per_rank, batch_counts = _collect(subset_shards, split, train)
+        every = [key for keys in keys_per_rank for key in keys]
+        assert len(every) == total and len(set(every)) == total
+        assert set(every) == {f"{split}_{i:07d}" for i in range(total)}
+        assert batch_counts[0] == batch_counts[1]
+
+
+def test_fewer_shards_than_ranks_times_workers(tmp_path, data_root):
+    from tasks.shard import ShardOptions, shard_dataset
+
+    location = str(tmp_path / "two")
+    shard_dataset("cifar10", data_root, location, ShardOptions(shard_size=3000), progress=False)
+    keys_per_rank, batch_counts = _collect(location, "train", True, world_size=2, workers=3, batch_size=256)
+    every = [key for keys in keys_per_rank for key in keys]
+    assert len(set(every)) == len(every) == SUBSET_TRAIN
+    assert batch_counts[0] == batch_counts[1]
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(subset_shards):
+    epoch0, _ = _collect(subset_shards, "train", True, world_size=1, workers=0, epoch=0)
+    epoch0_again, _ = _collect(subset_shards, "train", True, world_size=1, workers=0, epoch=0)
+    epoch1, _ = _collect(subset_shards, "train", True, world_size=1, workers=0, epoch=1)
+    assert epoch0 == epoch0_again
+    assert epoch0 != epoch1 and sorted(epoch0[0]) == sorted(epoch1[0])
+    evaluation, _ = _collect(subset_shards, "test", False, world_size=1, workers=0)
+    assert evaluation == _collect(subset_shards, "test", False, world_size=1, workers=0, epoch=5)[0]
+
+
+def test_augmenter_crops_within_padding_and_flips():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
+    crop_only = BatchAugmenter(AugmentConfig(crop_padding=2, hflip=False), torch.Generator().manual_seed(0))
+    for _ in range(10):
+        out = crop_only(images)
+        assert out.shape == images.shape
+        # Every output row is a (zero-padded) shifted window of the input.
+        for n in range(2):
+            found = any(
+                torch.equal(
+                    out[n],
+                    torch.nn.functional.pad(images[n], (2, 2, 2, 2))[:, dy : dy + 8, dx : dx + 8],
+                )
+                for dy in range(5)
+                for dx in range(5)
+            )
+            assert found
+    flip_only = BatchAugmenter(AugmentConfig(crop_padding=0, hflip=True), torch.Generator().manual_seed(0))
+    outs = [flip_only(images) for _ in range(20)]
+    assert all(torch.equal(o[0], images[0]) or torch.equal(o[0], images[0].flip(-1)) for o in outs)
+    assert any(torch.equal(o[0], images[0].flip(-1)) for o in outs)
+    assert any(torch.equal(o[0], images[0]) for o in outs)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_auto_augment_policies_keep_shape_and_dtype(policy):
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    out = BatchAugmenter(AugmentConfig(auto_augment=policy), torch.Generator().manual_seed(0))(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_normalize_matches_reference():
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(images, mean, std), expected)
+
+
+def test_stream_errors_are_clear(subset_shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ShardStream(str(tmp_path), "train", 8, train=True)
+    with pytest.raises(KeyError, match="no split 'val'"):
+        ShardStream(subset_shards, "val", 8, train=False)
+    with pytest.raises(ValueError, match="pipe:"):
+        ShardStream("pipe:cat x", "train", 8, train=True)

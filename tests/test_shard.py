@@ -1,0 +1,211 @@
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.cli import main as cli
+from tasks.samples import decode_image, decode_label, iter_samples
+from tasks.shard import MANIFEST_NAME, ShardOptions, read_manifest, shard_dataset, verify_shards
+from tasks.sources import SourceError
+
+from .conftest import SUBSET_TEST, SUBSET_TRAIN
+
+
+def _samples(location: str, split: str) -> dict[str, dict]:
+    manifest = read_manifest(location)
+    samples = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with open(Path(location) / shard["name"], "rb") as stream:
+            for sample in iter_samples(stream, shard["name"]):
+                samples[sample["__key__"]] = sample
+    return samples
+
+
+def test_subset_counts_and_class_counts(subset_shards, cifar_source):
+    manifest = read_manifest(subset_shards)
+    assert manifest["dataset"] == "cifar10"
+    assert manifest["classes"][:2] == ["airplane", "automobile"]
+    assert manifest["splits"]["train"]["num_samples"] == SUBSET_TRAIN
+    assert manifest["splits"]["test"]["num_samples"] == SUBSET_TEST
+    for split in ("train", "test"):
+        expected = np.bincount(cifar_source.splits[split].labels, minlength=10).tolist()
+        assert manifest["splits"][split]["class_counts"] == expected
+        shards = manifest["splits"][split]["shards"]
+        assert sum(s["num_samples"] for s in shards) == manifest["splits"][split]["num_samples"]
+        assert all({"name", "num_samples", "sha256", "bytes"} <= set(s) for s in shards)
+    assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [1000] * 5 + [85]
+    assert len(manifest["fingerprint"]) == 64
+
+
+def test_images_are_byte_identical_to_source(subset_shards, cifar_source):
+    for split in ("train", "test"):
+        samples = _samples(subset_shards, split)
+        source = cifar_source.splits[split]
+        assert len(samples) == len(source)
+        for index in (0, 1, 2, len(source) - 1):
+            sample = samples[f"{split}_{index:07d}"]
+            pixels = decode_image(sample)
+            assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+            assert pixels.tobytes() == source.pixels[index].tobytes()
+            assert decode_label(sample) == source.labels[index]
+
+
+def test_png_format_is_lossless(tmp_path, data_root, cifar_source):
+    location = str(tmp_path / "png")
+    shard_dataset("cifar10", data_root, location, ShardOptions(shard_size=5000, image_format="png", workers=1),
+                  progress=False)
+    sample = _samples(location, "test")["test_0000000"]
+    assert "png" in sample and "npy" not in sample
+    assert decode_image(sample).tobytes() == cifar_source.splits["test"].pixels[0].tobytes()
+
+
+def test_rerun_is_idempotent_and_option_change_rebuilds(tmp_path, data_root, capsys):
+    out = str(tmp_path / "shards")
+    args = ["-q", "shard", "--data-root", str(data_root), "--out", out, "--workers", "1", "--shard-size", "4000"]
+    assert cli(args) == 0
+    first = (tmp_path / "shards" / "train-000000.tar").stat().st_mtime_ns
+    assert "written" in capsys.readouterr().out
+    assert cli(args) == 0
+    assert "up to date, nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "shards" / "train-000000.tar").stat().st_mtime_ns == first
+
+    assert cli(args[:-1] + ["3000"]) == 0
+    assert "written" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))
+    assert names == ["test-000000.tar", "train-000000.tar", "train-000001.tar"]
+    assert verify_shards(out).ok
+    assert not list((tmp_path / "shards").glob("*.partial")) and not list((tmp_path / "shards").glob(".staging-*"))
+
+
+def test_same_input_gives_byte_identical_shards_in_process_or_pooled(tmp_path, data_root):
+    for name, workers in (("a", 2), ("b", 1)):
+        shard_dataset("cifar10", data_root, str(tmp_path / name), ShardOptions(shard_size=3000, workers=workers),
+                      progress=False)
+    for shard in (tmp_path / "a").glob("*.tar"):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+
+
+@pytest.fixture
+def shard_copy(subset_shards, tmp_path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(subset_shards, target)
+    assert verify_shards(str(target)).ok
+    return target
+
+
+def _members(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as archive:
+        return archive.getmembers()
+
+
+def _assert_verify_fails(location: Path, shard: str, words: str, capsys) -> None:
+    report = verify_shards(str(location))
+    assert not report.ok
+    assert any(problem.startswith(shard) and words in problem for problem in report.problems), report.problems
+    assert cli(["verify-shards", str(location)]) == 1
+    assert shard in capsys.readouterr().err
+
+
+def test_verify_catches_truncation_mid_member(shard_copy, capsys):
+    shard = shard_copy / "train-000002.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: _members(shard)[7].offset_data + 100])
+    _assert_verify_fails(shard_copy, "train-000002.tar", "truncated inside member", capsys)
+
+
+def test_verify_catches_truncation_at_member_boundary(shard_copy, capsys):
+    shard = shard_copy / "test-000000.tar"
+    data = shard.read_bytes()
+    cut = _members(shard)[-2].offset  # the header of the last sample's last member
+    shard.write_bytes(data[:cut])
+    with tarfile.open(shard) as archive:  # tarfile itself reads this without complaint
+        assert len(archive.getmembers()) == len(_members(shard))
+    _assert_verify_fails(shard_copy, "test-000000.tar", "end-of-archive", capsys)
+    assert any("holds" in p for p in verify_shards(str(shard_copy)).problems)
+
+
+def test_verify_catches_flipped_byte(shard_copy, capsys):
+    shard = shard_copy / "train-000004.tar"
+    data = bytearray(shard.read_bytes())
+    data[_members(shard)[11].offset_data + 200] ^= 0x01
+    shard.write_bytes(bytes(data))
+    _assert_verify_fails(shard_copy, "train-000004.tar", "sha256", capsys)
+
+
+def test_verify_catches_missing_and_extra_shard(shard_copy, capsys):
+    (shard_copy / "train-000001.tar").rename(shard_copy / "train-000099.tar")
+    _assert_verify_fails(shard_copy, "train-000001.tar", "missing", capsys)
+    _assert_verify_fails(shard_copy, "train-000099.tar", "unknown shard", capsys)
+
+
+def test_verify_catches_duplicate_key_and_missing_manifest(shard_copy, capsys, tmp_path):
+    shard = shard_copy / "train-000005.tar"
+    with tarfile.open(shard) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for member, payload in members[:-2] + members[:2]:
+            archive.addfile(member, io.BytesIO(payload))
+    _assert_verify_fails(shard_copy, "train-000005.tar", "duplicate sample key", capsys)
+    (shard_copy / MANIFEST_NAME).unlink()
+    _assert_verify_fails(shard_copy, str(shard_copy / MANIFEST_NAME), "missing", capsys)
+
+
+def test_verify_refuses_pickle_payloads(shard_copy, capsys):
+    shard = shard_copy / "test-000000.tar"
+    with tarfile.open(shard, "a") as archive:
+        payload = b"cos\nsystem\n(S'touch /tmp/owned'\ntR."
+        info = tarfile.TarInfo("test_9999999.pkl")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    _assert_verify_fails(shard_copy, "test-000000.tar", ".pkl payload", capsys)
+
+
+def _write_image(path: Path, size=(8, 8), mode="RGB", fmt="PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color=128 if mode == "L" else (10, 20, 30)).save(path, format=fmt)
+
+
+def test_imagefolder_converts_modes_and_rejects_wrong_size_by_name(tmp_path):
+    root = tmp_path / "folder"
+    _write_image(root / "train" / "cat" / "a.png")
+    _write_image(root / "train" / "cat" / "gray.png", mode="L")
+    _write_image(root / "train" / "dog" / "b.jpg", fmt="JPEG")
+    _write_image(root / "train" / "dog" / "rgba.png", mode="RGBA")
+    _write_image(root / "test" / "dog" / "c.png")
+    options = ShardOptions(shard_size=2, workers=1)
+    result = shard_dataset("imagefolder", root, str(tmp_path / "ok"), options, progress=False)
+    assert result.manifest["classes"] == ["cat", "dog"]
+    assert result.manifest["splits"]["train"]["class_counts"] == [2, 2]
+    assert verify_shards(str(tmp_path / "ok")).ok
+
+    _write_image(root / "train" / "dog" / "big.png", size=(16, 12))
+    with pytest.raises(SourceError, match=r"big\.png: image is 16x12"):
+        shard_dataset("imagefolder", root, str(tmp_path / "bad"), options, progress=False)
+    assert not (tmp_path / "bad" / MANIFEST_NAME).exists()
+    assert not list((tmp_path / "bad").glob("*.tar"))
+
+    resize = ShardOptions(shard_size=10, image_size=8, workers=1)
+    resized = shard_dataset("imagefolder", root, str(tmp_path / "resized"), resize, progress=False)
+    assert resized.manifest["splits"]["train"]["num_samples"] == 5
+    (root / "train" / "dog" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SourceError, match=r"broken\.png: not a readable image"):
+        shard_dataset("imagefolder", root, str(tmp_path / "broken"), resize, progress=False)
+
+
+def test_cli_names_bad_input(tmp_path, capsys):
+    assert cli(["shard", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "data.data_root" in capsys.readouterr().err
+    assert cli(["shard", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no CIFAR-10 python batches" in capsys.readouterr().err
+    assert cli(["shard", "--out", "pipe:cat /etc/passwd", "--data-root", str(tmp_path)]) == 2
+    assert "pipe:" in capsys.readouterr().err
+
+
+def test_manifest_is_plain_json(subset_shards):
+    manifest = json.loads((Path(subset_shards) / MANIFEST_NAME).read_text())
+    assert set(manifest) >= {"dataset", "classes", "splits", "fingerprint"}

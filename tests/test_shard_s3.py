@@ -1,0 +1,45 @@
+"""The shard step against an S3-compatible server (moto) started by the test on loopback."""
+
+import pytest
+
+from tasks.loader import ShardStream
+from tasks.shard import ShardOptions, read_manifest, shard_dataset, verify_shards
+
+from .conftest import SUBSET_TEST
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    import boto3
+    import fsspec
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
+    fsspec.filesystem("s3").invalidate_cache()
+    yield "s3://shards/cifar10"
+    fsspec.filesystem("s3").clear_instance_cache()
+    server.stop()
+
+
+def test_shard_verify_and_stream_on_s3(s3_bucket, data_root):
+    result = shard_dataset("cifar10", data_root, s3_bucket, ShardOptions(shard_size=3000, workers=1),
+                           progress=False)
+    assert not result.skipped
+    manifest = read_manifest(s3_bucket)
+    assert manifest["splits"]["test"]["num_samples"] == SUBSET_TEST
+    assert verify_shards(s3_bucket).ok
+    again = shard_dataset("cifar10", data_root, s3_bucket, ShardOptions(shard_size=3000, workers=1), progress=False)
+    assert again.skipped
+    stream = ShardStream(s3_bucket, "test", 256, train=False)
+    keys = [key for _, _, batch_keys in stream for key in batch_keys]
+    assert len(keys) == len(set(keys)) == SUBSET_TEST
