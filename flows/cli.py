@@ -12,10 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
+from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.samples import ShardFormatError
 from tasks.shard import ShardOptions, shard_dataset, verify_shards
 from tasks.sources import SourceError
+from tasks.train import TrainingError
 
 log = logging.getLogger("vit-pipeline")
 EXIT_BAD_INPUT = 2
@@ -94,6 +96,21 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
     return EXIT_VERIFY_FAILED
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasks.train import default_teacher_weights, train_model
+
+    config = _load(args, {"shards": "data.shard_dir"})
+    model = args.model or config.model.baseline.name
+    teacher = args.teacher_weights or default_teacher_weights(config, model)
+    outcome = train_model(config, model, teacher_weights=teacher)
+    last = outcome.history[-1]
+    print(
+        f"{model}: {len(outcome.history)} epochs, test accuracy {last['test_acc']:.4f} "
+        f"(best {outcome.best_test_acc:.4f}), weights in {outcome.best_weights.parent}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -110,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--workers", type=int, help="shard-writing processes")
     shard.set_defaults(handler=cmd_shard)
 
+    train = commands.add_parser("train", help="train one configured model with Ray Train DDP")
+    _config_arguments(train)
+    train.add_argument("--model", help="a model named in the config (default: the baseline)")
+    train.add_argument("--shards", help="shard directory or URL (default: data.shard_dir or runs/<run>/shards)")
+    train.add_argument("--teacher-weights", help="distillation teacher weights (default: the run's trained baseline)")
+    train.set_defaults(handler=cmd_train)
+
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")
     verify.set_defaults(handler=cmd_verify_shards)
@@ -121,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError) as error:
+    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError) as error:
         print(f"vit-pipeline {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -1,0 +1,68 @@
+"""Weights & Biases runs for the pipeline's steps.
+
+Offline unless configured otherwise (and always offline without an API key), so every step can be
+tracked on a machine with no network and synced later with `wandb sync`. Run ids are derived from
+the group, step and model, so a restarted step resumes its W&B run instead of starting another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PipelineConfig
+
+WANDB_ID_LIMIT = 64
+
+
+def wandb_mode(config: PipelineConfig) -> str:
+    mode = config.tracking.mode
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        return "offline"
+    return mode
+
+
+def wandb_run_id(group: str, job_type: str, name: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{group}-{job_type}-{name}").strip("-")
+    digest = hashlib.sha256(f"{group}\0{job_type}\0{name}".encode()).hexdigest()[:10]
+    return f"{readable[: WANDB_ID_LIMIT - len(digest) - 1]}-{digest}"
+
+
+def config_for_logging(config: PipelineConfig) -> dict[str, Any]:
+    """The configuration as W&B shows it; it holds no secrets (the API key only ever lives in the env)."""
+    return config.model_dump(mode="json")
+
+
+def start_wandb_run(
+    config: PipelineConfig, job_type: str, name: str, group: str | None = None, extra: dict | None = None
+):
+    """A W&B run for one step (None when tracking is disabled)."""
+    mode = wandb_mode(config)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    group = group or config.tracking.run_name
+    wandb_dir = Path(config.run_dir).absolute()
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=config.tracking.project,
+        entity=config.tracking.entity,
+        group=group,
+        job_type=job_type,
+        name=f"{job_type}-{name}",
+        id=wandb_run_id(group, job_type, name),
+        resume="allow",
+        mode=mode,
+        dir=str(wandb_dir),
+        config={**config_for_logging(config), **(extra or {})},
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        reinit="create_new",
+    )
+
+
+def sync_command(config: PipelineConfig) -> str:
+    return f"wandb sync {Path(config.run_dir).absolute() / 'wandb'}/offline-run-*"
