@@ -15,7 +15,7 @@ from pathlib import Path
 from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.samples import ShardFormatError
-from tasks.shard import ShardOptions, shard_dataset, verify_shards
+from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
 from tasks.train import TrainingError
 
@@ -61,21 +61,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
             "workers": "data.shard_workers",
         },
     )
-    data = config.data
-    result = shard_dataset(
-        data.dataset,
-        data.data_root,
-        config.shard_location,
-        ShardOptions(
-            shard_size=data.shard_size,
-            image_format=data.image_format,
-            image_size=data.image_size,
-            shuffle_seed=data.shuffle_seed,
-            workers=data.shard_workers,
-        ),
-        download_dir=data.download_dir,
-        progress=not args.quiet,
-    )
+    result = shard_from_config(config, progress=not args.quiet)
     splits = ", ".join(
         f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards"
         for name, split in result.manifest["splits"].items()
@@ -111,6 +97,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole flow in this process (Prefect's ephemeral API unless PREFECT_API_URL points at a server)."""
+    from flows.pipeline import vit_pipeline
+
+    config = _load(args, {})
+    result = vit_pipeline(config=config)
+    accuracies = ", ".join(f"{name} {accuracy:.4f}" for name, accuracy in result["models"].items())
+    print(f"pipeline finished: best test accuracy {accuracies}; report {result['report']['html']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tasks.evaluate import evaluate_models, markdown_table
+
+    config = _load(args, {"shards": "data.shard_dir"})
+    print(markdown_table(evaluate_models(config)), end="")
+    print(f"written to {config.run_dir / 'evaluation.json'}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from tasks.attention import attention_maps
+
+    config = _load(args, {"shards": "data.shard_dir"})
+    for model, path in attention_maps(config).items():
+        print(f"{model}: {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report import write_report
+
+    config = _load(args, {})
+    files = write_report(config)
+    print(f"report: {files['markdown']} and {files['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -134,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--teacher-weights", help="distillation teacher weights (default: the run's trained baseline)")
     train.set_defaults(handler=cmd_train)
 
+    run = commands.add_parser("run", help="run the whole pipeline flow (shard, train, evaluate, attention, report)")
+    _config_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+    shards_help = "shard directory or URL (default: data.shard_dir or runs/<run>/shards)"
+    evaluate = commands.add_parser("evaluate", help="evaluate the trained models on the test split")
+    _config_arguments(evaluate)
+    evaluate.add_argument("--shards", help=shards_help)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    attention = commands.add_parser("attention", help="attention-map grids of the trained transformers")
+    _config_arguments(attention)
+    attention.add_argument("--shards", help=shards_help)
+    attention.set_defaults(handler=cmd_attention)
+
+    report = commands.add_parser("report", help="the comparison report from evaluation.json")
+    _config_arguments(report)
+    report.set_defaults(handler=cmd_report)
+
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")
     verify.set_defaults(handler=cmd_verify_shards)
@@ -143,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.handler(args)
     except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError) as error:

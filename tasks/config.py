@@ -208,12 +208,25 @@ class TrackingConfig(_Section):
         return value
 
 
+class OrchestrationConfig(_Section):
+    """How the Prefect flow runs the steps: retries for transient faults, time limits, parallel trainings."""
+
+    retries: NonNegativeInt = 2
+    retry_delay_seconds: list[NonNegativeFloat] = Field(default_factory=lambda: [10.0, 60.0])
+    shard_timeout_minutes: PositiveFloat = 120
+    train_timeout_minutes: PositiveFloat = 24 * 60
+    evaluate_timeout_minutes: PositiveFloat = 120
+    # None: as many trainings at once as the Ray cluster has room for.
+    max_concurrent_trainings: PositiveInt | None = None
+
+
 class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -222,6 +235,22 @@ class PipelineConfig(_Section):
     @property
     def shard_location(self) -> str:
         return self.data.shard_dir or str(self.run_dir / "shards")
+
+
+def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
+    """A copy whose local paths are absolute, for processes that run elsewhere (Ray workers, flow runs)."""
+    tree = config.model_dump()
+    data, tracking = tree["data"], tree["tracking"]
+    for section, key in ((data, "data_root"), (data, "download_dir"), (tracking, "output_dir")):
+        if section[key] is not None:
+            section[key] = Path(section[key]).absolute()
+    if data["shard_dir"] is not None and "://" not in data["shard_dir"]:
+        data["shard_dir"] = str(Path(data["shard_dir"]).absolute())
+    for spec in [tree["model"]["baseline"], *tree["model"]["transformers"]]:
+        for key in ("pretrained_file", "teacher_file"):
+            if spec[key] is not None:
+                spec[key] = Path(spec[key]).absolute()
+    return PipelineConfig.model_validate(tree)
 
 
 def _describe_errors(error: ValidationError, source: str) -> str:

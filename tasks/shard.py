@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -36,6 +37,9 @@ from tasks.samples import (
     iter_samples,
 )
 from tasks.sources import Source, first_image_size, load_image_file, open_source
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +328,21 @@ def shard_dataset(
         raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
     source = open_source(dataset, data_root, download_dir)
     return write_shards(source, location, options, progress=progress)
+
+
+def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardResult:
+    """The shard step as the pipeline configures it (data section -> config.shard_location)."""
+    data = config.data
+    options = ShardOptions(
+        shard_size=data.shard_size,
+        image_format=data.image_format,
+        image_size=data.image_size,
+        shuffle_seed=data.shuffle_seed,
+        workers=data.shard_workers,
+    )
+    return shard_dataset(
+        data.dataset, data.data_root, config.shard_location, options, download_dir=data.download_dir, progress=progress
+    )
 
 
 def _check_shard(

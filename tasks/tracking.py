@@ -8,6 +8,7 @@ the group, step and model, so a restarted step resumes its W&B run instead of st
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -66,3 +67,48 @@ def start_wandb_run(
 
 def sync_command(config: PipelineConfig) -> str:
     return f"wandb sync {Path(config.run_dir).absolute() / 'wandb'}/offline-run-*"
+
+
+def manifest_snapshot(location: str, directory: Path) -> Path:
+    """The shards' manifest as a local file, written the same way everywhere so its digest names the
+    dataset version in W&B lineage (the shards themselves may live on s3://)."""
+    from tasks.shard import MANIFEST_NAME, read_manifest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MANIFEST_NAME
+    path.write_text(json.dumps(read_manifest(location), indent=2, sort_keys=True))
+    return path
+
+
+def dataset_artifact_name(config: PipelineConfig) -> str:
+    return f"shards-{config.data.dataset}"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_artifact(name: str, kind: str, files: list[Path], metadata: dict | None = None):
+    import wandb
+
+    artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
+    for path in files:
+        artifact.add_file(str(path))
+    return artifact
+
+
+def record_input(run, name: str, kind: str, path: Path) -> None:
+    """Lineage of a step's input: the artifact an upstream step logged from the same file.
+
+    Online, the step uses that artifact (same content, same version), so W&B draws the edge. Offline,
+    W&B refuses use_artifact, so the run's config records the file's sha256 instead; it identifies the
+    upstream version after `wandb sync`.
+    """
+    if run.offline:
+        run.config.update({f"input/{name}": file_digest(path)}, allow_val_change=True)
+    else:
+        run.use_artifact(files_artifact(name, kind, [path]))

@@ -35,7 +35,7 @@ from tasks.checkpoints import (
     save_weights,
     unwrap,
 )
-from tasks.config import ModelSpec, PipelineConfig
+from tasks.config import ModelSpec, PipelineConfig, with_absolute_paths
 from tasks.loader import ShardStream, make_loader, normalize
 from tasks.shard import read_manifest, verify_shards
 
@@ -193,7 +193,7 @@ def train_worker(loop_config: dict) -> None:
     import ray.train.torch
     from timm.utils import ModelEmaV3
 
-    from tasks.tracking import start_wandb_run
+    from tasks.tracking import dataset_artifact_name, manifest_snapshot, record_input, start_wandb_run
 
     config = PipelineConfig.model_validate_json(loop_config["config"])
     spec = config.model.spec(loop_config["model"])
@@ -246,6 +246,10 @@ def train_worker(loop_config: dict) -> None:
     step_model = torch.compile(ddp_model) if training.compile else ddp_model
     tracker = start_wandb_run(config, "train", spec.name, group=loop_config.get("group"),
                               extra={"world_size": world_size}) if rank == 0 else None
+    if tracker is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            manifest = manifest_snapshot(location, Path(directory))
+            record_input(tracker, dataset_artifact_name(config), "dataset", manifest)
 
     for epoch in range(start_epoch, training.epochs):
         # Every random stream is a function of (seed, epoch, rank), so a resumed run replays exactly.
@@ -345,17 +349,32 @@ def _report(metrics, history, rank, model, optimizer, scheduler, ema, model_name
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def ensure_ray(config: PipelineConfig) -> None:
-    """Use the running Ray, else the cluster at scaling.ray_address / $RAY_ADDRESS, else start one here."""
+def ensure_ray(config: PipelineConfig) -> str | None:
+    """Use the running Ray, else the cluster at scaling.ray_address / $RAY_ADDRESS, else start one here.
+
+    Returns the dashboard address when this call connected (None when Ray was already up)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        context = ray.init(address=address)
     else:
-        ray.init(num_cpus=config.scaling.ray_num_cpus)
+        context = ray.init(num_cpus=config.scaling.ray_num_cpus)
+    return context.dashboard_url or None
+
+
+def concurrent_trainings(config: PipelineConfig) -> int:
+    """How many trainings of this scaling config the Ray cluster can hold at once (at least 1)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    scaling = config.scaling
+    fits = resources.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker)
+    if scaling.use_gpu:
+        fits = min(fits, resources.get("GPU", 0) // (scaling.num_workers * (scaling.gpus_per_worker or 1)))
+    return max(1, int(fits))
 
 
 def train_model(
@@ -371,6 +390,7 @@ def train_model(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    config = with_absolute_paths(config)  # workers run in their own directories
     spec = config.model.spec(model_name)
     if spec.distillation != "none" and spec.teacher == "baseline" and teacher_weights is None:
         raise TrainingError(
@@ -392,8 +412,8 @@ def train_model(
         train_loop_config={
             "config": config.model_dump_json(),
             "model": model_name,
-            "shard_location": str(Path(location).absolute()) if "://" not in location else location,
-            "teacher_weights": teacher_weights,
+            "shard_location": location if "://" in location else str(Path(location).absolute()),
+            "teacher_weights": str(Path(teacher_weights).absolute()) if teacher_weights else None,
             "group": group,
             "step_hook": step_hook,
             "run_path": str(storage / model_name),

@@ -1,0 +1,289 @@
+"""Evaluate step: every trained model on the whole test split, side by side with the ResNet baseline.
+
+`classification_metrics` is the pure part (logits and labels in, numbers out); `evaluate_models` adds
+what needs the model itself (parameters, FLOPs, speed on this machine) and the training cost recorded
+by the train step, and writes runs/<run>/evaluation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tasks.config import PipelineConfig
+from tasks.loader import ShardStream, make_loader, normalize
+from tasks.shard import read_manifest
+from tasks.train import build_model, trained_weights
+
+log = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+ECE_BINS = 15
+TOP_K = 5
+# Speed is measured on random inputs: it depends on shapes, not pixel values. A few iterations after a
+# warm-up give a stable enough figure for a comparison without slowing the step down.
+WARMUP_ITERATIONS = 2
+THROUGHPUT_ITERATIONS = 3
+LATENCY_ITERATIONS = 10
+SECONDS_PER_HOUR = 3600
+# Columns of the summary table, with how each value is printed.
+TABLE_COLUMNS = {
+    "model": ("model", "{}"),
+    "top1": ("top-1", "{:.4f}"),
+    "top5": ("top-5", "{:.4f}"),
+    "loss": ("loss", "{:.4f}"),
+    "ece": ("ECE", "{:.4f}"),
+    "params": ("params (M)", "{:.2f}"),
+    "gflops": ("GFLOPs", "{:.3f}"),
+    "images_per_s": ("images/s", "{:.0f}"),
+    "latency_ms": ("latency (ms)", "{:.2f}"),
+    "train_seconds": ("train time (s)", "{:.0f}"),
+    "device_hours": ("device hours", "{:.3f}"),
+}
+PARAMS_PER_MILLION = 1e6
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int,
+                           ece_bins: int = ECE_BINS) -> dict:
+    """Top-1/top-5, per-class accuracy, confusion matrix (rows true, columns predicted), mean
+    cross-entropy and expected calibration error for [N, C] logits and [N] integer labels."""
+    logits_t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if logits_t.ndim != 2 or logits_t.shape[0] != labels_t.shape[0]:
+        raise ValueError(f"logits {tuple(logits_t.shape)} do not match labels {tuple(labels_t.shape)}")
+    predictions = logits_t.argmax(1)
+    correct = predictions == labels_t
+    top_k = logits_t.topk(min(TOP_K, num_classes), dim=1).indices
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    confusion.index_put_((labels_t, predictions), torch.ones_like(labels_t), accumulate=True)
+    per_class_total = confusion.sum(1)
+    per_class = [
+        None if total == 0 else confusion[c, c].item() / total.item() for c, total in enumerate(per_class_total)
+    ]
+    probabilities = logits_t.softmax(1)
+    return {
+        "top1": correct.double().mean().item(),
+        "top5": (top_k == labels_t[:, None]).any(1).double().mean().item(),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "loss": nn.functional.cross_entropy(logits_t, labels_t).item(),
+        "ece": expected_calibration_error(probabilities.max(1).values.numpy(), correct.numpy(), ece_bins),
+        "test_samples": int(labels_t.shape[0]),
+    }
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence|, weighted by the bin's share."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # right-closed bins (lo, hi]: a confidence of exactly 1 belongs to the last bin
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)
+
+
+def load_trained_model(config: PipelineConfig, name: str, weights: Path, num_classes: int) -> nn.Module:
+    """The configured architecture with the trained weights (never the hub's or a pretrained file's)."""
+    _require_weights(name, weights)
+    spec = config.model.spec(name).model_copy(update={"pretrained": False, "pretrained_file": None})
+    model = build_model(spec, num_classes)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def _require_weights(name: str, weights: Path) -> None:
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{name}: trained weights not found at {weights}; "
+                                f"run `vit-pipeline train --model {name}`")
+
+
+def default_models(config: PipelineConfig) -> dict[str, Path]:
+    return {spec.name: trained_weights(config, spec.name) for spec in config.model.all_specs()}
+
+
+def evaluation_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, stream: ShardStream, config: PipelineConfig,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 logits and labels for every sample of the stream, in stream order."""
+    all_logits, all_labels = [], []
+    for images, labels, _ in make_loader(stream, config.data.loader_workers):
+        images = normalize(images, config.data.mean, config.data.std, device)
+        all_logits.append(model(images).float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def count_gflops(model: nn.Module, image_shape: tuple[int, int, int]) -> float:
+    """GFLOPs for one image as torch's FlopCounterMode counts them (2 per multiply-accumulate)."""
+    parameter = next(model.parameters())
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype))
+    return counter.get_total_flops() / 1e9
+
+
+def _timed_calls(model: nn.Module, inputs: torch.Tensor, iterations: int) -> list[float]:
+    """Seconds per call, after a warm-up (lazy init, allocator, cuDNN autotuning)."""
+    synchronize = torch.cuda.synchronize if inputs.device.type == "cuda" else (lambda: None)
+    seconds = []
+    with torch.inference_mode():
+        for index in range(WARMUP_ITERATIONS + iterations):
+            synchronize()
+            start = time.perf_counter()
+            model(inputs)
+            synchronize()
+            if index >= WARMUP_ITERATIONS:
+                seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure_speed(model: nn.Module, image_shape: tuple[int, int, int], batch_size: int,
+                  device: torch.device) -> dict:
+    """Inference images/s at `batch_size` and median latency (ms) for a single image, on `device`."""
+    batch = torch.randn(batch_size, *image_shape, device=device)
+    batch_seconds = _timed_calls(model, batch, THROUGHPUT_ITERATIONS)
+    single_seconds = _timed_calls(model, batch[:1], LATENCY_ITERATIONS)
+    return {
+        "images_per_s": batch_size * len(batch_seconds) / sum(batch_seconds),
+        "latency_ms": statistics.median(single_seconds) * 1000,
+        "speed_device": str(device),
+    }
+
+
+def training_cost(config: PipelineConfig, name: str, weights: Path) -> dict:
+    """Training time and throughput from the metrics.json beside the weights (None values when absent).
+
+    Device hours = train_seconds x workers x devices per worker / 3600, where a worker's devices are its
+    GPUs when training used GPUs (1 when gpus_per_worker is 0, as the train step then asks for 1), else its
+    CPU cores. metrics.json does not record the scaling, so it is read from the current configuration.
+    """
+    metrics_file = Path(weights).parent / "metrics.json"
+    if not metrics_file.is_file():
+        return {"train_seconds": None, "train_images_per_s": None, "device_hours": None, "device_kind": None,
+                "epochs": None}
+    metrics = json.loads(metrics_file.read_text())
+    history = metrics.get("history") or []
+    scaling = config.scaling
+    per_worker = (scaling.gpus_per_worker or 1) if scaling.use_gpu else scaling.cpus_per_worker
+    seconds = metrics.get("train_seconds")
+    return {
+        "train_seconds": seconds,
+        "train_images_per_s": statistics.fmean(e["images_per_s"] for e in history) if history else None,
+        "device_hours": None if seconds is None else seconds * scaling.num_workers * per_worker / SECONDS_PER_HOUR,
+        "device_kind": "gpu" if scaling.use_gpu else "cpu",
+        "epochs": len(history),
+    }
+
+
+def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: str, classes: list[str],
+                   device: torch.device) -> dict:
+    """One model's record for evaluation.json."""
+    model = load_trained_model(config, name, weights, len(classes)).to(device)
+    # rank 0 of 1: this process reads every test sample exactly once
+    stream = ShardStream(location, "test", config.training.batch_size, train=False, rank=0, world_size=1)
+    logits, labels = predict(model, stream, config, device)
+    image_shape = _image_shape(stream)
+    record = {
+        "model": name,
+        "role": "baseline" if name == config.model.baseline.name else "transformer",
+        "weights": str(weights),
+        **classification_metrics(logits, labels, len(classes)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": count_gflops(model, image_shape),
+        **measure_speed(model, image_shape, config.training.batch_size, device),
+        **training_cost(config, name, weights),
+    }
+    log.info("%s: top-1 %.4f over %d test images", name, record["top1"], record["test_samples"])
+    return record
+
+
+def _image_shape(stream: ShardStream) -> tuple[int, int, int]:
+    """C x H x W of the split's images (the manifest does not record it), from its first batch."""
+    images, _, _ = next(iter(stream))
+    return tuple(images.shape[1:])
+
+
+def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = None,
+                    shard_location: str | None = None, group: str | None = None) -> list[dict]:
+    """Evaluate the baseline and every transformer (or `models`: name -> weights) on the test split."""
+    models = models if models is not None else default_models(config)
+    for name, weights in models.items():
+        config.model.spec(name)  # fail on an unknown name or missing file before evaluating anything
+        _require_weights(name, weights)
+    location = shard_location or config.shard_location
+    manifest = read_manifest(location)
+    if manifest is None:
+        raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
+    classes = manifest["classes"]
+    device = evaluation_device()
+    records = [evaluate_model(config, name, Path(weights), location, classes, device)
+               for name, weights in models.items()]
+    out = Path(config.run_dir) / EVALUATION_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"models": records, "classes": classes}, indent=2))
+    _log_to_wandb(config, records, group)
+    return records
+
+
+def read_evaluation(config: PipelineConfig) -> dict:
+    path = Path(config.run_dir) / EVALUATION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `vit-pipeline evaluate` first")
+    return json.loads(path.read_text())
+
+
+def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells of the summary table; missing values print as n/a."""
+    headers = [header for header, _ in TABLE_COLUMNS.values()]
+    rows = []
+    for record in records:
+        row = []
+        for key, (_, form) in TABLE_COLUMNS.items():
+            value = record.get(key)
+            if key == "params" and value is not None:
+                value = value / PARAMS_PER_MILLION
+            row.append("n/a" if value is None else form.format(value))
+        rows.append(row)
+    return headers, rows
+
+
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The evaluation as a Markdown table, one row per model."""
+    return markdown(*table_rows(records))
+
+
+def _log_to_wandb(config: PipelineConfig, records: list[dict], group: str | None) -> None:
+    from tasks.tracking import start_wandb_run
+
+    run = start_wandb_run(config, "evaluate", "comparison", group=group)
+    if run is None:
+        return
+    import wandb
+
+    scalar_keys = [key for key, value in records[0].items() if isinstance(value, (int, float, str)) or value is None]
+    table = wandb.Table(columns=scalar_keys, data=[[record.get(key) for key in scalar_keys] for record in records])
+    run.log({"evaluation": table})
+    for record in records:
+        run.summary[f"{record['model']}/top1"] = record["top1"]
+    run.finish()
