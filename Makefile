@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/smoke.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast lint clean
@@ -18,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
+# DEPLOYMENT=cifar10 runs the real experiment's deployment instead of the CPU smoke one.
+DEPLOYMENT ?= smoke
+
 demo: setup
-	DATA_ROOT=$(DATA_ROOT) $(BIN)/vit-pipeline shard --config $(CONFIG)
+	DATA_ROOT=$(DATA_ROOT) BIN=$(BIN) DEPLOYMENT=$(DEPLOYMENT) bash infra/local/demo.sh
 
 test: setup
 	DATA_ROOT=$(DATA_ROOT) $(BIN)/pytest $(PYTEST_ARGS)

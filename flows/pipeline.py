@@ -162,8 +162,7 @@ def _artifact_key(name: str) -> str:
 def _train(config: PipelineConfig, name: str, fingerprint: str, teacher: str | None, group: str):
     options = config.orchestration
     return train_task.with_options(
-        retries=options.retries, retry_delay_seconds=options.retry_delay_seconds,
-        timeout_seconds=options.train_timeout_minutes * 60,
+        retries=options.retries, retry_delay_seconds=options.retry_delay_seconds
     ).submit(config, name, fingerprint, teacher, group)
 
 

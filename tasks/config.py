@@ -209,12 +209,15 @@ class TrackingConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    """How the Prefect flow runs the steps: retries for transient faults, time limits, parallel trainings."""
+    """How the Prefect flow runs the steps: retries for transient faults, time limits, parallel trainings.
+
+    Trainings have no Prefect timeout: they run in worker threads, which a timeout cannot interrupt;
+    Ray Train's failure handling and the epoch checkpoints bound what a hung training costs instead.
+    """
 
     retries: NonNegativeInt = 2
     retry_delay_seconds: list[NonNegativeFloat] = Field(default_factory=lambda: [10.0, 60.0])
     shard_timeout_minutes: PositiveFloat = 120
-    train_timeout_minutes: PositiveFloat = 24 * 60
     evaluate_timeout_minutes: PositiveFloat = 120
     # None: as many trainings at once as the Ray cluster has room for.
     max_concurrent_trainings: PositiveInt | None = None

@@ -449,3 +449,16 @@ def test_pretrained_without_file_or_hub_weights_fails_clearly():
     with pytest.raises(RuntimeError, match="pretrained_file"):
         create_model("vit_tiny_patch4_32", pretrained=True)
 
+
+
+def test_resnet_channels_and_drop_path_follow_timm_keywords():
+    narrow = timm.create_model("resnet18_cifar", channels=(16, 32, 64, 128), drop_path_rate=0.2)
+    assert narrow.conv1.out_channels == 16 and narrow.fc.in_features == 128
+    drop_paths = [block.drop_path for stage in narrow.stages() for block in stage]
+    assert isinstance(drop_paths[0], nn.Identity) and drop_paths[-1].drop_prob == pytest.approx(0.2)
+    x = image(4, 3, 32, 32)
+    narrow.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), narrow(x))
+    with pytest.raises(ValueError, match="one width per stage"):
+        timm.create_model("resnet18_cifar", channels=(16, 32))

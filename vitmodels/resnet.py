@@ -10,6 +10,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from .factory import CIFAR10_CFG, make_default_cfgs
+from .layers import drop_path_or_identity, drop_path_rates
 
 
 def conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
@@ -27,25 +28,26 @@ class BasicBlock(nn.Module):
     expansion = 1
     last_bn = "bn2"
 
-    def __init__(self, in_chs: int, width: int, stride: int):
+    def __init__(self, in_chs: int, width: int, stride: int, drop_path: float = 0.0):
         super().__init__()
         self.conv1, self.bn1 = conv_bn(in_chs, width, 3, stride)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = conv_bn(width, width, 3)
         self.act2 = nn.ReLU(inplace=True)
         self.downsample = shortcut(in_chs, width, stride)
+        self.drop_path = drop_path_or_identity(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
-        return self.act2(self.bn2(self.conv2(x)) + residual)
+        return self.act2(self.drop_path(self.bn2(self.conv2(x))) + residual)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
     last_bn = "bn3"
 
-    def __init__(self, in_chs: int, width: int, stride: int):
+    def __init__(self, in_chs: int, width: int, stride: int, drop_path: float = 0.0):
         super().__init__()
         out_chs = width * self.expansion
         self.conv1, self.bn1 = conv_bn(in_chs, width, 1)
@@ -56,28 +58,33 @@ class Bottleneck(nn.Module):
         self.conv3, self.bn3 = conv_bn(width, out_chs, 1)
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = shortcut(in_chs, out_chs, stride)
+        self.drop_path = drop_path_or_identity(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
-        return self.act3(self.bn3(self.conv3(x)) + residual)
+        return self.act3(self.drop_path(self.bn3(self.conv3(x))) + residual)
 
 
 class ResNet(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], in_chans: int = 3,
-                 num_classes: int = 10, drop_rate: float = 0.0):
+                 num_classes: int = 10, channels: tuple[int, ...] = (64, 128, 256, 512), drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
+        if len(channels) != len(layers):
+            raise ValueError(f"channels {tuple(channels)} needs one width per stage of layers {tuple(layers)}")
         self.num_classes = num_classes
         self.grad_checkpointing = False
-        self.conv1, self.bn1 = conv_bn(in_chans, 64, 3)
+        self.conv1, self.bn1 = conv_bn(in_chans, channels[0], 3)
         self.act1 = nn.ReLU(inplace=True)
-        in_chs = 64
-        for i, num_blocks in enumerate(layers):
-            width = 64 * 2 ** i
+        in_chs = channels[0]
+        block_drop_paths = iter(drop_path_rates(drop_path_rate, sum(layers)))
+        for i, (num_blocks, width) in enumerate(zip(layers, channels, strict=True)):
             stage = []
             for j in range(num_blocks):
-                stage.append(block(in_chs, width, stride=2 if i > 0 and j == 0 else 1))
+                stride = 2 if i > 0 and j == 0 else 1
+                stage.append(block(in_chs, width, stride=stride, drop_path=next(block_drop_paths)))
                 in_chs = width * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
         self.num_features = in_chs
@@ -100,7 +107,7 @@ class ResNet(nn.Module):
         self.grad_checkpointing = enable
 
     def stages(self) -> list[nn.Sequential]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
+        return [module for name, module in self.named_children() if name.startswith("layer")]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# `make demo`: the pipeline as users run it, on this machine. Starts a Prefect server (SQLite under
+# runs/.prefect), a local Ray head and a process serving the deployments; runs
+# `prefect deployment run vit-pipeline/$DEPLOYMENT --watch`; prints where the results are; and stops
+# everything it started, also when interrupted.
+set -euo pipefail
+
+BIN="${BIN:-.venv/bin}"
+DEPLOYMENT="${DEPLOYMENT:-smoke}"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+RAY_PORT="${RAY_PORT:-6390}"
+RAY_CPUS="${RAY_CPUS:-4}"        # logical CPUs: two 2-worker trainings fit side by side
+STARTUP_SECONDS="${STARTUP_SECONDS:-120}"
+LOGS="runs/demo-logs"
+
+export PREFECT_HOME="$PWD/runs/.prefect"            # the demo's own database, not ~/.prefect
+export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-tasks,flows}"
+export RAY_ADDRESS="127.0.0.1:${RAY_PORT}"
+mkdir -p "$LOGS" "$PREFECT_HOME"
+
+pids=()
+ray_started=0
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$ray_started" = 1 ]; then "$BIN/ray" stop --force >/dev/null 2>&1 || true; fi
+}
+trap stop_all EXIT INT TERM
+
+wait_for() {  # wait_for DESCRIPTION COMMAND...
+  local what="$1"; shift
+  for _ in $(seq "$STARTUP_SECONDS"); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 1
+  done
+  echo "demo: $what did not come up within ${STARTUP_SECONDS}s; see $LOGS/" >&2
+  exit 1
+}
+
+echo "demo: Prefect server on ${PREFECT_API_URL%/api} (log: $LOGS/prefect-server.log)"
+"$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" >"$LOGS/prefect-server.log" 2>&1 &
+pids+=($!)
+wait_for "the Prefect server" "$BIN/python" -c "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health')"
+
+echo "demo: Ray head at $RAY_ADDRESS (log: $LOGS/ray.log)"
+"$BIN/ray" start --head --port="$RAY_PORT" --num-cpus="$RAY_CPUS" --dashboard-host=127.0.0.1 \
+  --disable-usage-stats >"$LOGS/ray.log" 2>&1
+ray_started=1
+
+echo "demo: serving the deployments (log: $LOGS/serve.log)"
+"$BIN/python" -m flows.deployments >"$LOGS/serve.log" 2>&1 &
+pids+=($!)
+wait_for "deployment vit-pipeline/$DEPLOYMENT" "$BIN/prefect" deployment inspect "vit-pipeline/$DEPLOYMENT"
+
+echo "demo: prefect deployment run vit-pipeline/$DEPLOYMENT --watch"
+# --watch exits non-zero unless the run ends Completed; pipefail carries that through tee.
+if ! "$BIN/prefect" deployment run "vit-pipeline/$DEPLOYMENT" --watch 2>&1 | tee "$LOGS/deployment-run.log"; then
+  echo "demo: the flow run did not complete; its logs: $LOGS/serve.log" >&2
+  exit 1
+fi
+run_dir="runs/$DEPLOYMENT"
+cat <<DONE
+
+demo: vit-pipeline/$DEPLOYMENT Completed.
+  report:        $PWD/$run_dir/report/report.html
+  evaluation:    $PWD/$run_dir/evaluation.json
+  attention:     $PWD/$run_dir/attention/
+  W&B (offline): $PWD/$run_dir/wandb/  ->  upload: $BIN/wandb sync $PWD/$run_dir/wandb/offline-run-*
+  Prefect UI:    the server is stopped now; browse this run with
+                 PREFECT_HOME=$PREFECT_HOME $BIN/prefect server start  (then http://127.0.0.1:4200)
+DONE
