@@ -85,9 +85,9 @@ def served(tmp_path_factory, data_root):
     _wait_until(lambda: subprocess.run(inspect, env=env, capture_output=True).returncode == 0,
                 SERVER_STARTUP_SECONDS, "deployment vit-pipeline/smoke")
     yield env, home, logs
-    for process in processes:
-        process.send_signal(signal.SIGINT)  # what Ctrl-C sends: serve and the server shut down cleanly on it
-    for process in processes:
+    # Newest first, each with Ctrl-C: serve shuts down cleanly only while the server is still up.
+    for process in reversed(processes):
+        process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=SHUTDOWN_SECONDS)
         except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@
 # `prefect deployment run vit-pipeline/$DEPLOYMENT --watch`; prints where the results are; and stops
 # everything it started, also when interrupted.
 set -euo pipefail
+set -m  # background jobs get their own process groups and, unlike in a plain script, see Ctrl-C
 
 BIN="${BIN:-.venv/bin}"
 DEPLOYMENT="${DEPLOYMENT:-smoke}"
@@ -11,6 +12,7 @@ PREFECT_PORT="${PREFECT_PORT:-4200}"
 RAY_PORT="${RAY_PORT:-6390}"
 RAY_CPUS="${RAY_CPUS:-4}"        # logical CPUs: two 2-worker trainings fit side by side
 STARTUP_SECONDS="${STARTUP_SECONDS:-120}"
+SHUTDOWN_SECONDS=20
 LOGS="runs/demo-logs"
 
 export PREFECT_HOME="$PWD/runs/.prefect"            # the demo's own database, not ~/.prefect
@@ -18,14 +20,30 @@ export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-tasks,flows}"
 export RAY_ADDRESS="127.0.0.1:${RAY_PORT}"
+# Ray's token authentication with the demo's own token, which the flow runs present to connect.
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="$PWD/runs/.ray-auth-token"
 mkdir -p "$LOGS" "$PREFECT_HOME"
+if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+  (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$RAY_AUTH_TOKEN_PATH")
+fi
 
 pids=()
-ray_started=0
+stop_one() {  # Ctrl-C first (clean shutdown), then TERM, then KILL
+  local pid="$1" signal
+  for signal in INT TERM KILL; do
+    kill -"$signal" "$pid" 2>/dev/null || return 0
+    for _ in $(seq "$SHUTDOWN_SECONDS"); do
+      kill -0 "$pid" 2>/dev/null || return 0
+      sleep 1
+    done
+  done
+}
 stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ "$ray_started" = 1 ]; then "$BIN/ray" stop --force >/dev/null 2>&1 || true; fi
+  # Newest first: the served flows leave while the server can still record it; `ray start --block`
+  # stops the Ray processes it started (`ray stop` would stop every Ray on the machine).
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop_one "${pids[i]}"; done
 }
 trap stop_all EXIT INT TERM
 
@@ -45,9 +63,10 @@ pids+=($!)
 wait_for "the Prefect server" "$BIN/python" -c "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health')"
 
 echo "demo: Ray head at $RAY_ADDRESS (log: $LOGS/ray.log)"
-"$BIN/ray" start --head --port="$RAY_PORT" --num-cpus="$RAY_CPUS" --dashboard-host=127.0.0.1 \
-  --disable-usage-stats >"$LOGS/ray.log" 2>&1
-ray_started=1
+"$BIN/ray" start --head --block --port="$RAY_PORT" --num-cpus="$RAY_CPUS" --dashboard-host=127.0.0.1 \
+  --disable-usage-stats >"$LOGS/ray.log" 2>&1 &
+pids+=($!)
+wait_for "the Ray head" "$BIN/ray" status --address "$RAY_ADDRESS"
 
 echo "demo: serving the deployments (log: $LOGS/serve.log)"
 "$BIN/python" -m flows.deployments >"$LOGS/serve.log" 2>&1 &
