@@ -17,9 +17,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitmodels  # noqa: F401  (registers our presets with timm)
+from tasks.evaluate import count_gflops
+
+CIFAR_IMAGE_SHAPE = (3, 32, 32)
 
 CIFAR_MODELS = [
     "vit_tiny_patch4_32", "vit_small_patch4_32", "deit_tiny_distilled_patch4_32",
@@ -107,19 +109,12 @@ def images_per_second(steps: dict[str, Callable[[], None]], batch_size: int, war
     return {name: batch_size * iters / seconds for name, seconds in best.items()}
 
 
-def gflops_per_image(model: nn.Module, device: torch.device) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.eval()(torch.randn(1, 3, 32, 32, device=device))
-    return counter.get_total_flops() / 1e9
-
-
 def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     ours = timm.create_model(name).to(device)
     reference = TIMM_TWINS[name]().to(device)
     reference.load_state_dict(ours.state_dict(), strict=True)
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    gflops = gflops_per_image(ours, device)
+    gflops = count_gflops(ours.eval(), CIFAR_IMAGE_SHAPE)
 
     models = {"ours": ours, "timm": reference}
     if args.compile:

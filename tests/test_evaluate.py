@@ -11,6 +11,7 @@ from torch import nn
 from tasks.evaluate import (
     ECE_BINS,
     classification_metrics,
+    count_gflops,
     evaluate_models,
     expected_calibration_error,
     markdown_table,
@@ -145,3 +146,16 @@ def test_wandb_offline_run_holds_the_table(tmp_path, subset_shards):
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
     assert table["data"][0][table["columns"].index("model")] == "resnet10t"
+
+
+def test_gflops_count_attention_like_the_hand_formula():
+    import timm
+
+    import vitmodels  # noqa: F401
+
+    model = timm.create_model("vit_tiny_patch4_32").eval()
+    tokens, width, depth, patch_inputs = 65, 192, 12, 4 * 4 * 3
+    # per block: qkv + proj + 4x MLP = 12 N D^2 multiply-adds, attention scores and mixing 2 N^2 D
+    per_block = 12 * tokens * width**2 + 2 * tokens**2 * width
+    macs = depth * per_block + (tokens - 1) * patch_inputs * width + width * 10
+    assert count_gflops(model, (3, 32, 32)) == pytest.approx(2 * macs / 1e9, rel=0.01)
