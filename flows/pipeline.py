@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ PERMANENT_ERRORS = (ConfigError, SourceError, ShardFormatError, CheckpointError,
 # The thread pool only bounds bookkeeping threads; how many trainings really run at once is decided
 # by concurrent_trainings() against the Ray cluster.
 MAX_TASK_THREADS = 16
+# runs/<run>/ names the flow run writing it and its process, so a later run can tell one that died.
+RUN_OWNER_FILE = "flow-run.json"
 
 
 def _digest(*parts: Any) -> str:
@@ -190,6 +194,68 @@ def _train_all(config: PipelineConfig, teachers: dict[str, str | None], fingerpr
     return outcomes
 
 
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "unknown"
+
+
+def _alive(owner: dict) -> bool:
+    start = _process_start(owner["pid"])
+    return start is not None and (start == "unknown" or owner.get("start") in (None, start))
+
+
+def crash_orphaned_run(config: PipelineConfig, current_id: str | None) -> str | None:
+    """Mark the previous flow run of this run directory Crashed if its process is gone; then claim it.
+
+    A flow killed outright (SIGKILL, OOM killer, power loss) never reports a final state, so Prefect
+    shows it Running forever. The run directory records which flow run and process last wrote it; a
+    later run on the same host checks that process and, when it is gone while Prefect still says
+    Running, sets that flow run Crashed. Runs on other hosts are left to Prefect's heartbeats.
+    Returns the id of the flow run marked Crashed, if any.
+    """
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    path = Path(config.run_dir) / RUN_OWNER_FILE
+    crashed = None
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        owner = None
+    if owner and owner.get("flow_run_id") not in (None, current_id) and owner.get("host") == socket.gethostname():
+        if not _alive(owner):
+            with get_client(sync_client=True) as client:
+                try:
+                    previous = client.read_flow_run(owner["flow_run_id"])
+                except Exception:  # noqa: BLE001  (another API, or deleted since: nothing to mark)
+                    previous = None
+                if previous is not None and previous.state is not None and previous.state.is_running():
+                    client.set_flow_run_state(
+                        previous.id,
+                        Crashed(message=f"process {owner['pid']} on {owner['host']} exited without reporting "
+                                        f"a final state; found by flow run {current_id}"),
+                        force=True,
+                    )
+                    crashed = str(previous.id)
+    if current_id is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"flow_run_id": current_id, "host": socket.gethostname(), "pid": os.getpid(),
+                  "start": _process_start(os.getpid())}
+        temporary = path.with_name(f".{RUN_OWNER_FILE}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, path)
+    return crashed
+
+
 def _links(config: PipelineConfig, dashboard: str | None) -> None:
     wandb_dir = (Path(config.run_dir) / "wandb").absolute()
     create_link_artifact(key="wandb-runs", link=wandb_dir.as_uri(), link_text="W&B run directories (offline)",
@@ -213,6 +279,10 @@ def vit_pipeline(
     options = config.orchestration
     group = flow_run.get_name() or config.tracking.run_name
     limits = dict(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds)
+    crashed = crash_orphaned_run(config, flow_run.get_id())
+    if crashed:
+        get_run_logger().warning("flow run %s of %s had died without a final state: marked Crashed", crashed,
+                                 config.run_dir)
 
     manifest = shard_task.with_options(timeout_seconds=options.shard_timeout_minutes * 60, **limits)(config, group)
     verify_task.with_options(timeout_seconds=options.shard_timeout_minutes * 60, **limits)(config)

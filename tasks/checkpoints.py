@@ -135,19 +135,23 @@ def checkpoint_dirs(run_path: Path) -> list[Path]:
 
 
 def find_resume_checkpoint(preferred: Path | None, run_path: Path | None) -> Path | None:
-    """The checkpoint to resume from: `preferred` (Ray's latest) if valid, else the newest valid one.
+    """The checkpoint to resume from: the valid one furthest into training; `preferred` (Ray's latest) on a
+    tie, else the newest.
 
+    A driver killed right after a checkpoint was written can leave it on disk, complete, but not yet in
+    Ray's snapshot; Ray alone would resume from the one before and train that epoch again.
     None means there is nothing to resume. Checkpoints that exist but are all damaged raise, so a
     resume never silently starts over from epoch 1.
     """
     candidates = ([preferred] if preferred is not None else []) + (checkpoint_dirs(run_path) if run_path else [])
-    problems = []
+    problems, valid = [], []
     for candidate in dict.fromkeys(candidates):
         try:
-            read_checkpoint_metadata(candidate)
-            return candidate
+            valid.append((read_checkpoint_metadata(candidate)["epoch"], candidate))
         except CheckpointError as error:
             problems.append(str(error))
+    if valid:
+        return max(valid, key=lambda pair: pair[0])[1]  # max keeps the first of equals: preferred, then newest
     if problems:
         raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(problems))
     return None

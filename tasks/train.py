@@ -231,7 +231,8 @@ def train_worker(loop_config: dict) -> None:
     )
     ema = ModelEmaV3(model, decay=training.ema_decay) if training.ema_decay else None
 
-    start_epoch, global_step, history = 0, 0, []
+    # W&B rows logged so far, as (row, step); checkpoints carry them so a restart can replay them.
+    start_epoch, global_step, history, wandb_rows = 0, 0, [], []
     ray_checkpoint = ray.train.get_checkpoint()
     resume_from = find_resume_checkpoint(
         Path(ray_checkpoint.path) if ray_checkpoint is not None else None, Path(loop_config["run_path"])
@@ -239,6 +240,7 @@ def train_worker(loop_config: dict) -> None:
     if resume_from is not None:
         state = load_training_state(resume_from, model, optimizer, scheduler, ema)
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
+        wandb_rows = [tuple(pair) for pair in read_checkpoint_metadata(resume_from).get("wandb_rows", [])]
         if rank == 0:
             print(f"[{spec.name}] resuming after epoch {start_epoch} from {resume_from}", flush=True)
 
@@ -250,8 +252,14 @@ def train_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             manifest = manifest_snapshot(location, Path(directory))
             record_input(tracker, dataset_artifact_name(config), "dataset", manifest)
+        # A restarted attempt's W&B file repeats the history up to its checkpoint: what the killed attempt
+        # had logged may never have reached its file. Online, steps W&B already has are not sent again.
+        _log_rows(tracker, [(row, step) for row, step in wandb_rows if step >= tracker.step])
 
     for epoch in range(start_epoch, training.epochs):
+        # W&B rows wait until the epoch's checkpoint is committed: a restart resumes from that
+        # checkpoint and replays the unfinished epoch, so logging its steps live would record them twice.
+        pending_rows: list[tuple[dict, int]] = []
         # Every random stream is a function of (seed, epoch, rank), so a resumed run replays exactly.
         _seed_everything(training.seed + 1000 * (epoch + 1) + rank)
         train_stream.set_epoch(epoch)
@@ -287,8 +295,9 @@ def train_worker(loop_config: dict) -> None:
             seen += len(hard_labels)
             if tracker is not None and last_micro_step and global_step % training.log_every_steps == 0:
                 terms = {f"train/loss_{k}": v.item() for k, v in criterion.last_terms.items()}
-                tracker.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0], **terms},
-                            step=global_step)
+                pending_rows.append(
+                    ({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0], **terms}, global_step)
+                )
         epoch_seconds = time.perf_counter() - epoch_start
         loss_sum, correct, seen_total = _all_reduce_sum([loss_sum, correct, seen], device)
         evaluated = evaluate_accuracy(ema.module if ema is not None else model, test_stream, config, device)
@@ -307,9 +316,11 @@ def train_worker(loop_config: dict) -> None:
             "global_step": global_step,
         }
         history.append(metrics)
-        _report(metrics, history, rank, model, optimizer, scheduler, ema, spec.name, config)
+        pending_rows.append(({f"epoch/{k}": v for k, v in metrics.items()}, global_step))
+        wandb_rows += pending_rows
+        _report(metrics, history, rank, model, optimizer, scheduler, ema, spec.name, config, wandb_rows)
         if tracker is not None:
-            tracker.log({f"epoch/{k}": v for k, v in metrics.items()}, step=global_step)
+            _log_rows(tracker, pending_rows)
             remaining = (training.epochs - epoch - 1) * epoch_seconds
             print(
                 f"[{spec.name}] epoch {epoch + 1}/{training.epochs} loss {metrics['train_loss']:.4f} "
@@ -320,6 +331,12 @@ def train_worker(loop_config: dict) -> None:
     if tracker is not None:
         _log_model_artifact(tracker, model, spec.name)
         tracker.finish()
+
+
+def _log_rows(tracker, rows: list[tuple[dict, int]]) -> None:
+    for index, (row, step) in enumerate(rows):
+        # commit the last row: W&B holds a step's row until a later step arrives, and a crash would lose it.
+        tracker.log(row, step=step, commit=True if index == len(rows) - 1 else None)
 
 
 def _log_model_artifact(tracker, model: nn.Module, model_name: str) -> None:
@@ -333,7 +350,7 @@ def _log_model_artifact(tracker, model: nn.Module, model_name: str) -> None:
         tracker.log_artifact(artifact)
 
 
-def _report(metrics, history, rank, model, optimizer, scheduler, ema, model_name, config) -> None:
+def _report(metrics, history, rank, model, optimizer, scheduler, ema, model_name, config, wandb_rows) -> None:
     """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint."""
     import ray.train
 
@@ -344,7 +361,7 @@ def _report(metrics, history, rank, model, optimizer, scheduler, ema, model_name
         save_checkpoint(
             Path(directory), model=unwrap(model), optimizer=optimizer, scheduler=scheduler, ema=ema,
             epoch=metrics["epoch"] - 1, global_step=metrics["global_step"], history=history,
-            extra={"model": model_name, "config": config.model_dump(mode="json")},
+            extra={"model": model_name, "config": config.model_dump(mode="json"), "wandb_rows": wandb_rows},
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -361,7 +378,8 @@ def ensure_ray(config: PipelineConfig) -> str | None:
     if address:
         context = ray.init(address=address)
     else:
-        context = ray.init(num_cpus=config.scaling.ray_num_cpus)
+        # "local": a new Ray for this process, never one that `ray start` left running on the machine.
+        context = ray.init(address="local", num_cpus=config.scaling.ray_num_cpus)
     return context.dashboard_url or None
 
 

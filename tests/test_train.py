@@ -25,7 +25,7 @@ def ray_cluster():
 
     # Fault hooks defined here must reach the workers by value: the tests package is not on their path.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4)
+    ray.init(address="local", num_cpus=4)  # never join a Ray cluster someone else runs here
     yield
     ray.shutdown()
 
