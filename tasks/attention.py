@@ -25,6 +25,7 @@ from tasks.config import PipelineConfig
 from tasks.evaluate import evaluation_device, load_trained_model
 from tasks.loader import ShardStream, normalize
 from tasks.shard import read_manifest
+from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
 from tasks.train import trained_weights
 from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer
 from vitmodels.swin import window_merge
@@ -220,13 +221,14 @@ def attention_maps(config: PipelineConfig, models: dict[str, Path] | None = None
         if tracker is not None:
             _log_table(tracker, name, images, labels, keys, logits, panels, classes)
     if tracker is not None:
+        record_model_inputs(tracker, {name: Path(models[name]) for name in written})
+        if written:
+            tracker.log_artifact(files_artifact("attention-maps", "attention", list(written.values())))
         tracker.finish()
     return written
 
 
 def _start_tracking(config: PipelineConfig, group: str | None):
-    from tasks.tracking import start_wandb_run
-
     return start_wandb_run(config, "attention", "maps", group=group)
 
 

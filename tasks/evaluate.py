@@ -28,6 +28,7 @@ from tasks.train import build_model, trained_weights
 log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
+EVALUATION_ARTIFACT = "evaluation"
 ECE_BINS = 15
 TOP_K = 5
 # Speed is measured on random inputs: it depends on shapes, not pixel values. A few iterations after a
@@ -241,7 +242,7 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
     out = Path(config.run_dir) / EVALUATION_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": records, "classes": classes}, indent=2))
-    _log_to_wandb(config, records, group)
+    _log_to_wandb(config, records, group, models, out)
     return records
 
 
@@ -278,8 +279,9 @@ def markdown_table(records: list[dict]) -> str:
     return markdown(*table_rows(records))
 
 
-def _log_to_wandb(config: PipelineConfig, records: list[dict], group: str | None) -> None:
-    from tasks.tracking import start_wandb_run
+def _log_to_wandb(config: PipelineConfig, records: list[dict], group: str | None, models: dict[str, Path],
+                  evaluation_file: Path) -> None:
+    from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
 
     run = start_wandb_run(config, "evaluate", "comparison", group=group)
     if run is None:
@@ -288,7 +290,9 @@ def _log_to_wandb(config: PipelineConfig, records: list[dict], group: str | None
 
     scalar_keys = [key for key, value in records[0].items() if isinstance(value, (int, float, str)) or value is None]
     table = wandb.Table(columns=scalar_keys, data=[[record.get(key) for key in scalar_keys] for record in records])
+    record_model_inputs(run, models)
     run.log({"evaluation": table})
     for record in records:
         run.summary[f"{record['model']}/top1"] = record["top1"]
+    run.log_artifact(files_artifact(EVALUATION_ARTIFACT, "evaluation", [evaluation_file]))
     run.finish()

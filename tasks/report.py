@@ -234,22 +234,25 @@ def write_report(config: PipelineConfig, evaluation: list[dict] | None = None,
     files = {"markdown": out / "report.md", "html": out / "report.html", **plots}
     files["markdown"].write_text(render_markdown(config, rows, plots, grids, out))
     files["html"].write_text(render_html(config, rows, plots, grids))
-    _log_to_wandb(config, rows, plots, files["html"], group)
+    _log_to_wandb(config, rows, plots, files, group)
     return files
 
 
-def _log_to_wandb(config: PipelineConfig, rows: list[list[str]], plots: dict[str, Path], page: Path,
+def _log_to_wandb(config: PipelineConfig, rows: list[list[str]], plots: dict[str, Path], files: dict[str, Path],
                   group: str | None) -> None:
-    from tasks.tracking import start_wandb_run
+    from tasks.evaluate import EVALUATION_ARTIFACT, EVALUATION_FILE
+    from tasks.tracking import files_artifact, record_input, start_wandb_run
 
     run = start_wandb_run(config, "report", "comparison", group=group)
     if run is None:
         return
     import wandb
 
+    record_input(run, EVALUATION_ARTIFACT, "evaluation", Path(config.run_dir) / EVALUATION_FILE)
     run.log({
         "report/table": wandb.Table(columns=REPORT_COLUMNS, data=rows),
-        "report/page": wandb.Html(page.read_text()),
+        "report/page": wandb.Html(files["html"].read_text()),
         **{f"report/{key}": wandb.Image(str(path)) for key, path in plots.items()},
     })
+    run.log_artifact(files_artifact("report", "report", list(files.values())))
     run.finish()

@@ -112,3 +112,13 @@ def record_input(run, name: str, kind: str, path: Path) -> None:
         run.config.update({f"input/{name}": file_digest(path)}, allow_val_change=True)
     else:
         run.use_artifact(files_artifact(name, kind, [path]))
+
+
+def model_artifact_name(model_name: str) -> str:
+    return f"model-{model_name}"
+
+
+def record_model_inputs(run, models: dict[str, Path]) -> None:
+    """Lineage from the trained models (name -> weights file) a step read."""
+    for name, weights in models.items():
+        record_input(run, model_artifact_name(name), "model", Path(weights))

@@ -342,10 +342,12 @@ def _log_rows(tracker, rows: list[tuple[dict, int]]) -> None:
 def _log_model_artifact(tracker, model: nn.Module, model_name: str) -> None:
     import wandb
 
+    from tasks.tracking import model_artifact_name
+
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / WEIGHTS
         save_weights(unwrap(model), path)
-        artifact = wandb.Artifact(f"model-{model_name}", type="model", metadata={"model": model_name})
+        artifact = wandb.Artifact(model_artifact_name(model_name), type="model", metadata={"model": model_name})
         artifact.add_file(str(path))
         tracker.log_artifact(artifact)
 

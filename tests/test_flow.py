@@ -147,3 +147,18 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
     served_schedule = served["cifar10"].schedules[0]
     assert served_schedule.schedule.cron == RETRAIN_CRON and served_schedule.active is False
     assert vit_pipeline.name == FLOW_NAME
+
+
+def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):
+    import ray
+
+    from tasks.train import TrainingError, train_model
+
+    broken = tmp_path / "shards"
+    shutil.copytree(subset_shards, broken)
+    (broken / "test-000000.tar").unlink()
+    config = _config(tmp_path, data_root, model={"transformers": []})
+    config.data.shard_dir = str(broken)
+    with pytest.raises(TrainingError, match="(?s)refusing to train on bad shards.*test-000000.tar"):
+        train_model(config, config.model.baseline.name)
+    assert not ray.is_initialized()

@@ -125,6 +125,33 @@ def _states_of(states: dict[str, str], prefix: str) -> dict[str, str]:
     return {name: state for name, state in states.items() if name.startswith(prefix)}
 
 
+# What each step's W&B run must hold: (its artifact types, the inputs its config records for lineage).
+EXPECTED_WANDB = {
+    "shard": ({"dataset"}, set()),
+    "train": ({"model"}, {"input/shards-cifar10"}),
+    "evaluate": ({"evaluation", "run_table"}, {"input/model-resnet18_cifar", "input/model-vit_tiny_patch4_32"}),
+    "attention": ({"attention", "run_table"}, {"input/model-vit_tiny_patch4_32"}),
+    "report": ({"report", "run_table"}, {"input/evaluation"}),
+}
+
+
+def _assert_wandb_runs(wandb_dir: Path, flow_run_name: str) -> None:
+    from tests.wandb_records import read_records
+
+    jobs = []
+    for directory in wandb_dir.glob("offline-run-*"):
+        records = read_records(next(directory.glob("*.wandb")))
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        artifacts = {r.artifact.type for r in records if r.WhichOneof("record_type") == "artifact"}
+        config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
+        config_keys |= {item.key for item in run.config.update}
+        assert run.run_group == flow_run_name, (directory.name, run.run_group)
+        kinds, inputs = EXPECTED_WANDB[run.job_type]
+        assert kinds <= artifacts and inputs <= config_keys, (run.job_type, artifacts, config_keys)
+        jobs.append(run.job_type)
+    assert sorted(jobs) == sorted(["shard", "train", "train", "train", "train", "evaluate", "attention", "report"])
+
+
 def test_smoke_deployment_completes_and_a_rerun_is_cached(served):
     env, home, logs = served
     first = _run_smoke(env, home)
@@ -140,9 +167,7 @@ def test_smoke_deployment_completes_and_a_rerun_is_cached(served):
     assert {record["model"] for record in evaluation["models"]} == {
         "resnet18_cifar", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32", "swin_tiny_patch2_window4_32"}
     assert (run_dir / "report" / "report.html").stat().st_size > 0
-    wandb_runs = [path.name for path in (run_dir / "wandb").glob("offline-run-*")]
-    for job in ("shard", "train", "evaluate", "attention", "report"):
-        assert any(f"-{job}-" in name for name in wandb_runs), (job, wandb_runs)
+    _assert_wandb_runs(run_dir / "wandb", first)
 
     second = _run_smoke(env, home)
     states = _task_states(env, second)
