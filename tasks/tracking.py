@@ -26,6 +26,17 @@ def wandb_mode(config: PipelineConfig) -> str:
     return mode
 
 
+def detach_from_parent_wandb_service() -> None:
+    """Make this process start its own W&B service on its first run.
+
+    A local Ray's workers inherit the environment of the process that started Ray, including the
+    address of its W&B service (WANDB_SERVICE) once that process has logged a run, as the flow does in
+    its shard step. Sharing it, a killed worker's run stays "in use" there and its restarted worker
+    cannot resume the same run id.
+    """
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def wandb_run_id(group: str, job_type: str, name: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{group}-{job_type}-{name}").strip("-")
     digest = hashlib.sha256(f"{group}\0{job_type}\0{name}".encode()).hexdigest()[:10]

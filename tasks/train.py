@@ -193,7 +193,13 @@ def train_worker(loop_config: dict) -> None:
     import ray.train.torch
     from timm.utils import ModelEmaV3
 
-    from tasks.tracking import dataset_artifact_name, manifest_snapshot, record_input, start_wandb_run
+    from tasks.tracking import (
+        dataset_artifact_name,
+        detach_from_parent_wandb_service,
+        manifest_snapshot,
+        record_input,
+        start_wandb_run,
+    )
 
     config = PipelineConfig.model_validate_json(loop_config["config"])
     spec = config.model.spec(loop_config["model"])
@@ -246,6 +252,7 @@ def train_worker(loop_config: dict) -> None:
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     step_model = torch.compile(ddp_model) if training.compile else ddp_model
+    detach_from_parent_wandb_service()
     tracker = start_wandb_run(config, "train", spec.name, group=loop_config.get("group"),
                               extra={"world_size": world_size}) if rank == 0 else None
     if tracker is not None:

@@ -42,9 +42,14 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     import ray
     import ray.cloudpickle
+    import wandb
+
+    # The driver has a W&B service before Ray starts, as the flow process has after its shard step;
+    # Ray's workers inherit its address and must not share it (a killed worker's run would stay in use).
+    wandb.init(mode="offline", dir=str(tmp_path_factory.mktemp("driver-wandb"))).finish()
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault hooks below travel by value
     # Workers inherit this environment: no W&B key, and a W&B server that refuses connections.
