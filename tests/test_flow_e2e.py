@@ -70,21 +70,30 @@ def served(tmp_path_factory, data_root):
     env.pop("WANDB_API_KEY", None)
     logs = home / "logs"
     logs.mkdir()
-    processes = []
 
-    def start(name: str, *command: str) -> subprocess.Popen:
+    def launch(name: str, *command: str) -> subprocess.Popen:
         log = open(logs / f"{name}.log", "w")
-        process = subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
-        processes.append(process)
-        return process
+        return subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
 
-    start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
-    _wait_until(lambda: urllib.request.urlopen(f"{api}/health").status == 200, SERVER_STARTUP_SECONDS, "server")
-    start("serve", str(BIN / "python"), "-m", "flows.deployments")
+    server_command = (str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
+
+    def server_up() -> None:
+        _wait_until(lambda: urllib.request.urlopen(f"{api}/health").status == 200, SERVER_STARTUP_SECONDS, "server")
+
+    processes = [launch("server", *server_command)]  # the server stays first: it is stopped last
+    server_up()
+
+    def restart_server() -> None:
+        processes[0].send_signal(signal.SIGINT)
+        processes[0].wait(timeout=SHUTDOWN_SECONDS)
+        processes[0] = launch("server-restarted", *server_command)
+        server_up()
+
+    processes.append(launch("serve", str(BIN / "python"), "-m", "flows.deployments"))
     inspect = [str(BIN / "prefect"), "deployment", "inspect", "vit-pipeline/smoke"]
     _wait_until(lambda: subprocess.run(inspect, env=env, capture_output=True).returncode == 0,
                 SERVER_STARTUP_SECONDS, "deployment vit-pipeline/smoke")
-    yield env, home, logs
+    yield env, home, logs, restart_server
     # Newest first, each with Ctrl-C: serve shuts down cleanly only while the server is still up.
     for process in reversed(processes):
         process.send_signal(signal.SIGINT)
@@ -95,16 +104,36 @@ def served(tmp_path_factory, data_root):
             process.wait()
 
 
-def _run_smoke(env: dict, home: Path) -> str:
-    params = {
+def _smoke_params(output_dir: Path) -> str:
+    return json.dumps({
         "config_file": str(REPO_ROOT / "configs" / "smoke.yaml"),
-        "overrides": [*TINY, f"tracking.output_dir={home / 'runs'}"],
-    }
-    command = [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params", json.dumps(params),
-               "--watch"]
+        "overrides": [*TINY, f"tracking.output_dir={output_dir}"],
+    })
+
+
+def _run_smoke(env: dict, home: Path) -> str:
+    command = [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params",
+               _smoke_params(home / "runs"), "--watch"]
     result = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
-    return next(line.split("'")[1] for line in result.stdout.splitlines() if "Created flow run" in line)
+    return _created_flow_run(result.stdout)
+
+
+def _created_flow_run(output: str) -> str:
+    return next(line.split("'")[1] for line in output.splitlines() if "Created flow run" in line)
+
+
+def _flow_run_state(env: dict, flow_run_name: str) -> str:
+    script = (
+        "import sys\n"
+        "from prefect import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName\n"
+        "with get_client(sync_client=True) as client:\n"
+        "    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[sys.argv[1]])))\n"
+        "    print(runs[0].state.name)\n"
+    )
+    return subprocess.run([str(BIN / "python"), "-c", script, flow_run_name], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 def _task_states(env: dict, flow_run_name: str) -> dict[str, str]:
@@ -153,7 +182,7 @@ def _assert_wandb_runs(wandb_dir: Path, flow_run_name: str) -> None:
 
 
 def test_smoke_deployment_completes_and_a_rerun_is_cached(served):
-    env, home, logs = served
+    env, home, logs, _ = served
     first = _run_smoke(env, home)
     states = _task_states(env, first)
     assert list(_states_of(states, "shard").values()) == ["Completed"], states
@@ -174,3 +203,24 @@ def test_smoke_deployment_completes_and_a_rerun_is_cached(served):
     assert list(_states_of(states, "shard").values()) == ["Cached"], states
     assert len(_states_of(states, "train-")) == 4, states
     assert set(_states_of(states, "train-").values()) == {"Cached"}, states
+
+
+def test_a_flow_run_survives_a_prefect_server_restart(served):
+    env, home, logs, restart_server = served
+    output_dir = home / "runs-restart"  # not the cached run's: this one really trains
+    started = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params", _smoke_params(output_dir)],
+        env=env, cwd=home, capture_output=True, text=True, check=True,
+    )
+    name = _created_flow_run(started.stdout)
+    checkpoints = output_dir / "smoke" / "ray" / "resnet18_cifar"
+    _wait_until(lambda: any(checkpoints.glob("checkpoint_*")), RUN_TIMEOUT_SECONDS, "the baseline's first checkpoint")
+
+    restart_server()  # mid-training: the flow's API calls fail until the new server answers
+
+    terminal = {"Completed", "Failed", "Crashed", "Cancelled"}
+    _wait_until(lambda: _flow_run_state(env, name) in terminal, RUN_TIMEOUT_SECONDS, f"flow run {name} to finish")
+    assert _flow_run_state(env, name) == "Completed"
+    evaluation = json.loads((output_dir / "smoke" / "evaluation.json").read_text())
+    assert len(evaluation["models"]) == 4
+    assert (output_dir / "smoke" / "report" / "report.html").is_file()
