@@ -1,5 +1,5 @@
-"""GPU training throughput and MFU of our models under bf16 autocast, fused AdamW, the SDPA flash kernel and
-torch.compile, switched on one at a time.
+"""GPU training throughput and MFU of our models under bf16 autocast, fused AdamW, the SDPA flash kernel,
+torch.compile and channels-last memory format, switched on one at a time.
 
 For every model and variant: images/s of a training step (forward, backward, AdamW step) on synthetic data
 already on the GPU (so the loader is out of the picture), the warm-up time (where torch.compile's compilation
@@ -8,11 +8,14 @@ forward's matmul FLOPs (torch.utils.flop_counter, counted on the meta device) ti
 every variant, fp32 included, is held against the bf16 dense peak (--peak-tflops, default H100 SXM).
 
 A variant names its features joined by '+': bf16 (autocast), fused (AdamW fused=True), flash (SDPA restricted to
-the flash kernel; without it every other SDPA backend may run), compile (torch.compile); 'fp32' is none of them.
-Variants alternate round by round so a slow spell of the GPU hits all alike; the best round counts.
+the flash kernel; without it every other SDPA backend may run), compile (torch.compile), channels_last (model
+and images in NHWC memory format); 'fp32' is none of them. Variants alternate round by round so a slow spell of
+the device hits all alike; the best round counts.
 
     python benchmarks/gpu.py                       # on a CUDA machine
     python benchmarks/gpu.py --dry-run             # on CPU: model building, FLOP counts, one fp32 step each
+    python benchmarks/gpu.py --device cpu --models resnet18_cifar --variants fp32 channels_last compile
+                                                   # the same variants timed on CPU (no MFU unless --peak-tflops)
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ from dataclasses import dataclass
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitmodels  # noqa: F401  (registers our presets with timm)
+
+from harness import classification_loss, sync
 
 H100_SXM_DENSE_BF16_TFLOPS = 989.0
 FWD_BWD_FLOPS_FACTOR = 3  # backward costs about twice the forward's matmul FLOPs
@@ -38,7 +42,7 @@ IMAGENET_CLASSES = 1000
 CIFAR_CLASSES = 10
 DRY_RUN_BATCH = 2
 GIB = 2**30
-FEATURES = ("bf16", "fused", "flash", "compile")
+FEATURES = ("bf16", "fused", "flash", "compile", "channels_last")
 DEFAULT_VARIANTS = ["fp32", "bf16", "bf16+fused", "bf16+fused+flash", "bf16+fused+compile", "bf16+fused+flash+compile"]
 BACKENDS_BUT_FLASH = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -49,10 +53,11 @@ class ModelCase:
     image_size: int
     batch_size: int
     num_classes: int
+    sized_by_img_size: bool = True  # transformers take img_size; ResNets adapt to any input size
 
 
 # Our registrations of the ImageNet ViTs (vp_*, the same architecture as timm's vit_*_patch16_224) and the
-# CIFAR presets the pipeline trains.
+# CIFAR models the pipeline trains (the ResNets are the baseline and DeiT's teacher).
 MODEL_CASES = {
     case.name: case
     for case in [
@@ -63,6 +68,8 @@ MODEL_CASES = {
         ModelCase("deit_tiny_distilled_patch4_32", 32, 1024, CIFAR_CLASSES),
         ModelCase("deit_small_distilled_patch4_32", 32, 1024, CIFAR_CLASSES),
         ModelCase("swin_tiny_patch2_window4_32", 32, 1024, CIFAR_CLASSES),
+        ModelCase("resnet18_cifar", 32, 1024, CIFAR_CLASSES, sized_by_img_size=False),
+        ModelCase("resnet50_cifar", 32, 1024, CIFAR_CLASSES, sized_by_img_size=False),
     ]
 }
 
@@ -78,8 +85,9 @@ def parse_variant(text: str) -> frozenset[str]:
 
 
 def build(case: ModelCase, device: torch.device | str) -> nn.Module:
+    size_kwargs = {"img_size": case.image_size} if case.sized_by_img_size else {}
     with torch.device(device):
-        return timm.create_model(case.name, num_classes=case.num_classes, img_size=case.image_size).train()
+        return timm.create_model(case.name, num_classes=case.num_classes, **size_kwargs).train()
 
 
 def model_flops_per_step(case: ModelCase, batch_size: int) -> float:
@@ -91,12 +99,6 @@ def model_flops_per_step(case: ModelCase, batch_size: int) -> float:
     return counter.get_total_flops() * FWD_BWD_FLOPS_FACTOR
 
 
-def classification_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
-    if isinstance(outputs, tuple):  # DeiT in training mode: both heads learn
-        return sum(F.cross_entropy(logits, labels) for logits in outputs)
-    return F.cross_entropy(outputs, labels)
-
-
 def attention_backends(features: frozenset[str]):
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION) if "flash" in features else sdpa_kernel(BACKENDS_BUT_FLASH)
 
@@ -104,11 +106,14 @@ def attention_backends(features: frozenset[str]):
 def make_train_step(case: ModelCase, features: frozenset[str], batch_size: int,
                     device: torch.device) -> Callable[[], None]:
     model = build(case, device)
+    memory_format = torch.channels_last if "channels_last" in features else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="fused" in features)
     step_model = torch.compile(model) if "compile" in features else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in features else nullcontext
     generator = torch.Generator(device).manual_seed(0)
     images = torch.randn(batch_size, 3, case.image_size, case.image_size, generator=generator, device=device)
+    images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, case.num_classes, (batch_size,), generator=generator, device=device)
 
     def step() -> None:
@@ -126,19 +131,20 @@ def make_train_step(case: ModelCase, features: frozenset[str], batch_size: int,
 class Timing:
     warmup_seconds: float = float("nan")
     best_seconds: float = float("inf")
-    peak_memory_gib: float = 0.0
+    peak_memory_gib: float | None = None  # CUDA only
     error: str | None = None
 
 
-def time_variants(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, Timing]:
+def time_variants(steps: dict[str, Callable[[], None]], args: argparse.Namespace,
+                  device: torch.device) -> dict[str, Timing]:
     timings = {name: Timing() for name in steps}
     for name, step in steps.items():
         try:
-            torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.warmup):
                 step()
-            torch.cuda.synchronize()
+            sync(device)
             timings[name].warmup_seconds = time.perf_counter() - start
         except RuntimeError as error:  # e.g. no flash kernel for an attention mask (Swin), or out of memory
             timings[name].error = str(error).splitlines()[0][:80]
@@ -146,15 +152,17 @@ def time_variants(steps: dict[str, Callable[[], None]], args: argparse.Namespace
         for name, step in steps.items():
             if timings[name].error:
                 continue
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            torch.cuda.synchronize()
+            sync(device)
             timing = timings[name]
             timing.best_seconds = min(timing.best_seconds, time.perf_counter() - start)
-            timing.peak_memory_gib = max(timing.peak_memory_gib, torch.cuda.max_memory_allocated() / GIB)
+            if device.type == "cuda":
+                timing.peak_memory_gib = max(timing.peak_memory_gib or 0.0, torch.cuda.max_memory_allocated() / GIB)
     return timings
 
 
@@ -162,16 +170,20 @@ def benchmark(case: ModelCase, args: argparse.Namespace, device: torch.device) -
     batch_size = args.batch_size or case.batch_size
     flops = model_flops_per_step(case, batch_size)
     steps = {variant: make_train_step(case, parse_variant(variant), batch_size, device) for variant in args.variants}
-    for variant, timing in time_variants(steps, args).items():
+    timings = time_variants(steps, args, device)
+    baseline = timings[args.variants[0]]
+    for variant, timing in timings.items():
         if timing.error:
             print(f"| {case.name} | {case.image_size} | {batch_size} | {variant} | failed: {timing.error} "
-                  "| | | | |", flush=True)
+                  "| | | | | |", flush=True)
             continue
         step_seconds = timing.best_seconds / args.steps
-        mfu = flops / step_seconds / (args.peak_tflops * 1e12)
+        mfu = "-" if args.peak_tflops is None else f"{100 * flops / step_seconds / (args.peak_tflops * 1e12):.1f}"
+        memory = "-" if timing.peak_memory_gib is None else f"{timing.peak_memory_gib:.1f}"
+        speedup = "-" if baseline.error else f"{baseline.best_seconds / timing.best_seconds:.2f}"
         print(f"| {case.name} | {case.image_size} | {batch_size} | {variant} | {batch_size / step_seconds:.0f} "
-              f"| {1e3 * step_seconds:.1f} | {100 * mfu:.1f} | {timing.warmup_seconds:.1f} "
-              f"| {timing.peak_memory_gib:.1f} |", flush=True)
+              f"| {speedup} | {1e3 * step_seconds:.1f} | {mfu} | {timing.warmup_seconds:.1f} | {memory} |",
+              flush=True)
 
 
 def dry_run(cases: list[ModelCase], args: argparse.Namespace) -> None:
@@ -197,8 +209,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant; the best one counts")
-    parser.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_BF16_TFLOPS,
-                        help="the GPU's dense bf16 peak for MFU (default: H100 SXM)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help=f"the device's dense bf16 peak for MFU (default on cuda: H100 SXM, "
+                             f"{H100_SXM_DENSE_BF16_TFLOPS}; on cpu: no MFU)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu times the same variants where there is no GPU (MFU only with --peak-tflops)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU needed: FLOP counts and a CPU fp32 step")
     args = parser.parse_args()
     for variant in args.variants:
@@ -211,18 +227,28 @@ def main() -> None:
     if args.dry_run:
         dry_run(cases, args)
         return
-    if not torch.cuda.is_available():
-        sys.exit("gpu.py needs a CUDA GPU and torch.cuda.is_available() is False here; "
-                 "run it with --dry-run to check model building and FLOP counting on CPU")
-    device = torch.device("cuda")
-    print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.cuda.get_device_name()}, "
-          f"flash available {torch.backends.cuda.is_flash_attention_available()}, peak {args.peak_tflops} TFLOPS, "
-          f"{args.steps} steps x best of {args.rounds} rounds after {args.warmup} warm-up steps\n")
-    print("| model | image | batch | variant | img/s | ms/step | MFU % | warm-up s | peak GiB |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("gpu.py needs a CUDA GPU and torch.cuda.is_available() is False here; run it with --dry-run "
+                     "to check model building and FLOP counting on CPU, or --device cpu to time the variants on CPU")
+        if args.peak_tflops is None:
+            args.peak_tflops = H100_SXM_DENSE_BF16_TFLOPS
+        flash = torch.backends.cuda.is_flash_attention_available()
+        device_name = f"{torch.cuda.get_device_name()}, flash available {flash}"
+    else:
+        device_name = f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, timm {timm.__version__}, {device_name}, peak {args.peak_tflops} TFLOPS, "
+          f"{args.steps} steps x best of {args.rounds} rounds after {args.warmup} warm-up steps; "
+          f"speed-up is against {args.variants[0]}\n")
+    print("| model | image | batch | variant | img/s | speed-up | ms/step | MFU % | warm-up s | peak GiB |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         benchmark(case, args, device)
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from contextlib import nullcontext
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import vitmodels  # noqa: F401  (registers our presets with timm)
 from tasks.evaluate import count_gflops
+
+from harness import classification_loss, sync
 
 CIFAR_IMAGE_SHAPE = (3, 32, 32)
 
@@ -58,17 +59,6 @@ TIMM_TWINS: dict[str, Callable[[], nn.Module]] = {
     "resnet18_cifar": lambda: timm_resnet_with_cifar_stem("resnet18"),
     "resnet50_cifar": lambda: timm_resnet_with_cifar_stem("resnet50"),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def classification_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
-    if isinstance(outputs, tuple):  # DeiT: both heads learn, as under DistillationLoss
-        return sum(F.cross_entropy(o, labels) for o in outputs)
-    return F.cross_entropy(outputs, labels)
 
 
 def make_train_step(model: nn.Module, images, labels, autocast) -> Callable[[], None]:

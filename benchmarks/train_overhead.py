@@ -29,7 +29,7 @@ from torch import nn
 from tasks.config import PipelineConfig, build_config
 from tasks.loader import ShardStream, make_loader, normalize
 from tasks.shard import ShardOptions, read_manifest, shard_dataset
-from tasks.train import build_criterion, build_model, parameter_groups, train_model
+from tasks.train import autocast_context, build_criterion, build_model, parameter_groups, train_model
 
 SHARD_SIZE = 1000  # 6 train shards for the 5k-image subset, so up to 4 ranks each read whole shards
 RAY_CPUS = 4  # logical CPUs Ray may hand out: room for the largest default scaling run on this 2-core machine
@@ -45,7 +45,8 @@ def benchmark_config(args: argparse.Namespace, num_workers: int, output_dir: Pat
     return build_config({
         "data": {"loader_workers": LOADER_WORKERS},
         "model": {"baseline": {"name": args.model, "model_kwargs": args.model_kwargs}, "transformers": []},
-        "training": {"epochs": args.epochs, "batch_size": args.batch_size // num_workers, "seed": SEED},
+        "training": {"epochs": args.epochs, "batch_size": args.batch_size // num_workers, "seed": SEED,
+                     "bf16": args.bf16},
         "scaling": {"num_workers": num_workers, "cpus_per_worker": CPUS_PER_WORKER},
         "tracking": {"mode": "disabled", "output_dir": str(output_dir), "run_name": run_name},
     })
@@ -66,8 +67,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     loss_sum = 0.0
     for images, labels, _ in make_loader(stream, config.data.loader_workers):
         images = normalize(images, config.data.mean, config.data.std)
-        outputs = model(images)
-        loss = criterion(images, outputs, labels)
+        with autocast_context(config, torch.device("cpu")):
+            outputs = model(images)
+            loss = criterion(images, outputs, labels)
         loss.backward()
         if config.training.grad_clip_norm:
             nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip_norm)
@@ -89,7 +91,8 @@ def plain_images_per_second(args: argparse.Namespace, shards: str, output_dir: P
     torch.manual_seed(SEED)
     model = build_model(spec, len(read_manifest(shards)["classes"])).train()
     criterion = build_criterion(config, spec, None)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.training.weight_decay), lr=config.training.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.training.weight_decay), lr=config.training.lr,
+                                  fused=True)
     stream = ShardStream(shards, "train", config.training.batch_size, train=True, augment=config.data.augment,
                          seed=SEED, shuffle_buffer=config.data.shuffle_buffer)
     rate = 0.0
@@ -171,6 +174,7 @@ def main() -> None:
     parser.add_argument("--workers", type=worker_counts, default=[1, 2, 4], help="Ray worker counts for scaling")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each counts")
     parser.add_argument("--out-dir", type=Path, default=None, help="parent of the temporary shard and run directory")
+    parser.add_argument("--bf16", action="store_true", help="training.bf16: bf16 autocast in both candidates")
     args = parser.parse_args()
     if args.data_root is None:
         parser.error("--data-root or $DATA_ROOT is required")
@@ -179,7 +183,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, ray {ray.__version__}, cpus {os.cpu_count()}, model {args.model} "
           f"{json.dumps(args.model_kwargs)}, global batch {args.batch_size}, epochs {args.epochs} (last counts), "
-          f"loader_workers {LOADER_WORKERS}")
+          f"loader_workers {LOADER_WORKERS}, bf16 {args.bf16}")
     with tempfile.TemporaryDirectory(prefix="train-overhead-", dir=args.out_dir) as work:
         shards = str(Path(work) / "shards")
         # One shard process: spawned ones would re-import this script (torch, ray) for an untimed step.

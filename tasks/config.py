@@ -108,6 +108,9 @@ class ModelSpec(_Section):
     pretrained_file: Path | None = None
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    # NHWC memory format for this model; None follows training.channels_last. It speeds up convolutional
+    # nets (ResNet) and not ViTs, whose only convolution is the patch embedding (benchmarks/README.md).
+    channels_last: bool | None = None
     # Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Distillation (DeiT): "baseline" means the pipeline's trained baseline checkpoint.

@@ -35,7 +35,7 @@ from tasks.checkpoints import (
     save_weights,
     unwrap,
 )
-from tasks.config import ModelSpec, PipelineConfig, with_absolute_paths
+from tasks.config import ModelSpec, PipelineConfig, TrainingConfig, with_absolute_paths
 from tasks.loader import ShardStream, make_loader, normalize
 from tasks.shard import read_manifest, verify_shards
 
@@ -165,13 +165,14 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluate_accuracy(model: nn.Module, stream: ShardStream, config: PipelineConfig, device: torch.device) -> dict:
+def evaluate_accuracy(model: nn.Module, stream: ShardStream, config: PipelineConfig, device: torch.device,
+                      channels_last: bool = False) -> dict:
     """Top-1 accuracy and loss over this rank's share of the test split, summed over all ranks."""
     model.eval()
     correct = total = loss_sum = 0.0
-    with torch.no_grad(), _autocast(config, device):
+    with torch.no_grad(), autocast_context(config, device):
         for images, labels, _ in make_loader(stream, config.data.loader_workers):
-            images = normalize(images, config.data.mean, config.data.std, device, config.training.channels_last)
+            images = normalize(images, config.data.mean, config.data.std, device, channels_last)
             labels = labels.to(device)
             logits = model(images).float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
@@ -181,10 +182,16 @@ def evaluate_accuracy(model: nn.Module, stream: ShardStream, config: PipelineCon
     return {"test_acc": correct / total, "test_loss": loss_sum / total, "test_samples": int(total)}
 
 
-def _autocast(config: PipelineConfig, device: torch.device):
-    if device.type == "cuda" and config.training.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_context(config: PipelineConfig, device: torch.device):
+    """bf16 autocast on any device when training.bf16 is on. CPUs with native bf16 (AVX512-BF16, AMX) gain as
+    GPUs do; on CPUs without it bf16 is emulated and slower, which is why the CPU configs leave it off."""
+    if config.training.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def uses_channels_last(training: TrainingConfig, spec: ModelSpec) -> bool:
+    return training.channels_last if spec.channels_last is None else spec.channels_last
 
 
 def train_worker(loop_config: dict) -> None:
@@ -219,7 +226,8 @@ def train_worker(loop_config: dict) -> None:
     test_stream = ShardStream(location, "test", training.batch_size, train=False, rank=rank, world_size=world_size)
 
     model = build_model(spec, num_classes).to(device)
-    if training.channels_last:
+    channels_last = uses_channels_last(training, spec)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = None
     if spec.distillation != "none":
@@ -227,7 +235,7 @@ def train_worker(loop_config: dict) -> None:
     criterion = build_criterion(config, spec, teacher)
     mixup = build_mixup(config, num_classes)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, training.weight_decay), lr=training.lr, fused=device.type == "cuda"
+        parameter_groups(model, training.weight_decay), lr=training.lr, fused=True
     )
     steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
     total_steps = steps_per_epoch * training.epochs
@@ -274,14 +282,14 @@ def train_worker(loop_config: dict) -> None:
         epoch_start = time.perf_counter()
         loss_sum = correct = seen = 0.0
         for batch_index, (images, labels, _) in enumerate(make_loader(train_stream, config.data.loader_workers)):
-            images = normalize(images, config.data.mean, config.data.std, device, training.channels_last)
+            images = normalize(images, config.data.mean, config.data.std, device, channels_last)
             labels = labels.to(device)
             hard_labels = labels
             if mixup is not None:
                 images, labels = mixup(images, labels)
             last_micro_step = (batch_index + 1) % training.grad_accum_steps == 0 or batch_index + 1 == len(train_stream)
             sync = nullcontext() if last_micro_step or world_size == 1 else ddp_model.no_sync()
-            with sync, _autocast(config, device):
+            with sync, autocast_context(config, device):
                 outputs = step_model(images)
                 loss = criterion(images, outputs, labels)
                 (loss / training.grad_accum_steps).backward()
@@ -307,7 +315,8 @@ def train_worker(loop_config: dict) -> None:
                 )
         epoch_seconds = time.perf_counter() - epoch_start
         loss_sum, correct, seen_total = _all_reduce_sum([loss_sum, correct, seen], device)
-        evaluated = evaluate_accuracy(ema.module if ema is not None else model, test_stream, config, device)
+        evaluated = evaluate_accuracy(ema.module if ema is not None else model, test_stream, config, device,
+                                      channels_last)
         terms = {f"train_loss_{k}": v.item() for k, v in criterion.last_terms.items()}
         metrics = {
             "epoch": epoch + 1,

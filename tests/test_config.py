@@ -42,6 +42,8 @@ def test_data_root_env_is_only_a_default(monkeypatch, tmp_path, data_root):
         ({"data": {"augment": {"mixup_prob": 2}}}, "data.augment.mixup_prob", "2"),
         ({"tracking": {"run_name": "../escape"}}, "tracking.run_name", "../escape"),
         ({"data": {"shard_dir": "pipe:curl x"}}, "data.shard_dir", "pipe:curl x"),
+        ({"model": {"baseline": {"name": "resnet18_cifar", "channels_last": "nhwc"}}}, "model.baseline.channels_last",
+         "'nhwc'"),
     ],
 )
 def test_bad_values_name_field_and_value(tree, field, value, monkeypatch):

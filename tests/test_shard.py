@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main as cli
-from tasks.samples import decode_image, decode_label, iter_samples
+from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.shard import MANIFEST_NAME, ShardOptions, read_manifest, shard_dataset, verify_shards
 from tasks.sources import SourceError
 
@@ -62,6 +62,19 @@ def test_png_format_is_lossless(tmp_path, data_root, cifar_source):
     sample = _samples(location, "test")["test_0000000"]
     assert "png" in sample and "npy" not in sample
     assert decode_image(sample).tobytes() == cifar_source.splits["test"].pixels[0].tobytes()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_png_of_any_colour_type_decodes_to_rgb(mode):
+    buffer = io.BytesIO()
+    Image.new(mode, (5, 3)).save(buffer, format="PNG")
+    pixels = decode_image({"__key__": "k", "png": buffer.getvalue()})
+    assert pixels.dtype == np.uint8 and pixels.shape == (3, 5, 3)
+
+
+def test_undecodable_png_names_the_sample():
+    with pytest.raises(ShardFormatError, match="'train_0000007'.*png"):
+        decode_image({"__key__": "train_0000007", "png": b"\x89PNG\r\n\x1a\n not really"})
 
 
 def test_rerun_is_idempotent_and_option_change_rebuilds(tmp_path, data_root, capsys):

@@ -98,7 +98,8 @@ def test_deit_distils_from_resnet_teacher(tmp_path, data_root, subset_shards, ra
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(teacher_file))
     student = {"name": "deit_tiny_distilled_patch4_32", "drop_path_rate": 0.0, "model_kwargs": {"depth": 1},
                "teacher": "resnet18_cifar", "teacher_file": str(teacher_file), "distillation": "hard"}
-    config = _config(tmp_path, data_root, subset_shards, "distil", [student], epochs=1, batch_size=128)
+    # bf16 on CPU: the teacher and both heads under autocast, as configs with training.bf16 run them
+    config = _config(tmp_path, data_root, subset_shards, "distil", [student], epochs=1, batch_size=128, bf16=True)
     outcome = train_model(config, "deit_tiny_distilled_patch4_32")
     epoch = outcome.history[0]
     assert epoch["train_loss_base"] > 0 and epoch["train_loss_distillation"] > 0

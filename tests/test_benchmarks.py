@@ -1,0 +1,43 @@
+"""The benchmark scripts still run: each one's smallest configuration, on CPU. Timings are not checked here."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GPU_SCRIPT = REPO_ROOT / "benchmarks" / "gpu.py"
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def table_rows(output: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # without the header
+
+
+def test_step_variants_time_on_cpu():
+    variants = ["fp32", "channels_last", "bf16+fused"]
+    result = run_script(str(GPU_SCRIPT), "--device", "cpu", "--models", "resnet18_cifar", "--variants", *variants,
+                        "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[3] for row in rows] == variants
+    for row in rows:
+        assert float(row[4]) > 0, row  # images/s: a number, not "failed: ..."
+    assert rows[0][5] == "1.00"  # speed-up of the first variant against itself
+
+
+def test_dry_run_counts_flops_and_steps_every_model_on_cpu():
+    result = run_script(str(GPU_SCRIPT), "--dry-run", "--models", "vit_tiny_patch4_32", "resnet18_cifar")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["vit_tiny_patch4_32", "resnet18_cifar"]
+    assert all(row[-1].startswith("ok") and float(row[3]) > 0 for row in rows)
+
+
+def test_flash_without_bf16_is_refused_by_name():
+    result = run_script(str(GPU_SCRIPT), "--dry-run", "--variants", "flash")
+    assert result.returncode == 2
+    assert "'flash'" in result.stderr and "bf16" in result.stderr
