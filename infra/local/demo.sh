@@ -4,7 +4,7 @@
 # `prefect deployment run vit-pipeline/$DEPLOYMENT --watch`; prints where the results are; and stops
 # everything it started, also when interrupted.
 set -euo pipefail
-set -m  # background jobs get their own process groups and, unlike in a plain script, see Ctrl-C
+set -m  # background jobs get their own process groups: a Ctrl-C reaches this script, whose trap stops them in order
 
 BIN="${BIN:-.venv/bin}"
 DEPLOYMENT="${DEPLOYMENT:-smoke}"
@@ -29,9 +29,11 @@ if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
 fi
 
 pids=()
-stop_one() {  # Ctrl-C first (clean shutdown), then TERM, then KILL
+stop_one() {  # TERM, then KILL
+  # TERM, not Ctrl-C: `prefect deployment serve` and `ray start --block` both shut down gracefully on TERM
+  # (pause deployments, drain the node), while an INT left them running until the next signal.
   local pid="$1" signal
-  for signal in INT TERM KILL; do
+  for signal in TERM KILL; do
     kill -"$signal" "$pid" 2>/dev/null || return 0
     for _ in $(seq "$SHUTDOWN_SECONDS"); do
       kill -0 "$pid" 2>/dev/null || return 0
@@ -48,8 +50,9 @@ stop_all() {
 trap stop_all EXIT INT TERM
 
 wait_for() {  # wait_for DESCRIPTION COMMAND...
-  local what="$1"; shift
-  for _ in $(seq "$STARTUP_SECONDS"); do
+  local what="$1" deadline=$((SECONDS + STARTUP_SECONDS)); shift
+  # A deadline rather than a count of tries: each `prefect` probe itself takes seconds to start.
+  while ((SECONDS < deadline)); do
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 1
   done
