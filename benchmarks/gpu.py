@@ -4,8 +4,9 @@ torch.compile and channels-last memory format, switched on one at a time.
 For every model and variant: images/s of a training step (forward, backward, AdamW step) on synthetic data
 already on the GPU (so the loader is out of the picture), the warm-up time (where torch.compile's compilation
 lands), peak memory, and MFU = model FLOPs per step / step time / peak FLOPS. Model FLOPs per step are the
-forward's matmul FLOPs (torch.utils.flop_counter, counted on the meta device) times 3 for forward + backward;
-every variant, fp32 included, is held against the bf16 dense peak (--peak-tflops, default H100 SXM).
+forward FLOPs per image (tasks.evaluate.count_gflops, as the evaluate step counts them, on the meta device)
+times the batch and 3 for forward + backward; every variant, fp32 included, is held against the bf16 dense
+peak (--peak-tflops, default H100 SXM).
 
 A variant names its features joined by '+': bf16 (autocast), fused (AdamW fused=True), flash (SDPA restricted to
 the flash kernel; without it every other SDPA backend may run), compile (torch.compile), channels_last (model
@@ -30,9 +31,9 @@ import timm
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitmodels  # noqa: F401  (registers our presets with timm)
+from tasks.evaluate import count_gflops
 
 from harness import classification_loss, sync
 
@@ -91,12 +92,9 @@ def build(case: ModelCase, device: torch.device | str) -> nn.Module:
 
 
 def model_flops_per_step(case: ModelCase, batch_size: int) -> float:
-    """Forward matmul FLOPs of one training-mode batch x FWD_BWD_FLOPS_FACTOR; meta tensors, so no compute."""
-    model = build(case, "meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.empty(batch_size, 3, case.image_size, case.image_size, device="meta"))
-    return counter.get_total_flops() * FWD_BWD_FLOPS_FACTOR
+    """Forward FLOPs of a batch x FWD_BWD_FLOPS_FACTOR, counted as the evaluate step counts them (meta device)."""
+    gflops_per_image = count_gflops(build(case, "meta"), (3, case.image_size, case.image_size))
+    return gflops_per_image * 1e9 * batch_size * FWD_BWD_FLOPS_FACTOR
 
 
 def attention_backends(features: frozenset[str]):

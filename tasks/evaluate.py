@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tasks.config import PipelineConfig
 from tasks.loader import ShardStream, make_loader, normalize
 from tasks.shard import read_manifest
+from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
 from tasks.train import build_model, trained_weights
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,6 @@ def markdown_table(records: list[dict]) -> str:
 
 def _log_to_wandb(config: PipelineConfig, records: list[dict], group: str | None, models: dict[str, Path],
                   evaluation_file: Path) -> None:
-    from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
-
     run = start_wandb_run(config, "evaluate", "comparison", group=group)
     if run is None:
         return

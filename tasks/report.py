@@ -18,7 +18,8 @@ import matplotlib
 
 from tasks.attention import ATTENTION_DIR
 from tasks.config import PipelineConfig
-from tasks.evaluate import markdown, read_evaluation
+from tasks.evaluate import EVALUATION_ARTIFACT, EVALUATION_FILE, markdown, read_evaluation
+from tasks.tracking import files_artifact, record_input, start_wandb_run
 from tasks.train import trained_weights
 
 matplotlib.use("Agg")  # files only: no display on workers or CI
@@ -240,9 +241,6 @@ def write_report(config: PipelineConfig, evaluation: list[dict] | None = None,
 
 def _log_to_wandb(config: PipelineConfig, rows: list[list[str]], plots: dict[str, Path], files: dict[str, Path],
                   group: str | None) -> None:
-    from tasks.evaluate import EVALUATION_ARTIFACT, EVALUATION_FILE
-    from tasks.tracking import files_artifact, record_input, start_wandb_run
-
     run = start_wandb_run(config, "report", "comparison", group=group)
     if run is None:
         return

@@ -38,6 +38,14 @@ from tasks.checkpoints import (
 from tasks.config import ModelSpec, PipelineConfig, TrainingConfig, with_absolute_paths
 from tasks.loader import ShardStream, make_loader, normalize
 from tasks.shard import read_manifest, verify_shards
+from tasks.tracking import (
+    dataset_artifact_name,
+    detach_from_parent_wandb_service,
+    manifest_snapshot,
+    model_artifact_name,
+    record_input,
+    start_wandb_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +208,6 @@ def train_worker(loop_config: dict) -> None:
     import ray.train.torch
     from timm.utils import ModelEmaV3
 
-    from tasks.tracking import (
-        dataset_artifact_name,
-        detach_from_parent_wandb_service,
-        manifest_snapshot,
-        record_input,
-        start_wandb_run,
-    )
-
     config = PipelineConfig.model_validate_json(loop_config["config"])
     spec = config.model.spec(loop_config["model"])
     step_hook: StepHook | None = loop_config.get("step_hook")
@@ -357,8 +357,6 @@ def _log_rows(tracker, rows: list[tuple[dict, int]]) -> None:
 
 def _log_model_artifact(tracker, model: nn.Module, model_name: str) -> None:
     import wandb
-
-    from tasks.tracking import model_artifact_name
 
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / WEIGHTS
