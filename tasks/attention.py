@@ -24,9 +24,9 @@ from torch import nn
 from tasks.config import PipelineConfig
 from tasks.evaluate import evaluation_device, load_trained_model
 from tasks.loader import ShardStream, normalize
+from tasks.recipe import trained_weights
 from tasks.shard import read_manifest
 from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
-from tasks.train import trained_weights
 from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer
 from vitmodels.swin import window_merge
 

@@ -20,6 +20,8 @@ from torch import nn
 METADATA = "metadata.json"
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+# The scored weights (EMA when on) of the best epoch so far, carried by every checkpoint.
+BEST_WEIGHTS = "best.safetensors"
 STATE = "state.pt"
 
 
@@ -59,12 +61,15 @@ def save_checkpoint(
     epoch: int,
     global_step: int,
     history: list[dict],
+    best_weights: dict[str, torch.Tensor] | None = None,
     extra: dict | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(model, directory / WEIGHTS)
     if ema is not None:
         save_weights(ema.module, directory / EMA_WEIGHTS)
+    if best_weights is not None:
+        save_file({name: tensor.contiguous() for name, tensor in best_weights.items()}, str(directory / BEST_WEIGHTS))
     torch.save(
         {
             "optimizer": optimizer.state_dict(),

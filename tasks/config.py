@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import timm
 import yaml
@@ -27,8 +27,8 @@ from pydantic import (
 )
 from timm.models import model_entrypoint
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from vitmodels.factory import CIFAR10_MEAN, CIFAR10_STD
+
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -73,6 +73,11 @@ class DataConfig(_Section):
     image_size: PositiveInt | None = None
     shard_workers: PositiveInt = 2
     shuffle_seed: int | None = 0
+    # Images held out of the source's training split for validation, stratified by class: a count, or a
+    # fraction of the training split. Checkpoints are chosen on it; the test split is scored once, by evaluate.
+    # A source with a `val` split of its own (ImageFolder) keeps that one instead.
+    val_size: PositiveInt | Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    split_seed: int = 0
     loader_workers: NonNegativeInt = 2
     shuffle_buffer: PositiveInt = 10_000
     mean: tuple[float, float, float] = CIFAR10_MEAN
@@ -106,8 +111,9 @@ class ModelSpec(_Section):
     name: str
     pretrained: bool = False
     pretrained_file: Path | None = None
-    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    # None leaves the architecture's own default; 0.0 means no dropout / stochastic depth.
+    drop_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
     # NHWC memory format for this model; None follows training.channels_last. It speeds up convolutional
     # nets (ResNet) and not ViTs, whose only convolution is the patch embedding (benchmarks/README.md).
     channels_last: bool | None = None
@@ -148,9 +154,10 @@ class ModelConfig(_Section):
     baseline: ModelSpec = Field(default_factory=lambda: ModelSpec(name="resnet18_cifar", drop_path_rate=0.0))
     transformers: list[ModelSpec] = Field(
         default_factory=lambda: [
-            ModelSpec(name="vit_tiny_patch4_32"),
-            ModelSpec(name="deit_tiny_distilled_patch4_32", teacher="baseline", distillation="hard"),
-            ModelSpec(name="swin_tiny_patch2_window4_32"),
+            ModelSpec(name="vit_tiny_patch4_32", drop_path_rate=0.1),
+            ModelSpec(name="deit_tiny_distilled_patch4_32", drop_path_rate=0.1, teacher="baseline",
+                      distillation="hard"),
+            ModelSpec(name="swin_tiny_patch2_window4_32", drop_path_rate=0.1),
         ]
     )
 
@@ -174,7 +181,12 @@ class TrainingConfig(_Section):
     warmup_epochs: NonNegativeFloat = 5.0
     grad_clip_norm: PositiveFloat | None = 1.0
     grad_accum_steps: PositiveInt = 1
+    # EMA of the weights; when on, the EMA is what is validated, selected, exported, evaluated and taught from.
+    # ema_decay is the ceiling; with ema_warmup the decay grows as 1 - (1 + step)^(-2/3) up to it (timm's
+    # ModelEmaV3), so short runs do not keep their random initialisation in the average. Without warm-up,
+    # a run too short for its decay is refused before it starts (tasks.train.check_ema_horizon).
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_warmup: bool = True
     bf16: bool = True
     compile: bool = False
     channels_last: bool = False

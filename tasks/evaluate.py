@@ -22,9 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.config import PipelineConfig
 from tasks.loader import ShardStream, make_loader, normalize
+from tasks.recipe import build_model, trained_weights
 from tasks.shard import read_manifest
 from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
-from tasks.train import build_model, trained_weights
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -133,6 +134,7 @@ class ShardStream(IterableDataset):
         *,
         train: bool,
         augment: AugmentConfig | None = None,
+        augment_in_workers: bool = True,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -155,11 +157,14 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.train = train
         self.augment = augment or AugmentConfig()
+        # False: batches leave the stream unaugmented, for augmentation on the training device.
+        self.augment_in_workers = augment_in_workers
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        # Shared memory, so that DataLoader workers that live across epochs see set_epoch from the trainer.
+        self._epoch = multiprocessing.RawValue("q", 0)
 
     def __len__(self) -> int:
         return batches_per_rank(sum(self.shard_counts), self.world_size, self.batch_size)
@@ -168,8 +173,13 @@ class ShardStream(IterableDataset):
     def num_samples(self) -> int:
         return sum(self.shard_counts)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Takes effect at the next iter() of the stream or of a DataLoader over it, workers included."""
+        self._epoch.value = epoch
 
     def _shard_order(self) -> list[int]:
         order = list(range(len(self.shard_names)))
@@ -215,7 +225,8 @@ class ShardStream(IterableDataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             samples = self._shuffled(samples, rng)
-            augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))))
+            if self.augment_in_workers:
+                augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))))
         for size in plan.batch_sizes:
             chunk = list(itertools.islice(samples, size))
             if len(chunk) < size:
@@ -230,14 +241,20 @@ class ShardStream(IterableDataset):
             yield images.contiguous(), labels, [key for _, _, key in chunk]
 
 
-def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """A DataLoader over whole batches built in the workers (the stream already batches)."""
+def make_loader(stream: ShardStream, num_workers: int, *, persistent: bool = False,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches built in the workers (the stream already batches).
+
+    persistent: the worker processes live across epochs (the trainer iterates once per epoch after
+    stream.set_epoch); pin_memory: page-locked batches, so the copy to a GPU can run asynchronously.
+    """
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
-        persistent_workers=False,
+        persistent_workers=persistent and num_workers > 0,
         prefetch_factor=4 if num_workers else None,
+        pin_memory=pin_memory,
     )
 
 
@@ -246,9 +263,63 @@ def normalize(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """uint8 N x C x H x W -> normalised float on `device` (done there, after the cheap uint8 copy)."""
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
+    return Normalizer(mean, std, torch.device(device), channels_last=channels_last)(images.to(device))
+
+
+class Normalizer:
+    """uint8 N x C x H x W on `device` -> float, (x / 255 - mean) / std, in the model's memory format.
+
+    The constants are built on the device once, not per batch: a per-batch torch.tensor(..., device="cuda")
+    would be a synchronous host-to-device copy in the middle of the loop.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, *,
+                 channels_last: bool = False):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=self.memory_format)
+        return (images.float() - self.mean) / self.std
+
+
+def device_batches(
+    loader: Iterable[Batch],
+    device: torch.device,
+    normalizer: Normalizer,
+    augmenter: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) as the step wants them: on `device`, augmented there when `augmenter` is given,
+    normalised.
+
+    On CUDA, batch i+1 is copied (from pinned memory, so asynchronously) and prepared on a side stream
+    while batch i trains, so the step never waits for the copy; elsewhere batches are prepared in turn.
+    """
+
+    def prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if augmenter is not None:
+            images = augmenter(images)
+        return normalizer(images), labels
+
+    if device.type != "cuda":
+        for images, labels, _ in loader:
+            yield prepare(images, labels)
+        return
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    ready = None
+    for images, labels, _ in loader:
+        with torch.cuda.stream(side):
+            upcoming = prepare(images, labels)
+        if ready is not None:
+            yield ready
+        main.wait_stream(side)
+        for tensor in upcoming:
+            # Made on the side stream, used on the main one: keep the allocator from reusing it too early.
+            tensor.record_stream(main)
+        ready = upcoming
+    if ready is not None:
+        yield ready

@@ -36,7 +36,7 @@ from tasks.samples import (
     encode_sample,
     iter_samples,
 )
-from tasks.sources import Source, first_image_size, load_image_file, open_source
+from tasks.sources import Source, SourceError, first_image_size, load_image_file, open_source
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a validation split held out of the training split
+VAL_SPLIT = "val"
+HOLDOUT_SOURCE_SPLIT = "train"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class ShardOptions:
     image_size: int | None = None
     shuffle_seed: int | None = 0
     workers: int = 2
+    # Held out of the training split for validation: a count, a fraction of the split, or 0 for none.
+    val_size: int | float = 0
+    split_seed: int = 0
 
     def fingerprint_fields(self) -> dict:
         # workers changes how, not what, is written, so it is not part of the fingerprint.
@@ -62,13 +67,70 @@ class ShardOptions:
             "image_format": self.image_format,
             "image_size": self.image_size,
             "shuffle_seed": self.shuffle_seed,
+            "val_size": self.val_size,
+            "split_seed": self.split_seed,
             "manifest_version": MANIFEST_VERSION,
         }
 
 
 @dataclass(frozen=True)
+class OutputSplit:
+    """A split as written: which samples of which source split, in source order."""
+
+    name: str
+    source_split: str
+    indices: np.ndarray
+
+
+def holdout_count(val_size: int | float, total: int) -> int:
+    return round(val_size * total) if isinstance(val_size, float) else int(val_size)
+
+
+def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` samples drawn per class in proportion to the class's size.
+
+    Quotas are the proportional shares rounded down, with the samples left over given to the classes
+    with the largest fractional parts, so the total is exactly `count` and no class is off by more than one.
+    """
+    if not 0 < count < len(labels):
+        raise SourceError(
+            f"data.val_size asks for {count} validation images out of a training split of {len(labels)}; "
+            f"it must leave at least one image on each side"
+        )
+    classes, sizes = np.unique(labels, return_counts=True)
+    shares = sizes * count / len(labels)
+    quotas = np.floor(shares).astype(int)
+    leftover = count - quotas.sum()
+    quotas[np.argsort(-(shares - quotas), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng([seed, count])
+    chosen = [rng.choice(np.flatnonzero(labels == label), size=quota, replace=False)
+              for label, quota in zip(classes, quotas, strict=True)]
+    return np.sort(np.concatenate(chosen))
+
+
+def output_splits(source: Source, options: ShardOptions) -> list[OutputSplit]:
+    """The source's splits, with the validation split carved out of the training split when asked for."""
+    splits = [OutputSplit(name, name, np.arange(len(split))) for name, split in source.splits.items()]
+    if not options.val_size:
+        return splits
+    if VAL_SPLIT in source.splits:
+        log.info("the source has a %r split of its own; it is used and data.val_size is not", VAL_SPLIT)
+        return splits
+    if HOLDOUT_SOURCE_SPLIT not in source.splits:
+        raise SourceError(f"data.val_size needs a {HOLDOUT_SOURCE_SPLIT!r} split to hold images out of; "
+                          f"the source has {sorted(source.splits)}")
+    train = source.splits[HOLDOUT_SOURCE_SPLIT]
+    held_out = stratified_holdout(train.labels, holdout_count(options.val_size, len(train)), options.split_seed)
+    kept = np.setdiff1d(np.arange(len(train)), held_out, assume_unique=True)
+    replaced = [s for s in splits if s.name != HOLDOUT_SOURCE_SPLIT]
+    return [OutputSplit(HOLDOUT_SOURCE_SPLIT, HOLDOUT_SOURCE_SPLIT, kept),
+            OutputSplit(VAL_SPLIT, HOLDOUT_SOURCE_SPLIT, held_out), *replaced]
+
+
+@dataclass(frozen=True)
 class ShardJob:
     split: str
+    source_split: str
     index: int
     keys: list[str]
     labels: list[int]
@@ -157,8 +219,9 @@ def _write_shard(job: ShardJob) -> dict:
 
 def _plan_jobs(source: Source, options: ShardOptions, staging_dir: str) -> list[ShardJob]:
     jobs = []
-    for split, split_source in source.splits.items():
-        order = np.arange(len(split_source))
+    for output in output_splits(source, options):
+        split, split_source = output.name, source.splits[output.source_split]
+        order = output.indices
         if options.shuffle_seed is not None:
             # Shuffled once at write time so every shard holds a mix of classes (ImageFolder is sorted).
             order = np.random.default_rng([options.shuffle_seed, len(split)]).permutation(order)
@@ -170,8 +233,10 @@ def _plan_jobs(source: Source, options: ShardOptions, staging_dir: str) -> list[
             jobs.append(
                 ShardJob(
                     split=split,
+                    source_split=output.source_split,
                     index=index,
-                    keys=[f"{split}_{int(i):07d}" for i in chosen],
+                    # Keys name the source split and index, so a held-out image keeps its identity.
+                    keys=[f"{output.source_split}_{int(i):07d}" for i in chosen],
                     labels=[int(split_source.labels[i]) for i in chosen],
                     pixels=None if split_source.pixels is None else split_source.pixels[chosen],
                     files=None if split_source.files is None else [split_source.files[i] for i in chosen],
@@ -291,6 +356,8 @@ def _build_manifest(source: Source, jobs: list[ShardJob], records: dict[str, dic
         split = splits.setdefault(
             job.split, {"num_samples": 0, "class_counts": [0] * len(source.classes), "shards": []}
         )
+        if job.source_split != job.split:
+            split["held_out_from"] = job.source_split
         split["num_samples"] += record["num_samples"]
         split["class_counts"] = [a + b for a, b in zip(split["class_counts"], record.pop("class_counts"), strict=True)]
         split["shards"].append(record)
@@ -339,6 +406,8 @@ def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardRes
         image_size=data.image_size,
         shuffle_seed=data.shuffle_seed,
         workers=data.shard_workers,
+        val_size=data.val_size,
+        split_seed=data.split_seed,
     )
     return shard_dataset(
         data.dataset, data.data_root, config.shard_location, options, download_dir=data.download_dir, progress=progress

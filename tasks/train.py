@@ -1,7 +1,7 @@
-"""Train step: Ray Train DDP over the shards, resumable from checkpoints.
+"""Train step, the driver side: hand one model's training to a Ray Train TorchTrainer, retry what a retry can
+fix, and export the best and last weights under runs/<run>/models/<model>/.
 
-`train_worker` is the whole per-worker loop, top to bottom; `train_model` is the driver that
-hands it to a TorchTrainer and exports the best and last weights under runs/<run>/models/<model>/.
+The per-worker loop itself lives in tasks/train_loop.py.
 """
 
 from __future__ import annotations
@@ -10,51 +10,46 @@ import json
 import logging
 import math
 import os
-import random
-import resource
+import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-
 from tasks.checkpoints import (
+    BEST_WEIGHTS,
     WEIGHTS,
-    find_resume_checkpoint,
+    CheckpointError,
     latest_valid_checkpoint,
-    load_training_state,
     read_checkpoint_metadata,
-    save_checkpoint,
-    save_weights,
-    unwrap,
 )
-from tasks.config import ModelSpec, PipelineConfig, TrainingConfig, with_absolute_paths
-from tasks.loader import ShardStream, make_loader, normalize
+from tasks.config import ConfigError, PipelineConfig, with_absolute_paths
+from tasks.loader import batches_per_rank
+from tasks.recipe import check_ema_horizon, trained_weights
+from tasks.samples import ShardFormatError
 from tasks.shard import read_manifest, verify_shards
-from tasks.tracking import (
-    dataset_artifact_name,
-    detach_from_parent_wandb_service,
-    manifest_snapshot,
-    model_artifact_name,
-    record_input,
-    start_wandb_run,
-)
+from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
 
-# Called as step_hook(epoch, step, rank) after each optimizer step; tests use it to inject faults.
-StepHook = Callable[[int, int, int], None]
+# Errors that happen again on every attempt: a retry from the last checkpoint only repeats them.
+DETERMINISTIC_ERRORS = (
+    AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, ImportError,
+    NotImplementedError, ZeroDivisionError, NonFiniteLossError, ConfigError, ShardFormatError, CheckpointError,
+)
+# torch reports shape and size mismatches as plain RuntimeErrors; these messages mark them as deterministic.
+SHAPE_ERROR = re.compile(r"shape|size mismatch|sizes? of tensors|dimension|must match the size", re.IGNORECASE)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot start or did not finish; the message says what to do about it."""
+    """Training cannot start or did not finish; the message says what to do about it.
+
+    retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -63,28 +58,10 @@ class TrainOutcome:
     best_weights: Path
     last_weights: Path
     history: list[dict]
-    best_test_acc: float
+    best_epoch: int
+    best_val_acc: float
     checkpoint_dir: str
     train_seconds: float
-
-
-def build_model(spec: ModelSpec, num_classes: int) -> nn.Module:
-    import vitmodels
-
-    # Regularisers are passed only when used: not every timm family takes every keyword.
-    regularisers = {key: value for key in ("drop_rate", "drop_path_rate") if (value := getattr(spec, key))}
-    return vitmodels.create_model(
-        spec.name,
-        num_classes=num_classes,
-        pretrained=spec.pretrained,
-        pretrained_file=spec.pretrained_file,
-        **regularisers,
-        **spec.model_kwargs,
-    )
-
-
-def trained_weights(config: PipelineConfig, model_name: str, which: str = "best") -> Path:
-    return Path(config.run_dir) / "models" / model_name / f"{which}.safetensors"
 
 
 def default_teacher_weights(config: PipelineConfig, model_name: str) -> str | None:
@@ -92,294 +69,6 @@ def default_teacher_weights(config: PipelineConfig, model_name: str) -> str | No
     spec = config.model.spec(model_name)
     weights = trained_weights(config, config.model.baseline.name)
     return str(weights) if spec.teacher == "baseline" and weights.is_file() else None
-
-
-def build_teacher(config: PipelineConfig, spec: ModelSpec, num_classes: int, teacher_weights: str | None) -> nn.Module:
-    """The distillation teacher: the pipeline's trained baseline, or any timm name plus a weights file."""
-    from safetensors.torch import load_file
-
-    if spec.teacher == "baseline":
-        teacher = build_model(config.model.baseline, num_classes)
-        teacher.load_state_dict(load_file(teacher_weights))
-        return teacher
-    teacher_spec = ModelSpec(name=spec.teacher, pretrained_file=spec.teacher_file, drop_path_rate=0.0)
-    return build_model(teacher_spec, num_classes)
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, tokens and position tables (1-d params and no_weight_decay())."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up from ~0, then cosine decay to min_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def build_criterion(config: PipelineConfig, spec: ModelSpec, teacher: nn.Module | None) -> nn.Module:
-    from timm.loss import SoftTargetCrossEntropy
-
-    import vitmodels
-
-    augment = config.data.augment
-    uses_mixup = augment.mixup_alpha > 0 or augment.cutmix_alpha > 0
-    # Mixup already folds label smoothing into its soft targets.
-    base = SoftTargetCrossEntropy() if uses_mixup else nn.CrossEntropyLoss(label_smoothing=augment.label_smoothing)
-    return vitmodels.DistillationLoss(
-        base, teacher, distillation_type=spec.distillation, alpha=spec.distillation_alpha, tau=spec.distillation_tau
-    )
-
-
-def build_mixup(config: PipelineConfig, num_classes: int):
-    from timm.data import Mixup
-
-    augment = config.data.augment
-    if augment.mixup_alpha == 0 and augment.cutmix_alpha == 0:
-        return None
-    return Mixup(
-        mixup_alpha=augment.mixup_alpha,
-        cutmix_alpha=augment.cutmix_alpha,
-        prob=augment.mixup_prob,
-        label_smoothing=augment.label_smoothing,
-        num_classes=num_classes,
-    )
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def evaluate_accuracy(model: nn.Module, stream: ShardStream, config: PipelineConfig, device: torch.device,
-                      channels_last: bool = False) -> dict:
-    """Top-1 accuracy and loss over this rank's share of the test split, summed over all ranks."""
-    model.eval()
-    correct = total = loss_sum = 0.0
-    with torch.no_grad(), autocast_context(config, device):
-        for images, labels, _ in make_loader(stream, config.data.loader_workers):
-            images = normalize(images, config.data.mean, config.data.std, device, channels_last)
-            labels = labels.to(device)
-            logits = model(images).float()
-            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
-            total += len(labels)
-    correct, total, loss_sum = _all_reduce_sum([correct, total, loss_sum], device)
-    return {"test_acc": correct / total, "test_loss": loss_sum / total, "test_samples": int(total)}
-
-
-def autocast_context(config: PipelineConfig, device: torch.device):
-    """bf16 autocast on any device when training.bf16 is on. CPUs with native bf16 (AVX512-BF16, AMX) gain as
-    GPUs do; on CPUs without it bf16 is emulated and slower, which is why the CPU configs leave it off."""
-    if config.training.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def uses_channels_last(training: TrainingConfig, spec: ModelSpec) -> bool:
-    return training.channels_last if spec.channels_last is None else spec.channels_last
-
-
-def train_worker(loop_config: dict) -> None:
-    """The per-worker loop Ray Train runs on every rank."""
-    import ray.train
-    import ray.train.torch
-    from timm.utils import ModelEmaV3
-
-    config = PipelineConfig.model_validate_json(loop_config["config"])
-    spec = config.model.spec(loop_config["model"])
-    step_hook: StepHook | None = loop_config.get("step_hook")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    training = config.training
-    _seed_everything(training.seed)  # one seed on every rank: identical initial weights
-
-    location = loop_config["shard_location"]
-    num_classes = len(read_manifest(location)["classes"])
-    train_stream = ShardStream(location, "train", training.batch_size, train=True, augment=config.data.augment,
-                               seed=training.seed, rank=rank, world_size=world_size,
-                               shuffle_buffer=config.data.shuffle_buffer)
-    test_stream = ShardStream(location, "test", training.batch_size, train=False, rank=rank, world_size=world_size)
-
-    model = build_model(spec, num_classes).to(device)
-    channels_last = uses_channels_last(training, spec)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    teacher = None
-    if spec.distillation != "none":
-        teacher = build_teacher(config, spec, num_classes, loop_config.get("teacher_weights")).to(device)
-    criterion = build_criterion(config, spec, teacher)
-    mixup = build_mixup(config, num_classes)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, training.weight_decay), lr=training.lr, fused=True
-    )
-    steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
-    total_steps = steps_per_epoch * training.epochs
-    warmup_steps = max(1, round(training.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, training.min_lr / training.lr)
-    )
-    ema = ModelEmaV3(model, decay=training.ema_decay) if training.ema_decay else None
-
-    # W&B rows logged so far, as (row, step); checkpoints carry them so a restart can replay them.
-    start_epoch, global_step, history, wandb_rows = 0, 0, [], []
-    ray_checkpoint = ray.train.get_checkpoint()
-    resume_from = find_resume_checkpoint(
-        Path(ray_checkpoint.path) if ray_checkpoint is not None else None, Path(loop_config["run_path"])
-    )
-    if resume_from is not None:
-        state = load_training_state(resume_from, model, optimizer, scheduler, ema)
-        start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
-        wandb_rows = [tuple(pair) for pair in read_checkpoint_metadata(resume_from).get("wandb_rows", [])]
-        if rank == 0:
-            print(f"[{spec.name}] resuming after epoch {start_epoch} from {resume_from}", flush=True)
-
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    step_model = torch.compile(ddp_model) if training.compile else ddp_model
-    detach_from_parent_wandb_service()
-    tracker = start_wandb_run(config, "train", spec.name, group=loop_config.get("group"),
-                              extra={"world_size": world_size}) if rank == 0 else None
-    if tracker is not None:
-        with tempfile.TemporaryDirectory() as directory:
-            manifest = manifest_snapshot(location, Path(directory))
-            record_input(tracker, dataset_artifact_name(config), "dataset", manifest)
-        # A restarted attempt's W&B file repeats the history up to its checkpoint: what the killed attempt
-        # had logged may never have reached its file. Online, steps W&B already has are not sent again.
-        _log_rows(tracker, [(row, step) for row, step in wandb_rows if step >= tracker.step])
-
-    for epoch in range(start_epoch, training.epochs):
-        # W&B rows wait until the epoch's checkpoint is committed: a restart resumes from that
-        # checkpoint and replays the unfinished epoch, so logging its steps live would record them twice.
-        pending_rows: list[tuple[dict, int]] = []
-        # Every random stream is a function of (seed, epoch, rank), so a resumed run replays exactly.
-        _seed_everything(training.seed + 1000 * (epoch + 1) + rank)
-        train_stream.set_epoch(epoch)
-        step_model.train()
-        epoch_start = time.perf_counter()
-        loss_sum = correct = seen = 0.0
-        for batch_index, (images, labels, _) in enumerate(make_loader(train_stream, config.data.loader_workers)):
-            images = normalize(images, config.data.mean, config.data.std, device, channels_last)
-            labels = labels.to(device)
-            hard_labels = labels
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            last_micro_step = (batch_index + 1) % training.grad_accum_steps == 0 or batch_index + 1 == len(train_stream)
-            sync = nullcontext() if last_micro_step or world_size == 1 else ddp_model.no_sync()
-            with sync, autocast_context(config, device):
-                outputs = step_model(images)
-                loss = criterion(images, outputs, labels)
-                (loss / training.grad_accum_steps).backward()
-            if last_micro_step:
-                if training.grad_clip_norm:
-                    nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model, step=global_step)
-                global_step += 1
-                if step_hook is not None:
-                    step_hook(epoch, global_step, rank)
-            logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
-            loss_sum += loss.item() * len(hard_labels)
-            correct += (logits.argmax(1) == hard_labels).sum().item()
-            seen += len(hard_labels)
-            if tracker is not None and last_micro_step and global_step % training.log_every_steps == 0:
-                terms = {f"train/loss_{k}": v.item() for k, v in criterion.last_terms.items()}
-                pending_rows.append(
-                    ({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0], **terms}, global_step)
-                )
-        epoch_seconds = time.perf_counter() - epoch_start
-        loss_sum, correct, seen_total = _all_reduce_sum([loss_sum, correct, seen], device)
-        evaluated = evaluate_accuracy(ema.module if ema is not None else model, test_stream, config, device,
-                                      channels_last)
-        terms = {f"train_loss_{k}": v.item() for k, v in criterion.last_terms.items()}
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen_total,
-            "train_acc": correct / seen_total,
-            **terms,
-            **evaluated,
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s_worker": seen / epoch_seconds,
-            "images_per_s": seen_total / epoch_seconds,
-            "epoch_seconds": epoch_seconds,
-            "peak_memory_mb": _peak_memory_mb(device),
-            "global_step": global_step,
-        }
-        history.append(metrics)
-        pending_rows.append(({f"epoch/{k}": v for k, v in metrics.items()}, global_step))
-        wandb_rows += pending_rows
-        _report(metrics, history, rank, model, optimizer, scheduler, ema, spec.name, config, wandb_rows)
-        if tracker is not None:
-            _log_rows(tracker, pending_rows)
-            remaining = (training.epochs - epoch - 1) * epoch_seconds
-            print(
-                f"[{spec.name}] epoch {epoch + 1}/{training.epochs} loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_acc']:.3f} test_acc {metrics['test_acc']:.3f} "
-                f"{metrics['images_per_s']:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(remaining))}",
-                flush=True,
-            )
-    if tracker is not None:
-        _log_model_artifact(tracker, model, spec.name)
-        tracker.finish()
-
-
-def _log_rows(tracker, rows: list[tuple[dict, int]]) -> None:
-    for index, (row, step) in enumerate(rows):
-        # commit the last row: W&B holds a step's row until a later step arrives, and a crash would lose it.
-        tracker.log(row, step=step, commit=True if index == len(rows) - 1 else None)
-
-
-def _log_model_artifact(tracker, model: nn.Module, model_name: str) -> None:
-    import wandb
-
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / WEIGHTS
-        save_weights(unwrap(model), path)
-        artifact = wandb.Artifact(model_artifact_name(model_name), type="model", metadata={"model": model_name})
-        artifact.add_file(str(path))
-        tracker.log_artifact(artifact)
-
-
-def _report(metrics, history, rank, model, optimizer, scheduler, ema, model_name, config, wandb_rows) -> None:
-    """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
-        save_checkpoint(
-            Path(directory), model=unwrap(model), optimizer=optimizer, scheduler=scheduler, ema=ema,
-            epoch=metrics["epoch"] - 1, global_step=metrics["global_step"], history=history,
-            extra={"model": model_name, "config": config.model_dump(mode="json"), "wandb_rows": wandb_rows},
-        )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def ensure_ray(config: PipelineConfig) -> str | None:
@@ -420,7 +109,12 @@ def train_model(
     group: str | None = None,
     step_hook: StepHook | None = None,
 ) -> TrainOutcome:
-    """Train one configured model on the shards with Ray Train; resumes a run of the same name."""
+    """Train one configured model on the shards with Ray Train; resumes a run of the same name.
+
+    A worker that dies, a lost node or a transient I/O error restarts the worker group from the last
+    checkpoint, up to training.max_failures times; a deterministic error (see DETERMINISTIC_ERRORS) fails at
+    once with its message, as a TrainingError that is not retryable.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -429,29 +123,26 @@ def train_model(
     if spec.distillation != "none" and spec.teacher == "baseline" and teacher_weights is None:
         raise TrainingError(
             f"{model_name} distils from the baseline, whose weights are not there "
-            f"({trained_weights(config, config.model.baseline.name)}); train {config.model.baseline.name} first"
+            f"({trained_weights(config, config.model.baseline.name)}); train {config.model.baseline.name} first",
+            retryable=False,
         )
     location = shard_location or config.shard_location
-    report = verify_shards(location)
-    if not report.ok:
-        raise TrainingError(f"refusing to train on bad shards in {location}:\n  " + "\n  ".join(report.problems))
+    _check_before_start(config, location)
     ensure_ray(config)
     storage = Path(config.run_dir).absolute() / "ray"
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
+    job = TrainingJob(
+        config=config, model_name=model_name,
+        shard_location=location if "://" in location else str(Path(location).absolute()),
+        teacher_weights=str(Path(teacher_weights).absolute()) if teacher_weights else None,
+        group=group, run_path=str(storage / model_name), step_hook=step_hook,
+    )
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "config": config.model_dump_json(),
-            "model": model_name,
-            "shard_location": location if "://" in location else str(Path(location).absolute()),
-            "teacher_weights": str(Path(teacher_weights).absolute()) if teacher_weights else None,
-            "group": group,
-            "step_hook": step_hook,
-            "run_path": str(storage / model_name),
-        },
+        train_loop_config=job.to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -460,43 +151,97 @@ def train_model(
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.training.checkpoints_to_keep,
-                checkpoint_score_attribute="test_acc",
+                checkpoint_score_attribute="val_acc",
                 checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=config.training.max_failures),
+            # Retries are decided here (fit_with_retries), where the error's kind is known; Ray alone would
+            # retry an AssertionError as readily as a lost node.
+            failure_config=FailureConfig(max_failures=0),
         ),
     )
     started = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as error:
-        raise TrainingError(_failure_message(model_name, storage / model_name, error)) from error
+    result = fit_with_retries(trainer, model_name, storage / model_name, config.training.max_failures)
     return _export(config, model_name, result, time.perf_counter() - started)
 
 
-def _failure_message(model_name: str, run_path: Path, error: Exception) -> str:
+def _check_before_start(config: PipelineConfig, location: str) -> None:
+    """What can be found wrong before a single worker starts: bad shards, no validation split, an EMA
+    that the run is too short for."""
+    report = verify_shards(location)
+    if not report.ok:
+        raise TrainingError(f"refusing to train on bad shards in {location}:\n  " + "\n  ".join(report.problems),
+                            retryable=False)
+    splits = read_manifest(location)["splits"]
+    if VAL_SPLIT not in splits:
+        raise TrainingError(f"{location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; shard "
+                            f"again with data.val_size > 0", retryable=False)
+    training = config.training
+    steps_per_epoch = math.ceil(
+        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size)
+        / training.grad_accum_steps
+    )
+    if (problem := check_ema_horizon(training, steps_per_epoch * training.epochs)) is not None:
+        raise TrainingError(problem, retryable=False)
+
+
+def is_deterministic(error: BaseException) -> bool:
+    """Whether `error`, raised in a worker, would be raised again by a retry from the last checkpoint."""
+    if isinstance(error, DETERMINISTIC_ERRORS):
+        return True
+    return type(error) is RuntimeError and bool(SHAPE_ERROR.search(str(error)))
+
+
+def fit_with_retries(trainer, model_name: str, run_path: Path, max_failures: int):
+    """trainer.fit(), again from the last checkpoint after a failure a retry can fix, up to max_failures times."""
+    from ray.train import TrainingFailedError
+
+    for attempt in range(max_failures + 1):
+        try:
+            return trainer.fit()
+        except TrainingFailedError as error:
+            worker_errors = list(getattr(error, "worker_failures", {}).values())
+            deterministic = [e for e in worker_errors if is_deterministic(e)]
+            if deterministic:
+                cause = deterministic[0]
+                raise TrainingError(
+                    _failure_message(model_name, run_path, cause) + "; not retried: it would fail the same way",
+                    retryable=False,
+                ) from error
+            if attempt == max_failures:
+                raise TrainingError(_failure_message(model_name, run_path, error)) from error
+            log.warning("training %s failed (%s); retry %d of %d from the last checkpoint", model_name,
+                        _first_line(error), attempt + 1, max_failures)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def _failure_message(model_name: str, run_path: Path, error: BaseException) -> str:
     latest = latest_valid_checkpoint(run_path)
     where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 
 
 def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> TrainOutcome:
-    """Copy the best and last weights out of Ray's storage into runs/<run>/models/<model>/."""
+    """Copy the best and last scored weights out of the run's last checkpoint into runs/<run>/models/<model>/.
+
+    The last checkpoint carries the best epoch's scored weights (EMA when on), so what is exported as best is
+    exactly what was validated as best, whatever checkpoints Ray kept.
+    """
     if result.checkpoint is None:
         raise TrainingError(f"training {model_name} finished without a checkpoint")
     out = trained_weights(config, model_name).parent
     out.mkdir(parents=True, exist_ok=True)
-    best_checkpoint = max(result.best_checkpoints, key=lambda pair: pair[1]["test_acc"])[0]
-    for label, checkpoint in (("best", best_checkpoint), ("last", result.checkpoint)):
-        with checkpoint.as_directory() as directory:
-            read_checkpoint_metadata(Path(directory))  # raises CheckpointError on a damaged checkpoint
-            shutil.copyfile(Path(directory) / WEIGHTS, out / f"{label}.safetensors")
-            if label == "last":
-                history = read_checkpoint_metadata(Path(directory))["history"]
-    best_acc = max(epoch["test_acc"] for epoch in history)
-    summary = {"model": model_name, "history": history, "best_test_acc": best_acc, "train_seconds": seconds,
-               "checkpoint_dir": result.checkpoint.path}
+    with result.checkpoint.as_directory() as directory:
+        metadata = read_checkpoint_metadata(Path(directory))  # raises CheckpointError on a damaged checkpoint
+        shutil.copyfile(Path(directory) / BEST_WEIGHTS, out / "best.safetensors")
+        shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), out / "last.safetensors")
+    history, best_epoch = metadata["history"], metadata["best_epoch"]
+    best_val_acc = history[best_epoch - 1]["val_acc"]
+    summary = {"model": model_name, "history": history, "best_epoch": best_epoch, "best_val_acc": best_val_acc,
+               "train_seconds": seconds, "checkpoint_dir": result.checkpoint.path}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", history, best_acc,
-                        result.checkpoint.path, seconds)
-
+    return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", history, best_epoch,
+                        best_val_acc, result.checkpoint.path, seconds)

@@ -16,7 +16,7 @@ from tasks.attention import (
     swin_received_attention,
 )
 from tasks.config import ModelSpec
-from tasks.train import build_model
+from tasks.recipe import build_model
 from tests.helpers_eval import NUM_CLASSES, SCRAMBLE_STD, TINY_TRANSFORMERS, save_random_weights, tiny_config
 from vitmodels import SwinAttentionMap
 from vitmodels.swin import window_partition

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 from tasks.checkpoints import checkpoint_dirs, read_checkpoint_metadata
 from tasks.config import build_config
+from tasks.recipe import build_model
 from tasks.shard import MANIFEST_NAME, read_manifest, verify_shards
 from tasks.tracking import wandb_run_id
-from tasks.train import TrainingError, build_model, train_model
+from tasks.train import TrainingError, train_model
 from tests.conftest import REPO_ROOT
 from tests.wandb_records import history_rows, read_records
 

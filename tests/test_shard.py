@@ -90,7 +90,7 @@ def test_rerun_is_idempotent_and_option_change_rebuilds(tmp_path, data_root, cap
     assert cli(args[:-1] + ["3000"]) == 0
     assert "written" in capsys.readouterr().out
     names = sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))
-    assert names == ["test-000000.tar", "train-000000.tar", "train-000001.tar"]
+    assert names == ["test-000000.tar", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
     assert verify_shards(out).ok
     assert not list((tmp_path / "shards").glob("*.partial")) and not list((tmp_path / "shards").glob(".staging-*"))
 

@@ -1,0 +1,144 @@
+"""What a training is made of, as the configuration decides it: the model, the teacher, the loss, the
+optimiser's parameter groups, the learning-rate schedule, the EMA, the precision and the memory format.
+
+Plain functions of the configuration, shared by the training loop, the evaluate and attention steps and
+the benchmarks, so that all of them build exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.config import ModelSpec, PipelineConfig, TrainingConfig
+
+# With warm-up, the EMA decay at step t is min(ema_decay, 1 - (1 + t) ** -EMA_WARMUP_POWER) (timm's ModelEmaV3).
+EMA_WARMUP_POWER = 2 / 3
+# The most of the initial (random) weights an EMA may still hold at the end of a run.
+EMA_MAX_INITIAL_SHARE = 0.01
+
+
+def build_model(spec: ModelSpec, num_classes: int) -> nn.Module:
+    import vitmodels
+
+    # Only the regularisers the config sets are passed: None keeps the architecture's own default (and not
+    # every timm family takes every keyword), while an explicit 0.0 must reach the model as 0.0.
+    regularisers = {
+        key: value for key in ("drop_rate", "drop_path_rate") if (value := getattr(spec, key)) is not None
+    }
+    return vitmodels.create_model(
+        spec.name,
+        num_classes=num_classes,
+        pretrained=spec.pretrained,
+        pretrained_file=spec.pretrained_file,
+        **regularisers,
+        **spec.model_kwargs,
+    )
+
+
+def build_teacher(config: PipelineConfig, spec: ModelSpec, num_classes: int, teacher_weights: str | None) -> nn.Module:
+    """The distillation teacher: the pipeline's trained baseline, or any timm name plus a weights file."""
+    from safetensors.torch import load_file
+
+    if spec.teacher == "baseline":
+        teacher = build_model(config.model.baseline, num_classes)
+        teacher.load_state_dict(load_file(teacher_weights))
+        return teacher
+    teacher_spec = ModelSpec(name=spec.teacher, pretrained_file=spec.teacher_file, drop_path_rate=0.0)
+    return build_model(teacher_spec, num_classes)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, tokens and position tables (1-d params and no_weight_decay())."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0, then cosine decay to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def uses_mixing(config: PipelineConfig) -> bool:
+    augment = config.data.augment
+    return augment.mixup_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0)
+
+
+def build_criterion(config: PipelineConfig, spec: ModelSpec, teacher: nn.Module | None) -> nn.Module:
+    from timm.loss import SoftTargetCrossEntropy
+
+    import vitmodels
+
+    augment = config.data.augment
+    # Mixing turns labels into soft targets that already carry the label smoothing.
+    base = (SoftTargetCrossEntropy() if uses_mixing(config)
+            else nn.CrossEntropyLoss(label_smoothing=augment.label_smoothing))
+    return vitmodels.DistillationLoss(
+        base, teacher, distillation_type=spec.distillation, alpha=spec.distillation_alpha, tau=spec.distillation_tau
+    )
+
+
+def build_ema(model: nn.Module, training: TrainingConfig):
+    """timm's ModelEmaV3 of `model` as training.ema_decay / ema_warmup ask, or None when EMA is off."""
+    from timm.utils import ModelEmaV3
+
+    if training.ema_decay is None:
+        return None
+    return ModelEmaV3(model, decay=training.ema_decay, use_warmup=training.ema_warmup,
+                      warmup_power=EMA_WARMUP_POWER)
+
+
+def ema_initial_share(training: TrainingConfig, total_steps: int) -> float:
+    """How much of the initial weights the EMA still holds after `total_steps` updates: the product of the
+    decays (timm's first update copies the model, so it counts from the second)."""
+    if training.ema_decay is None or total_steps < 2:
+        return 0.0
+    steps = np.arange(1, total_steps, dtype=np.float64)
+    decays = np.full_like(steps, training.ema_decay)
+    if training.ema_warmup:
+        decays = np.minimum(decays, 1 - (1 + steps) ** -EMA_WARMUP_POWER)
+    return float(np.exp(np.log(decays).sum()))
+
+
+def check_ema_horizon(training: TrainingConfig, total_steps: int) -> str | None:
+    """A message naming the fields when the EMA would still hold more than EMA_MAX_INITIAL_SHARE of the
+    random initialisation at the end of a run of `total_steps` optimizer steps; None when it is fine."""
+    share = ema_initial_share(training, total_steps)
+    if share <= EMA_MAX_INITIAL_SHARE:
+        return None
+    largest_decay = math.exp(math.log(EMA_MAX_INITIAL_SHARE) / max(1, total_steps - 1))
+    return (
+        f"training.ema_decay {training.ema_decay} without training.ema_warmup keeps {share:.0%} of the random "
+        f"initialisation in the EMA after this run's {total_steps} optimizer steps; turn ema_warmup on or use "
+        f"a decay of at most {largest_decay:.5f}"
+    )
+
+
+def autocast_context(config: PipelineConfig, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on any device when training.bf16 is on. CPUs with native bf16 (AVX512-BF16, AMX) gain as
+    GPUs do; on CPUs without it bf16 is emulated and slower, which is why the CPU configs leave it off."""
+    if config.training.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def uses_channels_last(training: TrainingConfig, spec: ModelSpec) -> bool:
+    return training.channels_last if spec.channels_last is None else spec.channels_last
+
+
+def trained_weights(config: PipelineConfig, model_name: str, which: str = "best") -> Path:
+    """Where the train step exports a model's weights: runs/<run>/models/<model>/{best,last}.safetensors."""
+    return Path(config.run_dir) / "models" / model_name / f"{which}.safetensors"

@@ -1,0 +1,509 @@
+"""The training loop one worker runs: setup, train_one_epoch, validate, report.
+
+It runs inside a WorkerContext (tasks/worker_context.py): on every rank of the pipeline's Ray Train
+TorchTrainer (`train_worker`), or in this process through `run_training(LocalContext(...), job)` for
+benchmarks, tests and single-GPU debugging. The same code trains either way.
+
+What keeps the device busy:
+  - loader processes live across epochs, batches arrive in pinned memory and are copied one batch ahead;
+  - normalisation, Mixup/CutMix (and, on GPUs, all augmentation) run on the device;
+  - per-step numbers stay on the device: the host reads them at log steps and at the end of an epoch only;
+  - a compiled model sees the batch dimension as dynamic, so the last, smaller batches reuse its graph.
+
+What keeps the numbers honest:
+  - the validation split, never the test split, scores every epoch;
+  - with EMA on, the EMA weights are the ones validated, kept as best, exported and taught from;
+  - epoch metrics are means over every sample of every rank, and say what they average.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tasks.checkpoints import (
+    BEST_WEIGHTS,
+    EMA_WEIGHTS,
+    WEIGHTS,
+    find_resume_checkpoint,
+    load_training_state,
+    read_checkpoint_metadata,
+    save_checkpoint,
+    unwrap,
+)
+from tasks.config import PipelineConfig
+from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
+from tasks.recipe import (
+    autocast_context,
+    build_criterion,
+    build_ema,
+    build_model,
+    build_teacher,
+    check_ema_horizon,
+    parameter_groups,
+    uses_channels_last,
+    uses_mixing,
+    warmup_cosine,
+)
+from tasks.shard import read_manifest
+from tasks.tracking import (
+    dataset_artifact_name,
+    detach_from_parent_wandb_service,
+    manifest_snapshot,
+    model_artifact_name,
+    record_input,
+    start_wandb_run,
+)
+from tasks.worker_context import RayTrainContext, WorkerContext
+
+log = logging.getLogger(__name__)
+
+VAL_SPLIT = "val"
+# Called as step_hook(epoch, step, rank) after each optimizer step; tests use it to inject faults.
+StepHook = Callable[[int, int, int], None]
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One model's training, as the driver hands it to every worker."""
+
+    config: PipelineConfig
+    model_name: str
+    shard_location: str
+    teacher_weights: str | None = None
+    # W&B group of the run's steps.
+    group: str | None = None
+    # Where this run's checkpoints live; scanned for the furthest valid one when resuming.
+    run_path: str | None = None
+    step_hook: StepHook | None = None
+
+    def to_loop_config(self) -> dict:
+        """The form Ray Train passes to workers (train_loop_config)."""
+        return {"config": self.config.model_dump_json(), "model": self.model_name,
+                "shard_location": self.shard_location, "teacher_weights": self.teacher_weights,
+                "group": self.group, "run_path": self.run_path, "step_hook": self.step_hook}
+
+    @classmethod
+    def from_loop_config(cls, loop_config: dict) -> TrainingJob:
+        return cls(config=PipelineConfig.model_validate_json(loop_config["config"]),
+                   model_name=loop_config["model"], shard_location=loop_config["shard_location"],
+                   teacher_weights=loop_config.get("teacher_weights"), group=loop_config.get("group"),
+                   run_path=loop_config.get("run_path"), step_hook=loop_config.get("step_hook"))
+
+
+class DeviceSums:
+    """Named running sums kept on the device: adding to them never waits for it; `read` does, once."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
+
+    def add(self, **terms: torch.Tensor | float) -> None:
+        self.values += torch.stack([torch.as_tensor(terms[name], dtype=torch.float64, device=self.values.device)
+                                    for name in self.names])
+
+    def read(self) -> dict[str, float]:
+        """The sums over every rank."""
+        values = self.values.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values)
+        return dict(zip(self.names, values.tolist(), strict=True))
+
+
+@dataclass
+class Trainer:
+    """Everything the loop works with, built once per worker by `setup`."""
+
+    job: TrainingJob
+    context: WorkerContext
+    model: nn.Module  # the plain model: its weights are what checkpoints hold
+    step_model: nn.Module  # the model the step calls: DDP-wrapped, maybe compiled
+    ema: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    num_classes: int
+    train_stream: ShardStream
+    val_stream: ShardStream
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    normalizer: Normalizer
+    device_augment: bool  # augmentation on the device (GPUs) instead of in the loader processes
+    steps_per_epoch: int
+    global_step: int = 0
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    # The scored weights of the best epoch so far (CPU), with that epoch's number; carried in every checkpoint.
+    best_weights: dict[str, torch.Tensor] | None = None
+    best_epoch: int | None = None
+    # W&B rows logged so far, as (row, step); checkpoints carry them so a restart can replay them.
+    wandb_rows: list[tuple[dict, int]] = field(default_factory=list)
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.job.config
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The weights that are validated, kept as best and exported: the EMA when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Every random stream of an epoch is a function of (seed, epoch, rank), so a resumed run replays exactly."""
+    return seed + 1000 * (epoch + 1) + rank
+
+
+def fit_to_cores(context: WorkerContext, config: PipelineConfig) -> tuple[int, int]:
+    """(torch threads, loader processes) for this worker: what the config asks for, but at most the cores
+    this process may really run on (its affinity), shared among the workers on this machine."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, usable // context.local_world_size)
+    wanted_threads, wanted_loaders = max(1, int(config.scaling.cpus_per_worker)), config.data.loader_workers
+    threads, loaders = min(wanted_threads, cores), min(wanted_loaders, cores)
+    if (threads, loaders) != (wanted_threads, wanted_loaders):
+        log.warning(
+            "rank %d: %d usable cores for %d local workers leave %d per worker; using %d torch threads (asked "
+            "%d by scaling.cpus_per_worker) and %d loader processes (asked %d by data.loader_workers)",
+            context.rank, usable, context.local_world_size, cores, threads, wanted_threads, loaders, wanted_loaders,
+        )
+    return threads, loaders
+
+
+def build_mixer(config: PipelineConfig, num_classes: int, generator: torch.Generator):
+    """Mixup/CutMix on the device for any batch size, or None when the recipe does not mix."""
+    if not uses_mixing(config):
+        return None
+    from tasks.augment import BatchMixer
+
+    return BatchMixer(config.data.augment, num_classes, generator)
+
+
+def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
+    """Build the model, optimiser, schedule, EMA, loss and loaders; resume from the latest checkpoint."""
+    config, training, device = job.config, job.config.training, context.device
+    spec = config.model.spec(job.model_name)
+    threads, loader_workers = fit_to_cores(context, config)
+    torch.set_num_threads(threads)
+    seed_everything(training.seed)  # one seed on every rank: identical initial weights
+
+    manifest = read_manifest(job.shard_location)
+    if manifest is None or VAL_SPLIT not in manifest["splits"]:
+        raise ValueError(f"{job.shard_location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; "
+                         f"shard again with data.val_size > 0")
+    num_classes = len(manifest["classes"])
+    device_augment = device.type == "cuda"
+    pin = device.type == "cuda"
+    train_stream = ShardStream(job.shard_location, "train", training.batch_size, train=True,
+                               augment=config.data.augment, augment_in_workers=not device_augment,
+                               seed=training.seed, rank=context.rank, world_size=context.world_size,
+                               shuffle_buffer=config.data.shuffle_buffer)
+    val_stream = ShardStream(job.shard_location, VAL_SPLIT, training.batch_size, train=False,
+                             rank=context.rank, world_size=context.world_size)
+
+    channels_last = uses_channels_last(training, spec)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(spec, num_classes).to(device, memory_format=memory_format)
+    teacher = None
+    if spec.distillation != "none":
+        teacher = build_teacher(config, spec, num_classes, job.teacher_weights).to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr, fused=True)
+    steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
+    total_steps = steps_per_epoch * training.epochs
+    if (problem := check_ema_horizon(training, total_steps)) is not None:
+        raise ValueError(problem)
+    warmup_steps = max(1, round(training.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, training.min_lr / training.lr)
+    )
+    trainer = Trainer(
+        job=job, context=context, model=model, step_model=model, ema=build_ema(model, training),
+        optimizer=optimizer, scheduler=scheduler, criterion=build_criterion(config, spec, teacher),
+        num_classes=num_classes, train_stream=train_stream, val_stream=val_stream,
+        train_loader=make_loader(train_stream, loader_workers, persistent=True, pin_memory=pin),
+        val_loader=make_loader(val_stream, loader_workers, persistent=True, pin_memory=pin),
+        normalizer=Normalizer(config.data.mean, config.data.std, device, channels_last=channels_last),
+        device_augment=device_augment, steps_per_epoch=steps_per_epoch,
+    )
+    _resume(trainer)
+    ddp_model = context.prepare_model(model)
+    trainer.step_model = torch.compile(ddp_model) if training.compile else ddp_model
+    return trainer
+
+
+def _resume(trainer: Trainer) -> None:
+    run_path = Path(trainer.job.run_path) if trainer.job.run_path else None
+    resume_from = find_resume_checkpoint(trainer.context.latest_checkpoint(), run_path)
+    if resume_from is None:
+        return
+    state = load_training_state(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema)
+    metadata = read_checkpoint_metadata(resume_from)
+    trainer.start_epoch, trainer.global_step = state["epoch"] + 1, state["global_step"]
+    trainer.history = state["history"]
+    trainer.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
+    trainer.best_epoch = metadata.get("best_epoch")
+    if (resume_from / BEST_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        trainer.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
+    if trainer.context.rank == 0:
+        log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
+
+
+def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, sync_gradients: bool):
+    """One micro-batch: forward, loss, backward (gradients averaged across ranks when sync_gradients).
+    Returns (loss, outputs), both still on the device."""
+    training = trainer.config.training
+    if training.compile:
+        torch._dynamo.mark_dynamic(images, 0)  # one graph for every batch size the loader plans
+    no_sync = not sync_gradients and trainer.context.world_size > 1
+    with (trainer.step_model.no_sync() if no_sync else nullcontext()), \
+            autocast_context(trainer.config, trainer.context.device):
+        outputs = trainer.step_model(images)
+        loss = trainer.criterion(images, outputs, targets)
+        (loss / training.grad_accum_steps).backward()
+    return loss, outputs
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    """Clip, step, advance the schedule and the EMA."""
+    training = trainer.config.training
+    if training.grad_clip_norm:
+        nn.utils.clip_grad_norm_(trainer.model.parameters(), training.grad_clip_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+    if trainer.ema is not None:
+        trainer.ema.update(trainer.model, step=trainer.global_step)
+    trainer.global_step += 1
+
+
+def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict, int]]]:
+    """Train on this rank's share of the epoch. Returns the epoch's metrics (means over every sample of every
+    rank) and the W&B rows of its log steps."""
+    config, training, context = trainer.config, trainer.config.training, trainer.context
+    distilling = trainer.criterion.distillation_type != "none"
+    seed = epoch_seed(training.seed, epoch, context.rank)
+    seed_everything(seed)
+    trainer.train_stream.set_epoch(epoch)
+    augmenter = None
+    if trainer.device_augment:
+        from tasks.augment import BatchAugmenter
+
+        augmenter = BatchAugmenter(config.data.augment, torch.Generator().manual_seed(seed))
+    mixer = build_mixer(config, trainer.num_classes, torch.Generator().manual_seed(seed))
+    accuracy_name = "train_acc_dominant_label" if mixer is not None else "train_acc"
+    sums = DeviceSums(("loss", "correct", "samples", "base", "distillation", "nonfinite"), context.device)
+    rows: list[tuple[dict, int]] = []
+    num_batches = len(trainer.train_stream)
+
+    trainer.step_model.train()
+    started = time.perf_counter()
+    batches = device_batches(trainer.train_loader, context.device, trainer.normalizer, augmenter)
+    for index, (images, labels) in enumerate(batches):
+        # Under Mixup/CutMix the targets are soft; accuracy is then counted against each mixed target's
+        # dominant label (the one holding the larger share), which is what the name says.
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
+            labels = targets.argmax(1)
+        last_micro_batch = (index + 1) % training.grad_accum_steps == 0 or index + 1 == num_batches
+        loss, outputs = forward_backward(trainer, images, targets, sync_gradients=last_micro_batch)
+        logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
+        loss = loss.detach().float()
+        batch_size = labels.shape[0]
+        terms = trainer.criterion.last_terms
+        sums.add(loss=loss * batch_size, correct=(logits.argmax(1) == labels).sum(), samples=batch_size,
+                 base=terms["base"] * batch_size, distillation=terms["distillation"] * batch_size,
+                 nonfinite=(~torch.isfinite(loss)).float())
+        if not last_micro_batch:
+            continue
+        optimizer_step(trainer)
+        if trainer.job.step_hook is not None:
+            trainer.job.step_hook(epoch, trainer.global_step, context.rank)
+        if trainer.global_step % training.log_every_steps == 0:
+            # One host read per log step, on every rank: the row for W&B and the NaN watch together.
+            loss_now, base_now, distillation_now, nonfinite = torch.stack(
+                [loss, terms["base"].float(), terms["distillation"].float(), sums.values[-1].float()]
+            ).tolist()
+            _stop_if_nonfinite(trainer, nonfinite, epoch)
+            row = {"train/loss": loss_now, "train/lr": trainer.scheduler.get_last_lr()[0]}
+            if distilling:
+                row |= {"train/loss_base": base_now, "train/loss_distillation": distillation_now}
+            rows.append((row, trainer.global_step))
+
+    totals = sums.read()  # waits for the device: the epoch's time is measured after it
+    seconds = time.perf_counter() - started
+    _stop_if_nonfinite(trainer, totals["nonfinite"], epoch)
+    samples = totals["samples"]
+    metrics = {"train_loss": totals["loss"] / samples, accuracy_name: totals["correct"] / samples}
+    if distilling:
+        metrics |= {"train_loss_base": totals["base"] / samples,
+                    "train_loss_distillation": totals["distillation"] / samples}
+    local_samples = sums.values[2].item()
+    metrics |= {"lr": trainer.scheduler.get_last_lr()[0], "images_per_s_worker": local_samples / seconds,
+                "images_per_s": samples / seconds, "epoch_seconds": seconds}
+    return metrics, rows
+
+
+def _stop_if_nonfinite(trainer: Trainer, nonfinite: float, epoch: int) -> None:
+    if nonfinite:
+        raise NonFiniteLossError(
+            f"{trainer.job.model_name}: the training loss was NaN or infinite in {int(nonfinite)} batch(es) of "
+            f"epoch {epoch + 1} (by optimizer step {trainer.global_step}); training stopped, its last good "
+            f"checkpoint is kept (lower training.lr, keep training.grad_clip_norm, or check the data)"
+        )
+
+
+@torch.no_grad()
+def validate(trainer: Trainer) -> dict:
+    """Top-1 and cross-entropy of the scored weights over the whole validation split (every rank its share)."""
+    model = trainer.scored_model.eval()
+    device = trainer.context.device
+    sums = DeviceSums(("loss", "correct", "samples"), device)
+    with autocast_context(trainer.config, device):
+        for images, labels in device_batches(trainer.val_loader, device, trainer.normalizer):
+            logits = model(images).float()
+            sums.add(loss=nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                     correct=(logits.argmax(1) == labels).sum(), samples=labels.shape[0])
+    totals = sums.read()
+    return {"val_acc": totals["correct"] / totals["samples"], "val_loss": totals["loss"] / totals["samples"],
+            "val_samples": int(totals["samples"])}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report_epoch(trainer: Trainer, metrics: dict) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone writes and attaches the checkpoint, which carries
+    the best scored weights so far, so the driver exports best and last from the last checkpoint alone."""
+    context = trainer.context
+    if context.rank != 0:
+        context.report(metrics)
+        return
+    if trainer.best_epoch is None or metrics["val_acc"] > _best_val_acc(trainer):
+        trainer.best_epoch = metrics["epoch"]
+        trainer.best_weights = {name: tensor.detach().to("cpu", copy=True)
+                                for name, tensor in unwrap(trainer.scored_model).state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+        save_checkpoint(
+            Path(directory), model=unwrap(trainer.model), optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+            ema=trainer.ema, best_weights=trainer.best_weights, epoch=metrics["epoch"] - 1,
+            global_step=metrics["global_step"], history=trainer.history,
+            extra={"model": trainer.job.model_name, "config": trainer.config.model_dump(mode="json"),
+                   "wandb_rows": trainer.wandb_rows, "best_epoch": trainer.best_epoch,
+                   "scored_weights": EMA_WEIGHTS if trainer.ema is not None else WEIGHTS},
+        )
+        context.report(metrics, checkpoint_dir=Path(directory))
+
+
+def _best_val_acc(trainer: Trainer) -> float:
+    return next(epoch["val_acc"] for epoch in trainer.history if epoch["epoch"] == trainer.best_epoch)
+
+
+def run_training(context: WorkerContext, job: TrainingJob) -> list[dict]:
+    """Train job.model_name for the configured epochs in this worker; returns the per-epoch history."""
+    trainer = setup(context, job)
+    tracker = _start_tracker(trainer)
+    for epoch in range(trainer.start_epoch, trainer.config.training.epochs):
+        train_metrics, rows = train_one_epoch(trainer, epoch)
+        metrics = {"epoch": epoch + 1, **train_metrics, **validate(trainer),
+                   "peak_memory_mb": _peak_memory_mb(context.device), "global_step": trainer.global_step}
+        trainer.history.append(metrics)
+        # W&B rows wait until the epoch's checkpoint is committed: a restart resumes from that checkpoint
+        # and replays the unfinished epoch, so logging its steps live would record them twice.
+        rows.append(({f"epoch/{key}": value for key, value in metrics.items()}, trainer.global_step))
+        trainer.wandb_rows += rows
+        report_epoch(trainer, metrics)
+        if tracker is not None:
+            _log_rows(tracker, rows)
+        _log_progress(trainer, metrics)
+    if tracker is not None:
+        _log_best_weights_artifact(tracker, trainer)
+        tracker.finish()
+    return trainer.history
+
+
+def train_worker(loop_config: dict) -> None:
+    """The function Ray Train's TorchTrainer runs on every rank."""
+    # A Ray worker is a fresh process: give the loop's messages a handler (Ray forwards them to the driver).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_training(RayTrainContext(), TrainingJob.from_loop_config(loop_config))
+
+
+def _start_tracker(trainer: Trainer):
+    """Rank 0's W&B run, with the dataset's lineage and the rows a restarted attempt must replay."""
+    if trainer.context.rank != 0:
+        return None
+    detach_from_parent_wandb_service()
+    job = trainer.job
+    tracker = start_wandb_run(trainer.config, "train", job.model_name, group=job.group,
+                              extra={"world_size": trainer.context.world_size})
+    if tracker is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        manifest = manifest_snapshot(job.shard_location, Path(directory))
+        record_input(tracker, dataset_artifact_name(trainer.config), "dataset", manifest)
+    # A restarted attempt's W&B file repeats the history up to its checkpoint: what the killed attempt
+    # had logged may never have reached its file. Online, steps W&B already has are not sent again.
+    _log_rows(tracker, [(row, step) for row, step in trainer.wandb_rows if step >= tracker.step])
+    return tracker
+
+
+def _log_rows(tracker, rows: list[tuple[dict, int]]) -> None:
+    for index, (row, step) in enumerate(rows):
+        # commit the last row: W&B holds a step's row until a later step arrives, and a crash would lose it.
+        tracker.log(row, step=step, commit=True if index == len(rows) - 1 else None)
+
+
+def _log_best_weights_artifact(tracker, trainer: Trainer) -> None:
+    """The best scored weights as a W&B model artifact: the same bytes the driver exports as best.safetensors."""
+    import wandb
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / BEST_WEIGHTS
+        save_file(trainer.best_weights, str(path))
+        artifact = wandb.Artifact(model_artifact_name(trainer.job.model_name), type="model",
+                                  metadata={"model": trainer.job.model_name, "epoch": trainer.best_epoch})
+        artifact.add_file(str(path))
+        tracker.log_artifact(artifact)
+
+
+def _log_progress(trainer: Trainer, metrics: dict) -> None:
+    if trainer.context.rank != 0:
+        return
+    training = trainer.config.training
+    remaining = (training.epochs - metrics["epoch"]) * metrics["epoch_seconds"]
+    accuracy = metrics.get("train_acc", metrics.get("train_acc_dominant_label"))
+    log.info("[%s] epoch %d/%d loss %.4f acc %.3f val_acc %.4f %.0f img/s eta %s", trainer.job.model_name,
+             metrics["epoch"], training.epochs, metrics["train_loss"], accuracy, metrics["val_acc"],
+             metrics["images_per_s"], time.strftime("%H:%M:%S", time.gmtime(remaining)))
+
