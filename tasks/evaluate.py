@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.config import PipelineConfig
-from tasks.loader import ShardStream, make_loader, normalize
-from tasks.recipe import build_model, trained_weights
-from tasks.shard import read_manifest
+from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
+from tasks.recipe import autocast_context, build_model, trained_weights, uses_channels_last
+from tasks.shard import VAL_SPLIT, read_manifest
 from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,11 @@ SECONDS_PER_HOUR = 3600
 # Columns of the summary table, with how each value is printed.
 TABLE_COLUMNS = {
     "model": ("model", "{}"),
-    "top1": ("top-1", "{:.4f}"),
-    "top5": ("top-5", "{:.4f}"),
-    "loss": ("loss", "{:.4f}"),
-    "ece": ("ECE", "{:.4f}"),
+    "val_top1": ("val top-1", "{:.4f}"),
+    "top1": ("test top-1", "{:.4f}"),
+    "top5": ("test top-5", "{:.4f}"),
+    "loss": ("test loss", "{:.4f}"),
+    "ece": ("test ECE", "{:.4f}"),
     "params": ("params (M)", "{:.2f}"),
     "gflops": ("GFLOPs", "{:.3f}"),
     "images_per_s": ("images/s", "{:.0f}"),
@@ -121,14 +122,16 @@ def evaluation_device() -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, stream: ShardStream, config: PipelineConfig,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 logits and labels for every sample of the stream, in stream order."""
+def predict(model: nn.Module, stream: ShardStream, config: PipelineConfig, device: torch.device,
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 logits and labels for every sample of the stream, in stream order, in the precision the model
+    was trained and validated in (training.bf16), so evaluate scores exactly what training selected."""
+    normalizer = Normalizer(config.data.mean, config.data.std, device, channels_last=channels_last)
     all_logits, all_labels = [], []
-    for images, labels, _ in make_loader(stream, config.data.loader_workers):
-        images = normalize(images, config.data.mean, config.data.std, device)
-        all_logits.append(model(images).float().cpu())
-        all_labels.append(labels)
+    with autocast_context(config, device):
+        for images, labels in device_batches(make_loader(stream, config.data.loader_workers), device, normalizer):
+            all_logits.append(model(images).float().cpu())
+            all_labels.append(labels.cpu())
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
@@ -182,7 +185,7 @@ def training_cost(config: PipelineConfig, name: str, weights: Path) -> dict:
     metrics_file = Path(weights).parent / "metrics.json"
     if not metrics_file.is_file():
         return {"train_seconds": None, "train_images_per_s": None, "device_hours": None, "device_kind": None,
-                "epochs": None}
+                "epochs": None, "best_epoch": None, "train_val_top1": None}
     metrics = json.loads(metrics_file.read_text())
     history = metrics.get("history") or []
     scaling = config.scaling
@@ -194,24 +197,41 @@ def training_cost(config: PipelineConfig, name: str, weights: Path) -> dict:
         "device_hours": None if seconds is None else seconds * scaling.num_workers * per_worker / SECONDS_PER_HOUR,
         "device_kind": "gpu" if scaling.use_gpu else "cpu",
         "epochs": len(history),
+        # The epoch training selected on validation, and the validation top-1 it recorded for those weights.
+        "best_epoch": metrics.get("best_epoch"),
+        "train_val_top1": metrics.get("best_val_acc"),
     }
 
 
-def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: str, classes: list[str],
+def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: str, manifest: dict,
                    device: torch.device) -> dict:
-    """One model's record for evaluation.json."""
+    """One model's record for evaluation.json: test metrics (the one time the test split is scored), the
+    validation top-1 of the same weights beside them, compute, speed and training cost."""
+    classes = manifest["classes"]
+    spec = config.model.spec(name)
+    channels_last = uses_channels_last(config.training, spec)
     model = load_trained_model(config, name, weights, len(classes)).to(device)
-    # rank 0 of 1: this process reads every test sample exactly once
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # rank 0 of 1: this process reads every sample of a split exactly once
     stream = ShardStream(location, "test", config.training.batch_size, train=False, rank=0, world_size=1)
-    logits, labels = predict(model, stream, config, device)
+    logits, labels = predict(model, stream, config, device, channels_last)
+    validation = {}
+    if VAL_SPLIT in manifest["splits"]:
+        val_stream = ShardStream(location, VAL_SPLIT, config.training.batch_size, train=False)
+        val_logits, val_labels = predict(model, val_stream, config, device, channels_last)
+        validation = {"val_top1": float((val_logits.argmax(1) == val_labels).mean()),
+                      "val_samples": int(len(val_labels))}
     image_shape = _image_shape(stream)
     record = {
         "model": name,
         "role": "baseline" if name == config.model.baseline.name else "transformer",
         "weights": str(weights),
         **classification_metrics(logits, labels, len(classes)),
+        **validation,
         "params": sum(p.numel() for p in model.parameters()),
         "gflops": count_gflops(model, image_shape),
+        "device": str(device),
         **measure_speed(model, image_shape, config.training.batch_size, device),
         **training_cost(config, name, weights),
     }
@@ -238,7 +258,7 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
         raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
     classes = manifest["classes"]
     device = evaluation_device()
-    records = [evaluate_model(config, name, Path(weights), location, classes, device)
+    records = [evaluate_model(config, name, Path(weights), location, manifest, device)
                for name, weights in models.items()]
     out = Path(config.run_dir) / EVALUATION_FILE
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from tasks.evaluate import (
     predict,
 )
 from tasks.loader import ShardStream
+from tests.conftest import SUBSET_VAL
 from tests.helpers_eval import save_random_weights, tiny_config
 
 # 5 samples, 3 classes; labels and the logits' arg-max chosen so every count below is known.
@@ -85,8 +86,8 @@ def test_predict_sees_every_test_sample_once(subset_shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, subset_shards):
-    config = tiny_config(tmp_path_factory.mktemp("evaluate"), subset_shards)
+def evaluated(tmp_path_factory, val_shards):
+    config = tiny_config(tmp_path_factory.mktemp("evaluate"), val_shards)
     save_random_weights(config)
     return config, evaluate_models(config)
 
@@ -104,6 +105,8 @@ def test_evaluation_json_lists_every_model(evaluated):
         assert record["params"] > 0 and record["gflops"] > 0
         assert record["images_per_s"] > 0 and record["latency_ms"] > 0
         assert record["train_seconds"] is None  # no metrics.json: never trained
+        assert record["val_samples"] == SUBSET_VAL and 0 <= record["val_top1"] <= 1
+        assert record["device"] == "cpu"
     assert stored["models"][0]["role"] == "baseline"
 
 
@@ -134,7 +137,7 @@ def test_markdown_table_has_a_row_per_model(evaluated):
     lines = markdown_table(records).strip().splitlines()
     assert len(lines) == 2 + len(records)
     for record, line in zip(records, lines[2:], strict=True):
-        assert line.startswith(f"| {record['model']} | {record['top1']:.4f} |")
+        assert line.startswith(f"| {record['model']} | {record['val_top1']:.4f} | {record['top1']:.4f} |")
         assert line.endswith("| n/a | n/a |")  # never trained: no training time or device hours
 
 
