@@ -1,0 +1,121 @@
+"""The training loop in this process (LocalContext), and the recipe decisions it rests on."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.checkpoints import BEST_WEIGHTS, EMA_WEIGHTS, checkpoint_dirs, read_checkpoint_metadata
+from tasks.config import build_config
+from tasks.recipe import build_model, check_ema_horizon, ema_initial_share
+from tasks.train import is_deterministic
+from tasks.train_loop import NonFiniteLossError, TrainingJob, fit_to_cores, run_training
+from tasks.worker_context import LocalContext
+
+from .conftest import SUBSET_VAL
+
+TINY_VIT = {"name": "vit_tiny_patch4_32", "drop_path_rate": 0.0,
+            "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}}
+
+
+def _config(tmp_path: Path, **training):
+    return build_config({
+        "data": {"loader_workers": 0},
+        "model": {"baseline": TINY_VIT, "transformers": []},
+        "training": {"epochs": 1, "batch_size": 256, "warmup_epochs": 0.2, "bf16": False, "ema_decay": 0.99,
+                     "log_every_steps": 4, **training},
+        "tracking": {"mode": "disabled", "output_dir": str(tmp_path / "runs"), "run_name": "local"},
+    })
+
+
+def test_in_process_training_scores_exports_and_resumes_the_ema(tmp_path, val_shards):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    context = LocalContext("cpu", checkpoint_root=root)
+    first = run_training(context, TrainingJob(_config(tmp_path), "vit_tiny_patch4_32", val_shards))
+    [epoch] = first
+    assert epoch["val_samples"] == SUBSET_VAL and 0 < epoch["val_acc"] <= 1
+    assert epoch["global_step"] == 18  # ceil(4585 / 256) steps, one rank
+    assert "train_acc" in epoch and "train_acc_dominant_label" not in epoch  # no mixing: plain top-1
+    [checkpoint] = checkpoint_dirs(root)
+    metadata = read_checkpoint_metadata(checkpoint)
+    assert metadata["scored_weights"] == EMA_WEIGHTS and metadata["best_epoch"] == 1
+    best, ema = load_file(checkpoint / BEST_WEIGHTS), load_file(checkpoint / EMA_WEIGHTS)
+    raw = load_file(checkpoint / "model.safetensors")
+    assert best.keys() == ema.keys() and all(torch.equal(best[k], ema[k]) for k in best)
+    assert not all(torch.equal(best[k], raw[k]) for k in best)  # the EMA, not the raw weights
+
+    # The same run with a longer budget resumes after epoch 1 instead of starting over.
+    resumed = run_training(LocalContext("cpu", checkpoint_root=root),
+                           TrainingJob(_config(tmp_path, epochs=2), "vit_tiny_patch4_32", val_shards))
+    assert [e["epoch"] for e in resumed] == [1, 2] and resumed[0] == first[0]
+    assert resumed[1]["global_step"] == 36
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, val_shards):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    config = _config(tmp_path, epochs=2, lr=1e30, grad_clip_norm=None, warmup_epochs=0)
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite.*last good checkpoint"):
+        run_training(LocalContext("cpu", checkpoint_root=root), TrainingJob(config, "vit_tiny_patch4_32", val_shards))
+    assert len(checkpoint_dirs(root)) <= 1  # no checkpoint of the epoch that went bad
+
+
+@pytest.mark.parametrize(("rate", "expected_max"), [(0.0, 0.0), (0.3, 0.3), (None, 0.1)])
+def test_explicit_zero_regularisers_reach_the_model(rate, expected_max):
+    # swin_tiny_patch2_window4_32's own default drop_path_rate is 0.1; 0.0 in the config must mean 0.0.
+    spec = build_config({"model": {"transformers": [
+        {"name": "swin_tiny_patch2_window4_32", "drop_path_rate": rate, "model_kwargs": {"depths": [2, 2], "num_heads": [3, 6]}}
+    ]}}).model.spec("swin_tiny_patch2_window4_32")
+    model = build_model(spec, 10)
+    probabilities = [module.drop_prob for module in model.modules() if type(module).__name__ == "DropPath"]
+    assert max(probabilities, default=0.0) == pytest.approx(expected_max)
+    if rate == 0.0:
+        assert probabilities == []
+
+
+def test_an_ema_too_slow_for_the_run_is_refused_by_name():
+    no_warmup = build_config({"training": {"ema_decay": 0.9999, "ema_warmup": False}}).training
+    assert ema_initial_share(no_warmup, 9800) == pytest.approx(0.9999 ** 9799)  # ~38% of the random init
+    message = check_ema_horizon(no_warmup, 9800)
+    assert "training.ema_decay 0.9999" in message and "38%" in message and "ema_warmup" in message
+    assert check_ema_horizon(no_warmup, 200_000) is None
+    warmed = build_config({"training": {"ema_decay": 0.9999}}).training
+    assert warmed.ema_warmup and check_ema_horizon(warmed, 9800) is None
+    assert ema_initial_share(warmed, 9800) < 1e-20
+
+
+class _Context:
+    rank, world_size, device = 0, 4, torch.device("cpu")
+
+    def __init__(self, local_world_size: int):
+        self.local_world_size = local_world_size
+
+
+def test_threads_and_loader_processes_fit_the_cores_the_worker_has(monkeypatch, caplog):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    config = build_config({"data": {"loader_workers": 6}, "scaling": {"cpus_per_worker": 8}})
+    with caplog.at_level(logging.WARNING):
+        assert fit_to_cores(_Context(local_world_size=4), config) == (1, 1)
+    assert "scaling.cpus_per_worker" in caplog.text and "data.loader_workers" in caplog.text
+    caplog.clear()
+    small = build_config({"data": {"loader_workers": 1}, "scaling": {"cpus_per_worker": 2}})
+    assert fit_to_cores(_Context(local_world_size=1), small) == (2, 1)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize(("error", "deterministic"), [
+    (AssertionError("Batch size should be even"), True),
+    (ValueError("bad value"), True),
+    (NonFiniteLossError("nan"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"), True),
+    (RuntimeError("Connection reset by peer"), False),
+    (OSError("No route to host"), False),
+    (torch.OutOfMemoryError("CUDA out of memory"), False),
+])
+def test_only_deterministic_errors_skip_retries(error, deterministic):
+    assert is_deterministic(error) is deterministic
