@@ -33,9 +33,8 @@ from harness import sync
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def images_per_second(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], rounds: int,
-                      device: torch.device) -> float:
-    """Best round's images/s of `step` over all `batches`, after one warm-up pass over two of them."""
+def images_per_second(step: Callable, batches: list, images: int, rounds: int, device: torch.device) -> float:
+    """Best round's images/s of `step` over all `batches` (`images` in all), after a warm-up on two of them."""
     for batch in batches[:2]:
         step(batch)
     best = 0.0
@@ -45,7 +44,7 @@ def images_per_second(step: Callable[[torch.Tensor], object], batches: list[torc
         for batch in batches:
             step(batch)
         sync(device)
-        best = max(best, sum(len(batch) for batch in batches) / (time.perf_counter() - start))
+        best = max(best, images / (time.perf_counter() - start))
     return best
 
 
@@ -106,16 +105,18 @@ def main() -> None:
         cases.append(("mixup/cutmix", "timm Mixup (even batches only)",
                       lambda batch: timm_mixup(batch[0].clone(), batch[1]), float_batches))
 
+    policy = recipe.auto_augment
+    if policy == "randaugment":
+        policy += f" {recipe.randaugment_ops} ops at magnitude {recipe.randaugment_magnitude}"
     print(f"device {args.device}, torch threads {args.threads}, batch {args.batch_size}, {args.batches} batches "
-          f"x best of {args.rounds} rounds, recipe {args.config.name} ({recipe.auto_augment} "
-          f"{recipe.randaugment_ops} ops at {recipe.randaugment_magnitude}, padding {recipe.crop_padding}, "
+          f"x best of {args.rounds} rounds, recipe {args.config.name} ({policy}, padding {recipe.crop_padding}, "
           f"hflip {recipe.hflip}), cpus {os.cpu_count()}")
     per_core = "per core" if device.type == "cpu" else "on the GPU"
     print(f"\n| augmentation | implementation | images/s {per_core} | us/image | cores for {args.target:,} img/s |")
     print("|---|---|---:|---:|---:|")
     rates = {}
     for name, implementation, step, inputs in cases:
-        rate = images_per_second(step, inputs, args.rounds, device)
+        rate = images_per_second(step, inputs, count, args.rounds, device)
         rates[implementation] = rate
         cores = f"{math.ceil(args.target / rate)}" if device.type == "cpu" else ""
         print(f"| {name} | {implementation} | {rate:,.0f} | {1e6 / rate:.1f} | {cores} |", flush=True)

@@ -521,9 +521,10 @@ class BatchMixer:
             return images, targets
         lam = draw.lam
         if draw.box is None:
-            mixed = images.mul(lam).add_(images.roll(1, 0).mul_(1.0 - lam))
+            # lam * own + (1 - lam) * partner, with one new tensor (the rolled copy) instead of three.
+            mixed = images.roll(1, 0).mul_(1.0 - lam).add_(images, alpha=lam)
         else:
             top, bottom, left, right = draw.box
             mixed = images.clone()
             mixed[:, :, top:bottom, left:right] = images[:, :, top:bottom, left:right].roll(1, 0)
-        return mixed, targets.mul(lam).add_(targets.roll(1, 0).mul_(1.0 - lam))
+        return mixed, targets.roll(1, 0).mul_(1.0 - lam).add_(targets, alpha=lam)
