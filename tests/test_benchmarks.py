@@ -41,3 +41,14 @@ def test_flash_without_bf16_is_refused_by_name():
     result = run_script(str(GPU_SCRIPT), "--dry-run", "--variants", "flash")
     assert result.returncode == 2
     assert "'flash'" in result.stderr and "bf16" in result.stderr
+
+
+def test_augment_benchmark_compares_per_image_and_batched_on_an_odd_batch(data_root):
+    result = run_script(str(REPO_ROOT / "benchmarks" / "augment.py"), "--data-root", str(data_root),
+                        "--batch-size", "7", "--batches", "2", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[1] for row in rows] == ["tasks/loader.py", "tasks/loader.py (per image)", "tasks/augment.py",
+                                        "tasks/augment.py (batched)", "BatchMixer"]  # timm's refuses odd batches
+    assert all(float(row[2].replace(",", "")) > 0 and int(row[4]) >= 1 for row in rows)
+    assert float(result.stdout.strip().splitlines()[-1].split("= ")[1]) > 0

@@ -1,0 +1,401 @@
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import timm.data.mixup
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.transforms import v2
+
+from tasks.augment import (
+    NUM_MAGNITUDE_BINS,
+    OP_NAMES,
+    SIGNED_OPS,
+    AugmentPlan,
+    BatchAugmenter,
+    BatchMixer,
+    MixDraw,
+    OpRound,
+    magnitude_bins,
+    signed_magnitude,
+)
+from tasks.config import AugmentConfig
+
+POLICIES = ("randaugment", "trivialaugment")
+RECIPE = AugmentConfig(auto_augment="randaugment", randaugment_ops=2, randaugment_magnitude=9,
+                       mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, label_smoothing=0.1)
+
+
+def _torchvision_policy(policy: str) -> v2.Transform:
+    return v2.RandAugment(num_ops=2, magnitude=9) if policy == "randaugment" else v2.TrivialAugmentWide()
+
+
+def _edge_case_images(height: int, width: int) -> torch.Tensor:
+    """Images that take the ops' special paths: constant (AutoContrast's and Equalize's no-op cases), grey
+    (Color/Contrast blends of equal channels), two-valued, saturated, and a smooth ramp."""
+    ramp = torch.linspace(0, 255, width).round().to(torch.uint8).expand(3, height, width)
+    two_valued = torch.zeros(3, height, width, dtype=torch.uint8)
+    two_valued[:, : height // 2] = 200
+    grey = torch.randint(0, 256, (1, height, width), generator=torch.Generator().manual_seed(5)).expand(3, -1, -1)
+    constants = [torch.full((3, height, width), value, dtype=torch.uint8) for value in (0, 77, 255)]
+    return torch.stack([ramp, two_valued, grey.to(torch.uint8), *constants])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Per-image torchvision references are small ops: with several threads on a shared 2-core machine they
+    spend their time waking threads (up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar_images(cifar_source) -> torch.Tensor:
+    """The first 200 training images of the subset plus the edge cases, N x 3 x 32 x 32 uint8."""
+    pixels = torch.from_numpy(cifar_source.splits["train"].pixels[:200]).permute(0, 3, 1, 2).contiguous()
+    return torch.cat([pixels, _edge_case_images(32, 32)])
+
+
+def _torchvision_result(policy: str, image: torch.Tensor, rounds: list[OpRound], index: int) -> torch.Tensor:
+    """What torchvision's own per-op dispatch of RandAugment/TrivialAugmentWide makes of this image's draws.
+    (A private method, used on purpose: it is torchvision's definition of each op at a given magnitude.)"""
+    transform = _torchvision_policy(policy)
+    height, width = image.shape[-2:]
+    for op_round in rounds:
+        op = OP_NAMES[int(op_round.ops[index])]
+        magnitude = signed_magnitude(policy, op, int(op_round.bins[index]), bool(op_round.negative[index]),
+                                     height, width)
+        image = transform._apply_image_or_video_transform(
+            image, op, magnitude, interpolation=transform.interpolation, fill=transform._fill
+        )
+    return image
+
+
+def _assert_matches_torchvision(policy: str, images: torch.Tensor, out: torch.Tensor, rounds: list[OpRound]):
+    mismatched = [
+        (index, [(OP_NAMES[int(r.ops[index])], int(r.bins[index]), bool(r.negative[index])) for r in rounds])
+        for index in range(images.shape[0])
+        if not torch.equal(out[index], _torchvision_result(policy, images[index], rounds, index))
+    ]
+    assert not mismatched, f"{len(mismatched)} images differ from torchvision, e.g. {mismatched[:5]}"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_op_table_is_torchvisions(policy):
+    space = _torchvision_policy(policy)._AUGMENTATION_SPACE
+    assert tuple(space) == OP_NAMES
+    assert {op for op, (_, signed) in space.items() if signed} == SIGNED_OPS
+    for height, width in ((32, 32), (24, 40)):
+        for op, (bins_of, _) in space.items():
+            expected = bins_of(NUM_MAGNITUDE_BINS, height, width)
+            ours = magnitude_bins(policy, op, height, width)
+            assert (ours is None) == (expected is None), op
+            if expected is not None:
+                assert torch.equal(ours, expected), op
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_every_op_bin_and_sign_matches_torchvision(policy, size):
+    """One image per (op, bin, sign): the batched ops equal torchvision's functional ops pixel for pixel,
+    non-square images included (the geometric ops' centre and translation depend on height and width)."""
+    height, width = size
+    combos = [(op, b, neg) for op in range(len(OP_NAMES)) for b in range(NUM_MAGNITUDE_BINS) for neg in (0, 1)]
+    ops, bins, negative = (torch.tensor(column).repeat(2) for column in zip(*combos, strict=True))
+    noise = torch.randint(0, 256, (len(combos), 3, height, width), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(1))
+    edge_cases = _edge_case_images(height, width)
+    edge_cases = edge_cases.repeat(math.ceil(len(combos) / len(edge_cases)), 1, 1, 1)[: len(combos)]
+    images = torch.cat([noise, edge_cases])  # every combination on noise, and on one of the edge cases
+    rounds = [OpRound(ops, bins, negative.bool())]
+    augmenter = BatchAugmenter(AugmentConfig(auto_augment=policy, crop_padding=0, hflip=False),
+                               torch.Generator().manual_seed(0))
+    out = augmenter.apply(images, AugmentPlan(None, None, rounds))
+    _assert_matches_torchvision(policy, images, out, rounds)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_seeded_draw_on_cifar_images_matches_torchvision_image_by_image(policy, cifar_images):
+    augmenter = BatchAugmenter(AugmentConfig(auto_augment=policy, crop_padding=0, hflip=False),
+                               torch.Generator().manual_seed(3))
+    plan = augmenter.draw(cifar_images.shape[0])
+    assert len(plan.rounds) == (2 if policy == "randaugment" else 1)
+    out = augmenter.apply(cifar_images, plan)
+    assert not torch.equal(out, cifar_images)
+    _assert_matches_torchvision(policy, cifar_images, out, plan.rounds)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_draws_reach_every_op_sign_and_bin(policy):
+    augmenter = BatchAugmenter(AugmentConfig(auto_augment=policy, randaugment_magnitude=9),
+                               torch.Generator().manual_seed(0))
+    plan = augmenter.draw(3000)
+    for op_round in plan.rounds:
+        assert set(op_round.ops.tolist()) == set(range(len(OP_NAMES)))
+        for op in SIGNED_OPS:
+            chosen = op_round.ops == OP_NAMES.index(op)
+            assert set(op_round.negative[chosen].tolist()) == {False, True}, op
+        expected_bins = {9} if policy == "randaugment" else set(range(NUM_MAGNITUDE_BINS))
+        assert set(op_round.bins.tolist()) == expected_bins
+    # Crop offsets cover 0..2 * padding on both axes, and both flip outcomes occur.
+    assert set(plan.crop_offsets.flatten().tolist()) == set(range(9))
+    assert set(plan.flips.tolist()) == {False, True}
+
+
+@pytest.mark.parametrize("count", [1, 3, 255])
+@pytest.mark.parametrize("policy", ["none", *POLICIES])
+def test_any_batch_size_keeps_shape_and_dtype(count, policy):
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8)
+    out = BatchAugmenter(AugmentConfig(auto_augment=policy), torch.Generator().manual_seed(0))(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8 and out.is_contiguous()
+
+
+def test_channels_last_input_from_the_loader_is_accepted():
+    # The loader hands over N x H x W x C memory permuted to N x C x H x W.
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    augmenter = BatchAugmenter(RECIPE, torch.Generator().manual_seed(0))
+    again = BatchAugmenter(RECIPE, torch.Generator().manual_seed(0))
+    assert torch.equal(augmenter(images), again(images.contiguous()))
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    first, second, other = (BatchAugmenter(RECIPE, torch.Generator().manual_seed(seed)) for seed in (7, 7, 8))
+    runs = [[augmenter(images) for _ in range(3)] for augmenter in (first, second, other)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    assert not torch.equal(runs[0][0], runs[2][0])
+    assert not torch.equal(runs[0][0], runs[0][1])  # the generator moves on from batch to batch
+
+
+def test_crop_stays_within_padding_and_flips_follow_the_plan():
+    images = torch.arange(3 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 3, 8, 8)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    augmenter = BatchAugmenter(AugmentConfig(crop_padding=2, hflip=True), torch.Generator().manual_seed(0))
+    seen_offsets, seen_flips = set(), set()
+    for _ in range(100):
+        plan = augmenter.draw(3)
+        out = augmenter.apply(images, plan)
+        for n in range(3):
+            dy, dx = plan.crop_offsets[n].tolist()
+            window = padded[n, :, dy : dy + 8, dx : dx + 8]
+            expected = window.flip(-1) if plan.flips[n] else window
+            assert torch.equal(out[n], expected)
+            seen_offsets.add((dy, dx))
+            seen_flips.add(bool(plan.flips[n]))
+    assert seen_offsets == {(dy, dx) for dy in range(5) for dx in range(5)} and seen_flips == {False, True}
+
+
+def test_flip_only_and_crop_only():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flip_only = BatchAugmenter(AugmentConfig(crop_padding=0, hflip=True), torch.Generator().manual_seed(0))
+    outs = [flip_only(images) for _ in range(20)]
+    assert all(torch.equal(o[0], images[0]) or torch.equal(o[0], images[0].flip(-1)) for o in outs)
+    assert {torch.equal(o[0], images[0]) for o in outs} == {False, True}
+    crop_only = BatchAugmenter(AugmentConfig(crop_padding=2, hflip=False), torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for out in (crop_only(images) for _ in range(10)):
+        for n in range(2):
+            assert any(torch.equal(out[n], padded[n, :, dy : dy + 8, dx : dx + 8])
+                       for dy in range(5) for dx in range(5))
+
+
+def test_bad_inputs_are_named():
+    augmenter = BatchAugmenter(RECIPE, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="uint8 N x C x H x W images, got torch.float32"):
+        augmenter(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="needs 1 or 3 channels, got 4"):
+        augmenter(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        BatchAugmenter(RECIPE, SimpleNamespace(device=torch.device("cuda")))
+
+
+class _HostSyncDetector(TorchDispatchMode):
+    """Fails on what would make the host wait for a device: reading a value back (item, nonzero, a
+    boolean mask) or a blocking host-to-device copy. Run on the meta device, where values do not exist."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten._to_copy.default and tensors[0].device.type == "cpu" and "device" in kwargs:
+            assert kwargs["device"].type == "cpu" or kwargs.get("non_blocking"), f"blocking copy to {kwargs['device']}"
+        if func is torch.ops.aten.copy_.default:
+            assert tensors[1].device == tensors[0].device, "copy_ across devices"
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            assert tensors[0].device.type == "cpu", f"{func} reads a {tensors[0].device} tensor back to the host"
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_augment_and_mix_on_a_device_without_reading_it_back(policy):
+    augmenter = BatchAugmenter(RECIPE.model_copy(update={"auto_augment": policy}), torch.Generator().manual_seed(0))
+    mixer = BatchMixer(RECIPE, num_classes=10, rng=np.random.default_rng(0))
+    with _HostSyncDetector():
+        for count in (1, 7, 64):
+            images = augmenter(torch.empty(count, 3, 32, 32, dtype=torch.uint8, device="meta"))
+            assert images.device.type == "meta" and images.shape == (count, 3, 32, 32)
+            for _ in range(4):  # mixup, cutmix or neither, as drawn
+                mixed, targets = mixer(images.float(), torch.empty(count, dtype=torch.int64, device="meta"))
+                assert mixed.shape == images.shape and targets.shape == (count, 10)
+
+
+def test_the_detector_catches_reads_and_blocking_copies():
+    with _HostSyncDetector(), pytest.raises(AssertionError):
+        torch.ones(2).to("meta")
+    with _HostSyncDetector(), pytest.raises(AssertionError):
+        torch.zeros(1, device="meta").item()
+
+
+# BatchMixer -------------------------------------------------------------------------------------------------
+
+
+class _FixedRng:
+    """Stands in for np.random.Generator with chosen values, to test one draw by hand."""
+
+    def __init__(self, uniforms, lam, centre=(0, 0)):
+        self.uniforms, self.lam, self.centre = list(uniforms), lam, list(centre)
+
+    def random(self):
+        return self.uniforms.pop(0)
+
+    def beta(self, a, b):
+        return self.lam
+
+    def integers(self, low, high):
+        return self.centre.pop(0)
+
+
+def _mixer(rng=None, **overrides) -> BatchMixer:
+    config = RECIPE.model_copy(update=overrides)
+    return BatchMixer(config, num_classes=4, rng=rng or np.random.default_rng(0))
+
+
+def test_mixup_by_hand_for_a_fixed_lambda():
+    images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 2, 2, 2).contiguous()
+    labels = torch.tensor([0, 1, 3])
+    mixed, targets = _mixer().apply(images, labels, MixDraw(lam=0.7))
+    # Sample i is mixed with sample i - 1 (sample 0 with the last).
+    assert torch.allclose(mixed[:, 0, 0, 0], torch.tensor([0.7 * 0 + 0.3 * 2, 0.7 * 1 + 0.3 * 0, 0.7 * 2 + 0.3 * 1]))
+    on, off = 1 - 0.1 + 0.1 / 4, 0.1 / 4  # 0.925 and 0.025
+    smoothed = torch.full((3, 4), off)
+    smoothed[[0, 1, 2], [0, 1, 3]] = on
+    assert torch.allclose(targets, 0.7 * smoothed + 0.3 * smoothed.roll(1, 0))
+    assert torch.allclose(targets[0], torch.tensor([0.7 * on + 0.3 * off, off, off, 0.7 * off + 0.3 * on]))
+    assert torch.equal(images, torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 2, 2, 2))  # untouched
+
+
+def test_cutmix_by_hand_for_a_fixed_box():
+    images = torch.stack([torch.full((1, 4, 4), float(i)) for i in range(3)])
+    labels = torch.tensor([2, 0, 1])
+    draw = MixDraw(lam=1 - 4 / 16, box=(1, 3, 0, 2))  # a 2 x 2 box at rows 1-2, columns 0-1
+    mixed, targets = _mixer().apply(images, labels, draw)
+    for i, partner in enumerate((2, 0, 1)):
+        expected = torch.full((4, 4), float(i))
+        expected[1:3, 0:2] = partner
+        assert torch.equal(mixed[i, 0], expected)
+    on, off = 0.925, 0.025
+    # Sample 1 (label 0) keeps 3/4 of its area and gets 1/4 from sample 0 (label 2).
+    assert torch.allclose(targets[1], torch.tensor([0.75 * on + 0.25 * off, off, 0.75 * off + 0.25 * on, off]))
+    assert torch.allclose(targets.sum(1), torch.ones(3))
+
+
+def test_cutmix_box_and_area_corrected_lambda_are_timms():
+    height, width = 32, 32
+    for lam, centre in ((0.3, (5, 30)), (0.81, (0, 0)), (0.05, (16, 16)), (0.999, (31, 2))):
+        ours = _mixer(_FixedRng([0.0, 0.0], lam, centre), mixup_alpha=0.0).draw(height, width)
+        with pytest.MonkeyPatch.context() as patch:
+            centres = list(centre)
+            patch.setattr(timm.data.mixup.np.random, "randint", lambda low, high, size=None, c=centres: c.pop(0))
+            box, timm_lam = timm.data.mixup.cutmix_bbox_and_lam((2, 3, height, width), lam, correct_lam=True)
+        assert ours.box == tuple(int(v) for v in box) and math.isclose(ours.lam, timm_lam)
+
+
+@pytest.mark.parametrize("switch", [0.2, 0.7])  # below / above switch_prob 0.5: CutMix / Mixup
+def test_a_two_sample_batch_equals_timms_mixup(switch):
+    """For N = 2, roll(1, 0) and timm's flip(0) are the same pairing, so with the same draws the results
+    must equal timm's Mixup exactly (label smoothing folded into the targets the same way)."""
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 3])
+    ours = _mixer(_FixedRng([0.1, switch], 0.6, (3, 5)))(images, labels)
+    timm_mixup = timm.data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, label_smoothing=0.1, num_classes=4)
+    with pytest.MonkeyPatch.context() as patch:
+        uniforms, centres = [0.1, switch], [3, 5]
+        patch.setattr(timm.data.mixup.np.random, "rand", lambda: uniforms.pop(0))
+        patch.setattr(timm.data.mixup.np.random, "beta", lambda a, b: 0.6)
+        patch.setattr(timm.data.mixup.np.random, "randint", lambda low, high, size=None: centres.pop(0))
+        theirs = timm_mixup(images.clone(), labels)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("count", [3, 5, 255])
+def test_odd_batches_pair_every_sample_with_another_exactly_once(count):
+    images = torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1)
+    mixed, _ = _mixer().apply(images, torch.zeros(count, dtype=torch.int64), MixDraw(lam=0.5))
+    partners = (2 * mixed.flatten() - images.flatten()).round().long()
+    assert all(partners[i] != i for i in range(count))
+    assert sorted(partners.tolist()) == list(range(count))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 255])
+def test_targets_are_distributions_for_any_batch_size(count):
+    mixer = _mixer(np.random.default_rng(1))
+    labels = torch.randint(0, 4, (count,), generator=torch.Generator().manual_seed(0))
+    changed = 0
+    for _ in range(10):
+        images = torch.rand(count, 3, 8, 8)
+        mixed, targets = mixer(images, labels)
+        assert mixed.shape == images.shape and mixed.dtype == images.dtype
+        assert targets.shape == (count, 4) and targets.dtype == torch.float32
+        assert torch.allclose(targets.sum(1), torch.ones(count)) and bool((targets >= 0.1 / 4 - 1e-6).all())
+        changed += not torch.equal(mixed, images)
+    assert changed == 0 if count == 1 else changed > 0
+
+
+def test_a_single_sample_has_no_partner_and_comes_back_unmixed():
+    images, labels = torch.rand(1, 3, 8, 8), torch.tensor([2])
+    for draw in (MixDraw(lam=0.4), MixDraw(lam=0.75, box=(0, 4, 0, 4))):
+        mixed, targets = _mixer().apply(images, labels, draw)
+        assert torch.equal(mixed, images)
+        assert torch.allclose(targets, torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
+
+
+def test_probability_zero_gives_smoothed_one_hot_targets():
+    mixer = _mixer(mixup_prob=0.0, label_smoothing=0.2)
+    images, labels = torch.rand(3, 3, 8, 8), torch.tensor([0, 3, 3])
+    for _ in range(5):
+        assert mixer.draw(8, 8) == MixDraw(lam=1.0)
+        mixed, targets = mixer(images, labels)
+        assert mixed is images
+        expected = torch.tensor([[0.85, 0.05, 0.05, 0.05], [0.05, 0.05, 0.05, 0.85], [0.05, 0.05, 0.05, 0.85]])
+        assert torch.allclose(targets, expected)
+    assert not _mixer(mixup_alpha=0.0, cutmix_alpha=0.0).mixes and _mixer().mixes
+
+
+def test_draws_follow_the_config():
+    both = [_mixer(np.random.default_rng(seed)).draw(32, 32) for seed in range(200)]
+    cutmix = [draw for draw in both if draw.box is not None]
+    assert 60 < len(cutmix) < 140  # switch_prob 0.5
+    for draw in cutmix:
+        top, bottom, left, right = draw.box
+        assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
+        assert math.isclose(draw.lam, 1 - (bottom - top) * (right - left) / 1024)
+    only_mixup = [_mixer(np.random.default_rng(seed), cutmix_alpha=0.0).draw(32, 32) for seed in range(20)]
+    assert all(draw.box is None and 0 <= draw.lam <= 1 for draw in only_mixup)
+    only_cutmix = [_mixer(np.random.default_rng(seed), mixup_alpha=0.0).draw(32, 32) for seed in range(20)]
+    assert all(draw.box is not None for draw in only_cutmix)
+    half = [_mixer(np.random.default_rng(seed), mixup_prob=0.5).draw(32, 32).lam == 1.0 for seed in range(200)]
+    assert 60 < sum(half) < 140
+    assert _mixer(np.random.default_rng(3)).draw(32, 32) == _mixer(np.random.default_rng(3)).draw(32, 32)
+
+
+def test_mixer_bad_inputs_are_named():
+    mixer = _mixer()
+    with pytest.raises(ValueError, match="float N x C x H x W images, got torch.uint8"):
+        mixer(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"int64 labels of shape \(2,\), got torch.int32"):
+        mixer(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="num_classes"):
+        BatchMixer(RECIPE, num_classes=0, rng=np.random.default_rng(0))
