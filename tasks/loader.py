@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tasks.augment import BatchAugmenter
 from tasks.config import AugmentConfig
 from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.shard import read_manifest
@@ -85,42 +86,6 @@ def plan_worker(
         if lo < hi:
             segments.append(Segment(shard, lo - shard_start, hi - shard_start))
     return WorkerPlan(segments, sizes[first_batch:last_batch])
-
-
-class BatchAugmenter:
-    """Training augmentation on uint8 N x C x H x W batches: pad-and-crop and flips work on the
-    whole batch; RandAugment/TrivialAugment (torchvision v2) run per image as each picks its own ops."""
-
-    def __init__(self, config: AugmentConfig, generator: torch.Generator):
-        self.config = config
-        self.generator = generator
-        self.policy = None
-        if config.auto_augment != "none":
-            from torchvision.transforms import v2
-
-            self.policy = (
-                v2.RandAugment(num_ops=config.randaugment_ops, magnitude=config.randaugment_magnitude)
-                if config.auto_augment == "randaugment"
-                else v2.TrivialAugmentWide()
-            )
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        count, _, height, width = images.shape
-        pad = self.config.crop_padding
-        if pad:
-            # A zeroed canvas plus one slice per image: much cheaper than F.pad or gather on uint8.
-            padded = images.new_zeros(count, images.shape[1], height + 2 * pad, width + 2 * pad)
-            padded[:, :, pad : pad + height, pad : pad + width] = images
-            offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=self.generator).tolist()
-            images = torch.stack(
-                [padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets)]
-            )
-        if self.config.hflip:
-            flip = torch.rand(count, generator=self.generator) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        if self.policy is not None:
-            images = torch.stack([self.policy(image) for image in images])
-        return images
 
 
 class ShardStream(IterableDataset):

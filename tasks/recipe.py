@@ -102,11 +102,14 @@ def build_ema(model: nn.Module, training: TrainingConfig):
 
 
 def ema_initial_share(training: TrainingConfig, total_steps: int) -> float:
-    """How much of the initial weights the EMA still holds after `total_steps` updates: the product of the
-    decays (timm's first update copies the model, so it counts from the second)."""
-    if training.ema_decay is None or total_steps < 2:
+    """How much the EMA still holds of the weights it started from after `total_steps` optimizer steps.
+
+    timm's ModelEmaV3 copies the model on the first two updates (decay 0), so what survives is the product
+    of the decays of the updates after them, the warm-up's 1 - (1 + t)^(-2/3) for t = 1, 2, ... when on.
+    """
+    if training.ema_decay is None or total_steps < 3:
         return 0.0
-    steps = np.arange(1, total_steps, dtype=np.float64)
+    steps = np.arange(1, total_steps - 1, dtype=np.float64)
     decays = np.full_like(steps, training.ema_decay)
     if training.ema_warmup:
         decays = np.minimum(decays, 1 - (1 + steps) ** -EMA_WARMUP_POWER)
@@ -114,16 +117,22 @@ def ema_initial_share(training: TrainingConfig, total_steps: int) -> float:
 
 
 def check_ema_horizon(training: TrainingConfig, total_steps: int) -> str | None:
-    """A message naming the fields when the EMA would still hold more than EMA_MAX_INITIAL_SHARE of the
-    random initialisation at the end of a run of `total_steps` optimizer steps; None when it is fine."""
+    """A message naming the fields when an EMA without warm-up would still hold more than EMA_MAX_INITIAL_SHARE
+    of its early, near-random weights at the end of a run of `total_steps` optimizer steps; None when fine.
+
+    With warm-up the decay follows the run's own length (the share falls as exp(-3 t^(1/3))), so only a
+    fixed decay can be wrong for a run.
+    """
+    if training.ema_warmup:
+        return None
     share = ema_initial_share(training, total_steps)
     if share <= EMA_MAX_INITIAL_SHARE:
         return None
-    largest_decay = math.exp(math.log(EMA_MAX_INITIAL_SHARE) / max(1, total_steps - 1))
+    largest_decay = math.exp(math.log(EMA_MAX_INITIAL_SHARE) / max(1, total_steps - 2))
     return (
-        f"training.ema_decay {training.ema_decay} without training.ema_warmup keeps {share:.0%} of the random "
-        f"initialisation in the EMA after this run's {total_steps} optimizer steps; turn ema_warmup on or use "
-        f"a decay of at most {largest_decay:.5f}"
+        f"training.ema_decay {training.ema_decay} without training.ema_warmup keeps {share:.0%} of the early, "
+        f"near-random weights in the EMA after this run's {total_steps} optimizer steps; turn ema_warmup on or "
+        f"use a decay of at most {largest_decay:.5f}"
     )
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tasks.augment import BatchAugmenter, BatchMixer
 from tasks.checkpoints import (
     BEST_WEIGHTS,
     EMA_WEIGHTS,
@@ -194,13 +195,11 @@ def fit_to_cores(context: WorkerContext, config: PipelineConfig) -> tuple[int, i
     return threads, loaders
 
 
-def build_mixer(config: PipelineConfig, num_classes: int, generator: torch.Generator):
+def build_mixer(config: PipelineConfig, num_classes: int, seed: int) -> BatchMixer | None:
     """Mixup/CutMix on the device for any batch size, or None when the recipe does not mix."""
     if not uses_mixing(config):
         return None
-    from tasks.augment import BatchMixer
-
-    return BatchMixer(config.data.augment, num_classes, generator)
+    return BatchMixer(config.data.augment, num_classes=num_classes, rng=np.random.default_rng(seed))
 
 
 def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
@@ -310,12 +309,9 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
     seed = epoch_seed(training.seed, epoch, context.rank)
     seed_everything(seed)
     trainer.train_stream.set_epoch(epoch)
-    augmenter = None
-    if trainer.device_augment:
-        from tasks.augment import BatchAugmenter
-
-        augmenter = BatchAugmenter(config.data.augment, torch.Generator().manual_seed(seed))
-    mixer = build_mixer(config, trainer.num_classes, torch.Generator().manual_seed(seed))
+    augmenter = BatchAugmenter(config.data.augment, torch.Generator().manual_seed(seed)) \
+        if trainer.device_augment else None
+    mixer = build_mixer(config, trainer.num_classes, seed)
     accuracy_name = "train_acc_dominant_label" if mixer is not None else "train_acc"
     sums = DeviceSums(("loss", "correct", "samples", "base", "distillation", "nonfinite"), context.device)
     rows: list[tuple[dict, int]] = []

@@ -3,8 +3,7 @@ import random
 import pytest
 import torch
 
-from tasks.config import AugmentConfig
-from tasks.loader import BatchAugmenter, ShardStream, batches_per_rank, make_loader, normalize, plan_worker
+from tasks.loader import ShardStream, batches_per_rank, make_loader, normalize, plan_worker
 
 from .conftest import SUBSET_TEST, SUBSET_TRAIN
 
@@ -94,37 +93,6 @@ def test_shuffle_is_seeded_and_changes_per_epoch(subset_shards):
     assert epoch0 != epoch1 and sorted(epoch0[0]) == sorted(epoch1[0])
     evaluation, _ = _collect(subset_shards, "test", False, world_size=1, workers=0)
     assert evaluation == _collect(subset_shards, "test", False, world_size=1, workers=0, epoch=5)[0]
-
-
-def test_augmenter_crops_within_padding_and_flips():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
-    crop_only = BatchAugmenter(AugmentConfig(crop_padding=2, hflip=False), torch.Generator().manual_seed(0))
-    for _ in range(10):
-        out = crop_only(images)
-        assert out.shape == images.shape
-        # Every output row is a (zero-padded) shifted window of the input.
-        for n in range(2):
-            found = any(
-                torch.equal(
-                    out[n],
-                    torch.nn.functional.pad(images[n], (2, 2, 2, 2))[:, dy : dy + 8, dx : dx + 8],
-                )
-                for dy in range(5)
-                for dx in range(5)
-            )
-            assert found
-    flip_only = BatchAugmenter(AugmentConfig(crop_padding=0, hflip=True), torch.Generator().manual_seed(0))
-    outs = [flip_only(images) for _ in range(20)]
-    assert all(torch.equal(o[0], images[0]) or torch.equal(o[0], images[0].flip(-1)) for o in outs)
-    assert any(torch.equal(o[0], images[0].flip(-1)) for o in outs)
-    assert any(torch.equal(o[0], images[0]) for o in outs)
-
-
-@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
-def test_auto_augment_policies_keep_shape_and_dtype(policy):
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    out = BatchAugmenter(AugmentConfig(auto_augment=policy), torch.Generator().manual_seed(0))(images)
-    assert out.shape == images.shape and out.dtype == torch.uint8
 
 
 def test_normalize_matches_reference():
