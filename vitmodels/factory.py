@@ -12,6 +12,7 @@ from timm.data import (
 )
 from timm.models import generate_default_cfgs, get_pretrained_cfg
 
+# per-channel statistics of the CIFAR-10 training images (the one home of these numbers)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -26,12 +27,27 @@ IMAGENET_DEFAULT_CFG = dict(
 # timm's vit_*_patch16_224 weights (augreg) were trained with inception normalisation
 IMAGENET_INCEPTION_CFG = dict(IMAGENET_DEFAULT_CFG, mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD)
 
+PAPERS = {
+    "vit": ("An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale", "arXiv:2010.11929"),
+    "deit": ("Training data-efficient image transformers & distillation through attention", "arXiv:2012.12877"),
+    "swin": ("Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", "arXiv:2103.14030"),
+    "resnet": ("Deep Residual Learning for Image Recognition", "arXiv:1512.03385"),
+}
 
-def make_default_cfgs(presets: dict[str, dict], classifier, first_conv="patch_embed.proj",
-                      fixed_input_size=True):
-    """timm default_cfgs for a family; `classifier` names the head(s) timm drops when num_classes changes."""
+
+def make_default_cfgs(presets: dict[str, dict], *, classifier: str | tuple[str, ...], paper: str,
+                      first_conv: str = "patch_embed.proj", fixed_input_size: bool = True,
+                      pool_size: tuple[int, int] | None = None):
+    """timm default_cfgs for a family, with every field timm's own cfgs of the family set.
+
+    `classifier` names the head(s) timm drops when num_classes changes; `pool_size` is the final feature map
+    pooled by the head (None for token models), a preset's own value winning.
+    """
+    paper_name, paper_id = PAPERS[paper]
     return generate_default_cfgs({
-        name: dict(cfg, classifier=classifier, first_conv=first_conv, fixed_input_size=fixed_input_size)
+        name: dict(dict(pool_size=pool_size), **cfg, classifier=classifier, first_conv=first_conv,
+                   fixed_input_size=fixed_input_size, license="apache-2.0", paper_name=paper_name,
+                   paper_ids=paper_id, origin_url="https://github.com/vit-pipeline/vit-pipeline")
         for name, cfg in presets.items()
     })
 
