@@ -7,6 +7,7 @@ from .capture import capture_attention
 from .deit import DistilledVisionTransformer
 from .factory import CIFAR10_MEAN, CIFAR10_STD, create_model
 from .losses import DistillationLoss
+from .pretrained import CheckpointMismatchError, LoadReport, adapt_state_dict, load_pretrained, read_state_dict
 from .resnet import ResNet
 from .swin import SwinAttentionMap, SwinTransformer
 from .vision_transformer import VisionTransformer
@@ -14,12 +15,17 @@ from .vision_transformer import VisionTransformer
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "CheckpointMismatchError",
     "DistillationLoss",
     "DistilledVisionTransformer",
+    "LoadReport",
     "ResNet",
     "SwinAttentionMap",
     "SwinTransformer",
     "VisionTransformer",
+    "adapt_state_dict",
     "capture_attention",
     "create_model",
+    "load_pretrained",
+    "read_state_dict",
 ]
