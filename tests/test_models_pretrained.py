@@ -177,6 +177,17 @@ def test_swin_tables_resampled_to_smaller_windows(tmp_path):
     assert "layers.0.blocks.0.attn.relative_position_index" in load_pretrained(model, with_buffers).dropped
 
 
+@pytest.mark.parametrize("name", ["vp_vit_tiny_patch4_32", "vp_deit_tiny_distilled_patch4_32"])
+def test_a_checkpoint_of_the_same_shape_loads_bit_for_bit(name):
+    kwargs = dict(depth=1, img_size=(32, 48))  # a 8x12 grid: nothing may assume square grids
+    source = scramble_(timm.create_model(name, **kwargs))
+    model = timm.create_model(name, **kwargs)
+    report = load_pretrained(model, source.state_dict())
+    assert report.summary() == "loaded as is"
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_a_headless_checkpoint_leaves_the_head_at_init(tmp_path):
     source = timm.create_model("vp_vit_tiny_patch4_32", num_classes=0, depth=1)
     model = timm.create_model("vp_vit_tiny_patch4_32", depth=1)

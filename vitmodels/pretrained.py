@@ -177,17 +177,17 @@ def _prefix_kinds(state: Mapping[str, torch.Tensor]) -> list[str]:
     return kinds
 
 
-def _adapt_pos_embed(model: nn.Module, checkpoint: Mapping[str, torch.Tensor], target: torch.Tensor,
-                     report: LoadReport) -> torch.Tensor:
-    source = checkpoint["pos_embed"]
+def _adapt_pos_embed(model: nn.Module, checkpoint: Mapping[str, torch.Tensor],
+                     target_state: Mapping[str, torch.Tensor], report: LoadReport) -> torch.Tensor:
+    source, target = checkpoint["pos_embed"], target_state["pos_embed"]
+    kinds, model_kinds = _prefix_kinds(checkpoint), _prefix_kinds(target_state)
+    if source.shape == target.shape and kinds == model_kinds:
+        return source  # the same layout (whatever the grid's shape): nothing to resample
     new_grid = tuple(model.patch_embed.grid_size)
-    model_prefix = target.shape[1] - new_grid[0] * new_grid[1]
-    kinds = _prefix_kinds(checkpoint)
+    model_kinds = model_kinds[:target.shape[1] - new_grid[0] * new_grid[1]]  # none with no_embed_class
     # a checkpoint's position embedding covers its prefix tokens or none of them (timm's no_embed_class)
-    covered = len(kinds) if math.isqrt(source.shape[1] - len(kinds)) ** 2 == source.shape[1] - len(kinds) else 0
-    model_kinds = _prefix_kinds(model.state_dict())[:model_prefix]
-    if source.shape == target.shape and kinds[:covered] == model_kinds:
-        return source
+    patches = source.shape[1] - len(kinds)
+    covered = len(kinds) if math.isqrt(patches) ** 2 == patches else 0
     resampled = resample_pos_embed(source, new_grid, num_prefix_tokens=covered)
     rows = {kind: resampled[:, i:i + 1] for i, kind in enumerate(kinds[:covered])}
     prefix = []
@@ -208,11 +208,12 @@ def _adapt_pos_embed(model: nn.Module, checkpoint: Mapping[str, torch.Tensor], t
     return adapted
 
 
-def _adapt(model: nn.Module, key: str, value: torch.Tensor, target: torch.Tensor,
-           checkpoint: Mapping[str, torch.Tensor], report: LoadReport) -> torch.Tensor | None:
+def _adapt(model: nn.Module, key: str, checkpoint: Mapping[str, torch.Tensor],
+           target_state: Mapping[str, torch.Tensor], report: LoadReport) -> torch.Tensor | None:
     """The checkpoint's value for `key` shaped for the model, or None when no rule explains the difference."""
     if key == "pos_embed":
-        return _adapt_pos_embed(model, checkpoint, target, report)
+        return _adapt_pos_embed(model, checkpoint, target_state, report)
+    value, target = checkpoint[key], target_state[key]
     if value.shape == target.shape:
         return value
     if key.endswith("patch_embed.proj.weight") and value.shape[:2] == target.shape[:2]:
@@ -249,7 +250,7 @@ def adapt_state_dict(model: nn.Module, checkpoint: Mapping[str, torch.Tensor]
                 unexpected.append(key)
         elif is_head(key) and value.shape != target[key].shape:
             report.replaced.append(key)
-        elif (fitted := _adapt(model, key, value, target[key], checkpoint, report)) is not None:
+        elif (fitted := _adapt(model, key, checkpoint, target, report)) is not None:
             adapted[key] = fitted
         else:
             mismatched.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(target[key].shape)})")
