@@ -391,6 +391,7 @@ def test_fx_feature_extractor_equals_eager(name):
     assert extractor.train()(x)  # the training graph runs too
 
 
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in train mode")
 @pytest.mark.parametrize("name", MODELS)
 def test_capture_and_timm_attention_extract_agree(name):
     model = build(name)
