@@ -8,6 +8,7 @@ import math
 import pytest
 import timm
 import torch
+from timm.models import model_entrypoint
 from timm.models.deit import VisionTransformerDistilled as TimmDeiT
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -41,18 +42,8 @@ IMAGENET_PRESETS = {
     "vp_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224",
     "vp_swin_base_patch4_window7_224": "swin_base_patch4_window7_224",
 }
-# names from before every preset took the vp_ prefix (and the distilled 224 preset its "distilled"): users
-# have them in configs
-OLD_NAMES = {
-    "vit_tiny_patch4_32": "vp_vit_tiny_patch4_32",
-    "vit_small_patch4_32": "vp_vit_small_patch4_32",
-    "deit_tiny_distilled_patch4_32": "vp_deit_tiny_distilled_patch4_32",
-    "deit_small_distilled_patch4_32": "vp_deit_small_distilled_patch4_32",
-    "vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224",
-    "swin_tiny_patch2_window4_32": "vp_swin_tiny_patch2_window4_32",
-    "resnet18_cifar": "vp_resnet18_cifar",
-    "resnet50_cifar": "vp_resnet50_cifar",
-}
+# the distilled 224 preset's name before it said "distilled": users may have it in configs
+OLD_NAMES = {"vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224"}
 
 
 def image(*size: int) -> torch.Tensor:
@@ -130,7 +121,7 @@ def test_resnet_cifar_matches_timm_resnet_with_the_same_stem(global_pool):
     reference.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
     reference.maxpool = nn.Identity()
     scramble_(reference).eval()
-    ours = timm.create_model("vp_resnet18_cifar", global_pool=global_pool).eval()
+    ours = timm.create_model("resnet18_cifar", global_pool=global_pool).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = image(2, 3, 32, 32)
     with torch.no_grad():
@@ -176,10 +167,13 @@ def test_old_names_still_build_the_same_architecture(old_name, name):
     assert old_name not in our_model_names()  # one entry per architecture in listings
 
 
-def test_every_preset_is_named_vp_and_says_what_it_is():
-    names = our_model_names()
-    assert names and all(name.startswith("vp_") for name in names)
-    for name in names:
+def test_vp_marks_exactly_the_presets_whose_name_timm_also_registers_and_names_say_what_they_are():
+    ours = our_model_names()
+    timm_own = {name for name in timm.list_models() if not model_entrypoint(name).__module__.startswith("vitmodels")}
+    assert ours
+    for name in ours:
+        # vp_vit_base_patch16_224 is our build of timm's vit_base_patch16_224; vit_tiny_patch4_32 has no twin
+        assert name.startswith("vp_") == (name.removeprefix("vp_") in timm_own), name
         with torch.device("meta"):
             distilled = isinstance(timm.create_model(name), DistilledVisionTransformer)
         assert distilled == ("distilled" in name), name
@@ -290,7 +284,7 @@ def test_init_follows_timm():
     assert model.blocks[0].attn.qkv.bias.abs().max() == 0
     swin = SwinTransformer(**TINY_SWIN)
     assert 0.01 < swin.layers[0].blocks[0].attn.relative_position_bias_table.std() < 0.03
-    resnet = timm.create_model("vp_resnet18_cifar")
+    resnet = timm.create_model("resnet18_cifar")
     assert resnet.layer1[0].bn2.weight.abs().max() == 0  # residual branches start as identity
 
 
@@ -427,8 +421,8 @@ def test_no_distillation_uses_the_averaged_heads_and_soft_targets():
 
 
 def test_distillation_trains_a_real_deit_against_a_resnet_teacher():
-    student = timm.create_model("vp_deit_tiny_distilled_patch4_32", depth=1).train()
-    teacher = timm.create_model("vp_resnet18_cifar").train()
+    student = timm.create_model("deit_tiny_distilled_patch4_32", depth=1).train()
+    teacher = timm.create_model("resnet18_cifar").train()
     loss_fn = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", alpha=0.5, tau=1.0)
     x = image(2, 3, 32, 32)
     loss = loss_fn(x, student(x), torch.tensor([1, 2]))
@@ -441,12 +435,12 @@ def test_distillation_trains_a_real_deit_against_a_resnet_teacher():
 
 def test_resnet_channels_and_drop_path_follow_timm_keywords():
     kwargs = dict(channels=(16, 32, 64, 128))
-    narrow = scramble_(timm.create_model("vp_resnet18_cifar", drop_path_rate=0.2, **kwargs))
+    narrow = scramble_(timm.create_model("resnet18_cifar", drop_path_rate=0.2, **kwargs))
     assert narrow.conv1.out_channels == 16 and narrow.fc.in_features == 128
     rates = [block.drop_path.drop_prob if isinstance(block.drop_path, DropPath) else 0.0
              for stage in narrow.stages() for block in stage]
     assert rates == pytest.approx(torch.linspace(0, 0.2, 8).tolist())  # linear in depth, 0 at the first block
-    plain = timm.create_model("vp_resnet18_cifar", drop_path_rate=0.0, **kwargs)
+    plain = timm.create_model("resnet18_cifar", drop_path_rate=0.0, **kwargs)
     plain.load_state_dict(narrow.state_dict())
     x = image(4, 3, 32, 32)
     with torch.no_grad():
@@ -454,4 +448,4 @@ def test_resnet_channels_and_drop_path_follow_timm_keywords():
         torch.manual_seed(0)
         assert not torch.allclose(narrow.train()(x), narrow(x))  # training: each call draws its own paths
     with pytest.raises(ValueError, match="one width per stage"):
-        timm.create_model("vp_resnet18_cifar", channels=(16, 32))
+        timm.create_model("resnet18_cifar", channels=(16, 32))

@@ -85,7 +85,7 @@ def timm_vit_small():
 def test_timm_vit_small_224_checkpoint_fine_tunes_our_32px_vit_small(tmp_path, timm_vit_small, suffix, caplog):
     path = save(timm_vit_small, tmp_path / f"vit_small{suffix}", wrap=True)
     with caplog.at_level(logging.INFO, logger="vitmodels"):
-        model = create_model("vp_vit_small_patch4_32", num_classes=10, pretrained_file=path, depth=2)
+        model = create_model("vit_small_patch4_32", num_classes=10, pretrained_file=path, depth=2)
     resampled = {"pos_embed", "patch_embed.proj.weight"}
     assert model.pos_embed.shape == (1, 1 + 8 * 8, 384) and model.patch_embed.proj.weight.shape == (384, 3, 4, 4)
     assert model.head.weight.shape == (10, 384)
@@ -102,13 +102,13 @@ def test_timm_vit_small_224_checkpoint_fine_tunes_our_32px_vit_small(tmp_path, t
 
 def test_num_classes_none_keeps_the_checkpoints_head(tmp_path, timm_vit_small):
     path = save(timm_vit_small, tmp_path / "vit_small.safetensors")
-    model = create_model("vp_vit_small_patch4_32", pretrained_file=path, depth=2)
+    model = create_model("vit_small_patch4_32", pretrained_file=path, depth=2)
     assert model.num_classes == 1000 and torch.equal(model.head.weight, timm_vit_small["head.weight"])
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_our_checkpoint_into_timms_own_model(tmp_path, suffix):
-    source = scramble_(timm.create_model("vp_vit_tiny_patch4_32", num_classes=100, depth=2))
+    source = scramble_(timm.create_model("vit_tiny_patch4_32", num_classes=100, depth=2))
     path = save(source.state_dict(), tmp_path / f"ours{suffix}")
     model = create_model("vit_tiny_patch16_224", num_classes=100, pretrained_file=path, depth=2)
     assert model.pos_embed.shape == (1, 1 + 14 * 14, 192) and model.patch_embed.proj.weight.shape[-1] == 16
@@ -123,7 +123,7 @@ def test_our_checkpoint_into_timms_own_model(tmp_path, suffix):
 def test_plain_vit_checkpoint_starts_a_deits_distillation_token_and_head(tmp_path):
     source = scramble_(timm.create_model("vit_tiny_patch16_224", depth=1))
     path = save(source.state_dict(), tmp_path / "vit.safetensors")
-    deit = timm.create_model("vp_deit_tiny_distilled_patch4_32", num_classes=1000, depth=1)
+    deit = timm.create_model("deit_tiny_distilled_patch4_32", num_classes=1000, depth=1)
     report = load_pretrained(deit, path)
     assert torch.equal(deit.dist_token, source.cls_token)
     assert torch.equal(deit.head_dist.weight, source.head.weight) and torch.equal(deit.head.weight,
@@ -133,13 +133,13 @@ def test_plain_vit_checkpoint_starts_a_deits_distillation_token_and_head(tmp_pat
                                   "dist_token": "cls_token", "head_dist.weight": "head.weight",
                                   "head_dist.bias": "head.bias"}
     # another class count: both heads start from the same fresh classifier
-    fresh = create_model("vp_deit_tiny_distilled_patch4_32", num_classes=10, pretrained_file=path, depth=1)
+    fresh = create_model("deit_tiny_distilled_patch4_32", num_classes=10, pretrained_file=path, depth=1)
     assert torch.equal(fresh.head_dist.weight, fresh.head.weight) and fresh.head.weight.shape == (10, 192)
 
 
 def test_deit_checkpoint_into_a_plain_vit_drops_the_distillation_parts(tmp_path):
     source = scramble_(timm.create_model("deit_tiny_distilled_patch16_224", depth=1))
-    vit = timm.create_model("vp_vit_tiny_patch4_32", num_classes=1000, depth=1)
+    vit = timm.create_model("vit_tiny_patch4_32", num_classes=1000, depth=1)
     report = load_pretrained(vit, source.state_dict())
     assert set(report.dropped) == {"dist_token", "head_dist.weight", "head_dist.bias"}
     assert torch.equal(vit.head.weight, source.head.weight)
@@ -147,9 +147,9 @@ def test_deit_checkpoint_into_a_plain_vit_drops_the_distillation_parts(tmp_path)
 
 
 def test_deit_heads_replaced_for_another_class_count(tmp_path):
-    source = timm.create_model("vp_deit_tiny_distilled_patch4_32", num_classes=100, depth=1)
+    source = timm.create_model("deit_tiny_distilled_patch4_32", num_classes=100, depth=1)
     path = save(source.state_dict(), tmp_path / "deit.safetensors")
-    model = create_model("vp_deit_tiny_distilled_patch4_32", num_classes=10, pretrained_file=path, depth=1)
+    model = create_model("deit_tiny_distilled_patch4_32", num_classes=10, pretrained_file=path, depth=1)
     assert model.head.weight.shape == model.head_dist.weight.shape == (10, 192)
     assert torch.equal(model.dist_token, source.dist_token)
 
@@ -177,7 +177,7 @@ def test_swin_tables_resampled_to_smaller_windows(tmp_path):
     assert "layers.0.blocks.0.attn.relative_position_index" in load_pretrained(model, with_buffers).dropped
 
 
-@pytest.mark.parametrize("name", ["vp_vit_tiny_patch4_32", "vp_deit_tiny_distilled_patch4_32"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32"])
 def test_a_checkpoint_of_the_same_shape_loads_bit_for_bit(name):
     kwargs = dict(depth=1, img_size=(32, 48))  # a 8x12 grid: nothing may assume square grids
     source = scramble_(timm.create_model(name, **kwargs))
@@ -189,8 +189,8 @@ def test_a_checkpoint_of_the_same_shape_loads_bit_for_bit(name):
 
 
 def test_a_headless_checkpoint_leaves_the_head_at_init(tmp_path):
-    source = timm.create_model("vp_vit_tiny_patch4_32", num_classes=0, depth=1)
-    model = timm.create_model("vp_vit_tiny_patch4_32", depth=1)
+    source = timm.create_model("vit_tiny_patch4_32", num_classes=0, depth=1)
+    model = timm.create_model("vit_tiny_patch4_32", depth=1)
     head = model.head.weight.clone()
     report = load_pretrained(model, source.state_dict())
     assert report.missing == ["head.weight", "head.bias"] and torch.equal(model.head.weight, head)
@@ -213,7 +213,7 @@ def test_pretrained_file_never_unpickles_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": VisionTransformer(**TINY_VIT).state_dict(), "payload": ArbitraryObject()}, path)
     with pytest.raises(pickle.UnpicklingError):
-        create_model("vp_vit_tiny_patch4_32", pretrained_file=path, **TINY_VIT)
+        create_model("vit_tiny_patch4_32", pretrained_file=path, **TINY_VIT)
     assert not ArbitraryObject.unpickled
 
 
@@ -226,4 +226,4 @@ class ArbitraryObject:
 
 def test_pretrained_without_file_or_hub_weights_fails_clearly():
     with pytest.raises(RuntimeError, match="pretrained_file"):
-        create_model("vp_vit_tiny_patch4_32", pretrained=True)
+        create_model("vit_tiny_patch4_32", pretrained=True)

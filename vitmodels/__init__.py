@@ -1,7 +1,8 @@
 """ViT, DeiT, Swin and CIFAR ResNet models with timm-compatible parameter names and timm's model API.
 
-Importing the package registers the presets with timm, so timm.create_model("vp_vit_tiny_patch4_32") works.
-Every preset is named vp_<timm-style name>; the names from before the prefix still build the same models.
+Importing the package registers the presets with timm, so timm.create_model("vit_tiny_patch4_32") works.
+Names follow timm's scheme; a vp_ prefix marks our build of an architecture timm registers under the same
+name (vp_vit_base_patch16_224 is timm's vit_base_patch16_224), so both can be registered side by side.
 """
 from .capture import capture_attention
 from .deit import DistilledVisionTransformer

@@ -85,24 +85,24 @@ def _create(variant: str, pretrained: bool, **kwargs) -> DistilledVisionTransfor
 
 
 default_cfgs = make_default_cfgs({
-    "vp_deit_tiny_distilled_patch4_32": CIFAR10_CFG,
-    "vp_deit_small_distilled_patch4_32": CIFAR10_CFG,
+    "deit_tiny_distilled_patch4_32": CIFAR10_CFG,
+    "deit_small_distilled_patch4_32": CIFAR10_CFG,
     "vp_deit_small_distilled_patch16_224": IMAGENET_DEFAULT_CFG,
 }, classifier=("head", "head_dist"), pool_size=None, paper="deit")
 
 
 @register_model
-def vp_deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs) -> DistilledVisionTransformer:
+def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs) -> DistilledVisionTransformer:
     """DeiT-Ti/4 distilled for 32x32 inputs: 64 patch tokens + class + distillation token."""
     args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3)
-    return _create("vp_deit_tiny_distilled_patch4_32", pretrained, **{**args, **kwargs})
+    return _create("deit_tiny_distilled_patch4_32", pretrained, **{**args, **kwargs})
 
 
 @register_model
-def vp_deit_small_distilled_patch4_32(pretrained: bool = False, **kwargs) -> DistilledVisionTransformer:
+def deit_small_distilled_patch4_32(pretrained: bool = False, **kwargs) -> DistilledVisionTransformer:
     """DeiT-S/4 distilled for 32x32 inputs."""
     args = dict(patch_size=4, embed_dim=384, depth=12, num_heads=6)
-    return _create("vp_deit_small_distilled_patch4_32", pretrained, **{**args, **kwargs})
+    return _create("deit_small_distilled_patch4_32", pretrained, **{**args, **kwargs})
 
 
 @register_model
@@ -112,9 +112,5 @@ def vp_deit_small_distilled_patch16_224(pretrained: bool = False, **kwargs) -> D
     return _create("vp_deit_small_distilled_patch16_224", pretrained, **{**args, **kwargs})
 
 
-# earlier names (before the vp_ prefix, and the 224 preset without "distilled"); they build the same models
-register_model_deprecations(__name__, {
-    "deit_tiny_distilled_patch4_32": "vp_deit_tiny_distilled_patch4_32",
-    "deit_small_distilled_patch4_32": "vp_deit_small_distilled_patch4_32",
-    "vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224",
-})
+# the distilled 224 preset's earlier name, without "distilled"; it builds the same model
+register_model_deprecations(__name__, {"vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224"})

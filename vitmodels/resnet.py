@@ -8,7 +8,7 @@ and whose maxpool is removed shares the state_dict.
 from collections.abc import Sequence
 
 import torch
-from timm.models import build_model_with_cfg, register_model, register_model_deprecations
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from .factory import CIFAR10_CFG, make_default_cfgs
@@ -229,24 +229,19 @@ def _create(variant: str, pretrained: bool, **kwargs) -> ResNet:
 default_cfgs = make_default_cfgs(
     # pool_size: the last stage's map at 32 px (stride 8); a CNN takes any size, but we test at the train size
     {name: dict(CIFAR10_CFG, pool_size=(4, 4), test_input_size=CIFAR10_CFG["input_size"], test_crop_pct=1.0)
-     for name in ("vp_resnet18_cifar", "vp_resnet50_cifar")},
+     for name in ("resnet18_cifar", "resnet50_cifar")},
     classifier="fc", first_conv="conv1", fixed_input_size=False, paper="resnet",
 )
 
 
 @register_model
-def vp_resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 with the CIFAR stem."""
-    return _create("vp_resnet18_cifar", pretrained, **{**dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs})
+    return _create("resnet18_cifar", pretrained, **{**dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs})
 
 
 @register_model
-def vp_resnet50_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+def resnet50_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with the CIFAR stem."""
-    return _create("vp_resnet50_cifar", pretrained, **{**dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs})
+    return _create("resnet50_cifar", pretrained, **{**dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs})
 
-
-register_model_deprecations(__name__, {
-    "resnet18_cifar": "vp_resnet18_cifar",
-    "resnet50_cifar": "vp_resnet50_cifar",
-})

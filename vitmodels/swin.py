@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from timm.models import build_model_with_cfg, register_model, register_model_deprecations
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from .factory import CIFAR10_CFG, IMAGENET_DEFAULT_CFG, make_default_cfgs
@@ -425,19 +425,19 @@ def _create(variant: str, pretrained: bool, **kwargs) -> SwinTransformer:
 
 default_cfgs = make_default_cfgs({
     # pool_size: the last stage's token grid
-    "vp_swin_tiny_patch2_window4_32": dict(CIFAR10_CFG, pool_size=(4, 4)),
+    "swin_tiny_patch2_window4_32": dict(CIFAR10_CFG, pool_size=(4, 4)),
     "vp_swin_tiny_patch4_window7_224": dict(IMAGENET_DEFAULT_CFG, pool_size=(7, 7)),
     "vp_swin_base_patch4_window7_224": dict(IMAGENET_DEFAULT_CFG, pool_size=(7, 7)),
 }, classifier="head.fc", paper="swin")
 
 
 @register_model
-def vp_swin_tiny_patch2_window4_32(pretrained: bool = False, **kwargs) -> SwinTransformer:
+def swin_tiny_patch2_window4_32(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Swin-T widths for 32x32 inputs. 2x2 patches give a 16x16 grid; three stages at 16x16, 8x8 and 4x4
     tokens hold 16, 4 and 1 windows of 4x4 (a fourth stage would be a 2x2 map, smaller than a window).
     12 blocks and 3/6/12 heads as Swin-T's first three stages; the last stage is one window, never shifted."""
     args = dict(patch_size=2, window_size=4, embed_dim=96, depths=(2, 6, 4), num_heads=(3, 6, 12))
-    return _create("vp_swin_tiny_patch2_window4_32", pretrained, **{**args, **kwargs})
+    return _create("swin_tiny_patch2_window4_32", pretrained, **{**args, **kwargs})
 
 
 @register_model
@@ -453,5 +453,3 @@ def vp_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> SwinT
     args = dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
     return _create("vp_swin_base_patch4_window7_224", pretrained, **{**args, **kwargs})
 
-
-register_model_deprecations(__name__, {"swin_tiny_patch2_window4_32": "vp_swin_tiny_patch2_window4_32"})

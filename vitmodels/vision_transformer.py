@@ -9,7 +9,7 @@ forward_intermediates, features_only, group_matcher (see README "Models").
 from collections.abc import Sequence
 
 import torch
-from timm.models import build_model_with_cfg, register_model, register_model_deprecations
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from .factory import CIFAR10_CFG, IMAGENET_INCEPTION_CFG, make_default_cfgs
@@ -341,8 +341,8 @@ def _create(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
 
 
 default_cfgs = make_default_cfgs({
-    "vp_vit_tiny_patch4_32": CIFAR10_CFG,
-    "vp_vit_small_patch4_32": CIFAR10_CFG,
+    "vit_tiny_patch4_32": CIFAR10_CFG,
+    "vit_small_patch4_32": CIFAR10_CFG,
     "vp_vit_small_patch16_224": IMAGENET_INCEPTION_CFG,
     "vp_vit_base_patch16_224": IMAGENET_INCEPTION_CFG,
     "vp_vit_large_patch16_224": IMAGENET_INCEPTION_CFG,
@@ -350,17 +350,17 @@ default_cfgs = make_default_cfgs({
 
 
 @register_model
-def vp_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Ti/4 for 32x32 inputs: 64 patch tokens + class token."""
     args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3)
-    return _create("vp_vit_tiny_patch4_32", pretrained, **{**args, **kwargs})
+    return _create("vit_tiny_patch4_32", pretrained, **{**args, **kwargs})
 
 
 @register_model
-def vp_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-S/4 for 32x32 inputs."""
     args = dict(patch_size=4, embed_dim=384, depth=12, num_heads=6)
-    return _create("vp_vit_small_patch4_32", pretrained, **{**args, **kwargs})
+    return _create("vit_small_patch4_32", pretrained, **{**args, **kwargs})
 
 
 @register_model
@@ -383,9 +383,3 @@ def vp_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransf
     args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
     return _create("vp_vit_large_patch16_224", pretrained, **{**args, **kwargs})
 
-
-# names before every vitmodels preset took the vp_ prefix; they still build the same models (with a warning)
-register_model_deprecations(__name__, {
-    "vit_tiny_patch4_32": "vp_vit_tiny_patch4_32",
-    "vit_small_patch4_32": "vp_vit_small_patch4_32",
-})
