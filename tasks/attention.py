@@ -1,7 +1,7 @@
 """Attention-map step: where each transformer looks, on a fixed set of test images.
 
-The maps come from the attention probabilities the vitmodels architectures return on request
-(forward(x, return_attention=True)), so what is drawn is exactly what the forward pass used.
+The maps are the attention probabilities of the forward pass itself, collected by
+vitmodels.capture_attention, so what is drawn is exactly what the model multiplied its values with.
 ViT/DeiT: the prefix tokens' (class, and for DeiT distillation) attention over the patches in the
 last block, per head and head-averaged, and the attention rollout through all blocks.
 Swin: per stage, the attention each token receives inside its window, put back on the token grid.
@@ -27,7 +27,7 @@ from tasks.loader import ShardStream, normalize
 from tasks.recipe import trained_weights
 from tasks.shard import read_manifest
 from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
-from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer
+from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer, capture_attention
 from vitmodels.swin import window_merge
 
 matplotlib.use("Agg")  # files only: no display on workers or CI
@@ -139,8 +139,8 @@ def swin_panels(maps: list[SwinAttentionMap]) -> list[Panel]:
 
 def model_panels(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, list[Panel]]:
     """Logits and attention panels of a vitmodels ViT/DeiT/Swin for a normalised batch."""
-    with torch.inference_mode():
-        logits, maps = model(inputs, return_attention=True)
+    with torch.inference_mode(), capture_attention(model) as maps:
+        logits = model(inputs)
     if isinstance(model, SwinTransformer):
         return logits, swin_panels(maps)
     return logits, vit_panels(maps, model.num_prefix_tokens, model.patch_embed.grid_size)

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from timm.models import model_entrypoint
 
-from vitmodels.factory import CIFAR10_MEAN, CIFAR10_STD
+from vitmodels import CIFAR10_MEAN, CIFAR10_STD
 
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

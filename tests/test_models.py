@@ -1,55 +1,54 @@
-"""vitmodels: parity with timm, attention maps, distillation loss, registration and fine-tuning loads."""
+"""vitmodels: parity with timm, attention maps, distillation loss, registration and names.
+
+The timm model API over every registered model: test_models_api.py; checkpoint loading: test_models_pretrained.py.
+"""
+import inspect
 import math
-import pickle
 
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from timm.models import model_entrypoint
 from timm.models.deit import VisionTransformerDistilled as TimmDeiT
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
+from tasks.config import our_model_names
+from tests.helpers_models import one_thread, scramble_  # noqa: F401  (one_thread: an autouse fixture)
 from vitmodels import (
     DistillationLoss,
     DistilledVisionTransformer,
     SwinTransformer,
     VisionTransformer,
     capture_attention,
-    create_model,
 )
+from vitmodels.layers import Attention, DropPath, Mlp, PatchEmbed
+from vitmodels.resnet import BasicBlock, Bottleneck
+from vitmodels.swin import PatchMerging, SwinHead, SwinTransformerBlock, SwinTransformerStage, WindowAttention
+from vitmodels.vision_transformer import Block
 
 TINY_VIT = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2)
 TINY_SWIN = dict(img_size=16, patch_size=2, num_classes=10, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
                  window_size=4)
 
-CIFAR_PRESETS = [
-    "vit_tiny_patch4_32", "vit_small_patch4_32", "deit_tiny_distilled_patch4_32",
-    "deit_small_distilled_patch4_32", "swin_tiny_patch2_window4_32", "resnet18_cifar", "resnet50_cifar",
-]
+CIFAR_PRESETS = [name for name in our_model_names() if not name.endswith("_224")]
 # our 224 presets and the timm architecture each one mirrors
 IMAGENET_PRESETS = {
     "vp_vit_small_patch16_224": "vit_small_patch16_224",
     "vp_vit_base_patch16_224": "vit_base_patch16_224",
     "vp_vit_large_patch16_224": "vit_large_patch16_224",
-    "vp_deit_small_patch16_224": "deit_small_distilled_patch16_224",
+    "vp_deit_small_distilled_patch16_224": "deit_small_distilled_patch16_224",
     "vp_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224",
     "vp_swin_base_patch4_window7_224": "swin_base_patch4_window7_224",
 }
+# the distilled 224 preset's name before it said "distilled": users may have it in configs
+OLD_NAMES = {"vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224"}
 
 
 def image(*size: int) -> torch.Tensor:
     return torch.randn(*size, generator=torch.Generator().manual_seed(0))
 
-
-def scramble_(model: nn.Module) -> nn.Module:
-    """Random values in every parameter: at init, near-zero heads and identity LayerNorms would hide bugs."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return model
 
 
 # --- parity with timm ------------------------------------------------------------------------------------
@@ -74,6 +73,13 @@ PARITY_CASES = [
     (TimmSwin, SwinTransformer,
      dict(img_size=(112, 224), patch_size=4, num_classes=5, embed_dim=16, depths=(2, 2, 2),
           num_heads=(1, 2, 2), window_size=7), (1, 3, 112, 224)),
+    # every other head timm's families offer: pooled tokens (the final norm moves after the pool), attention
+    # pooling ('map', 'prr'), no pooling, an explicit norm placement; Swin's pooled grids
+    *[(TimmViT, VisionTransformer, dict(TINY_VIT, global_pool=pool), (2, 3, 32, 32))
+      for pool in ("avg", "max", "avgmax", "map", "prr", "")],
+    (TimmViT, VisionTransformer, dict(TINY_VIT, global_pool="avg", fc_norm=False), (2, 3, 32, 32)),
+    *[(TimmSwin, SwinTransformer, dict(TINY_SWIN, global_pool=pool), (2, 3, 16, 16))
+      for pool in ("max", "avgmax", "catavgmax", "")],
 ]
 
 
@@ -109,16 +115,18 @@ def test_deit_training_returns_both_heads_like_timm_distilled_training():
     torch.testing.assert_close(ours.eval()(x), (cls_logits + dist_logits) / 2, atol=1e-5, rtol=0)
 
 
-def test_resnet_cifar_matches_timm_resnet_with_the_same_stem():
-    reference = timm.create_model("resnet18", num_classes=10)
+@pytest.mark.parametrize("global_pool", ["avg", "max", "avgmax", "catavgmax"])
+def test_resnet_cifar_matches_timm_resnet_with_the_same_stem(global_pool):
+    reference = timm.create_model("resnet18", num_classes=10, global_pool=global_pool)
     reference.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
     reference.maxpool = nn.Identity()
     scramble_(reference).eval()
-    ours = timm.create_model("resnet18_cifar").eval()
+    ours = timm.create_model("resnet18_cifar", global_pool=global_pool).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = image(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-5)
+        assert ours.forward_head(ours.forward_features(x), pre_logits=True).shape == (2, reference.head_hidden_size)
 
 
 @pytest.mark.parametrize("ours_name,timm_name", IMAGENET_PRESETS.items())
@@ -140,7 +148,6 @@ def test_smallest_imagenet_preset_forwards_an_image():
 
 @pytest.mark.parametrize("name", CIFAR_PRESETS)
 def test_cifar_presets_build_through_timm_and_forward(name):
-    assert not name.startswith("vp_")
     model = timm.create_model(name).eval()
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 32, 32) and cfg["num_classes"] == 10
@@ -149,55 +156,91 @@ def test_cifar_presets_build_through_timm_and_forward(name):
         assert model(image(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("old_name,name", OLD_NAMES.items())
+def test_old_names_still_build_the_same_architecture(old_name, name):
+    with torch.device("meta"), pytest.warns(UserWarning, match=name):
+        old = timm.create_model(old_name, num_classes=7)
+    with torch.device("meta"):
+        new = timm.create_model(name, num_classes=7)
+    assert type(old) is type(new) and old.pretrained_cfg == new.pretrained_cfg
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
+    assert old_name not in our_model_names()  # one entry per architecture in listings
+
+
+def test_vp_marks_exactly_the_presets_whose_name_timm_also_registers_and_names_say_what_they_are():
+    ours = our_model_names()
+    timm_own = {name for name in timm.list_models() if not model_entrypoint(name).__module__.startswith("vitmodels")}
+    assert ours
+    for name in ours:
+        # vp_vit_base_patch16_224 is our build of timm's vit_base_patch16_224; vit_tiny_patch4_32 has no twin
+        assert name.startswith("vp_") == (name.removeprefix("vp_") in timm_own), name
+        with torch.device("meta"):
+            distilled = isinstance(timm.create_model(name), DistilledVisionTransformer)
+        assert distilled == ("distilled" in name), name
+
+
+@pytest.mark.parametrize("cls", [Attention, WindowAttention, Block, SwinTransformerBlock, SwinTransformerStage,
+                                 Mlp, PatchEmbed, PatchMerging, SwinHead, BasicBlock, Bottleneck])
+def test_building_blocks_take_their_hyper_parameters_by_name(cls):
+    """Two ints (or rates) side by side would swap silently: only the leading width may be positional."""
+    parameters = list(inspect.signature(cls).parameters.values())
+    positional = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY
+                  and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert len(positional) <= 1, positional
+    assert cls.__doc__ and "Args:" in cls.__doc__
+
+
 # --- attention maps --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_cls,prefix_tokens", [(VisionTransformer, 1), (DistilledVisionTransformer, 2)])
-def test_vit_attention_maps_on_request(model_cls, prefix_tokens):
+def test_vit_attention_maps_are_captured_from_a_plain_call(model_cls, prefix_tokens):
     model = scramble_(model_cls(**TINY_VIT)).eval()
     x = image(3, 3, 32, 32)
     with torch.no_grad():
         logits = model(x)
-        logits_with_maps, maps = model(x, return_attention=True)
-        with capture_attention(model) as captured:
+        with capture_attention(model) as maps:
             logits_in_context = model(x)
-    assert torch.equal(logits, logits_with_maps) and torch.equal(logits, logits_in_context)
+            model(x[:1])  # every call replaces the maps
+            assert maps[0].shape[0] == 1
+            model(x)
+    torch.testing.assert_close(logits_in_context, logits)  # the explicit softmax path, same logits
     tokens = prefix_tokens + (32 // 8) ** 2
-    assert len(maps) == len(captured) == 2
-    for probs, same in zip(maps, captured, strict=True):
+    assert len(maps) == 2
+    for probs in maps:
         assert probs.shape == (3, 2, tokens, tokens)
         torch.testing.assert_close(probs.sum(-1), torch.ones(3, 2, tokens))
-        assert torch.equal(probs, same)
-    assert torch.equal(model(x), logits)  # hooks are gone after the context
+    assert all(block.attn.fused_attn for block in model.blocks)  # back on the fast path after the context
+    assert torch.equal(model(x), logits)
 
 
-def test_attention_probs_are_the_ones_the_block_uses():
+def test_captured_probabilities_are_the_ones_the_block_multiplies_with():
     model = scramble_(VisionTransformer(**TINY_VIT)).eval()
     block = model.blocks[0]
     x = image(2, 17, 32)
-    with torch.no_grad():
-        out, probs = block.attn(block.norm1(x), return_attention=True)
-        v = block.attn.qkv(block.norm1(x)).view(2, 17, 3, 2, 16)[:, :, 2].transpose(1, 2)
+    with torch.no_grad(), capture_attention(block) as maps:
+        out = block.attn(block.norm1(x))
+        (probs,) = maps
+        q, k, v = block.attn.qkv(block.norm1(x)).view(2, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)  # [B, nh, N, hd]
+        expected = ((q / 4.0) @ k.transpose(-2, -1)).softmax(-1)  # head_dim 16: scale 1/4
         manual = block.attn.proj((probs @ v).transpose(1, 2).reshape(2, 17, 32))
+    torch.testing.assert_close(probs, expected)
     torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
 
 
-def test_swin_attention_maps_on_request():
+def test_swin_attention_maps_are_captured_per_window():
     model = scramble_(SwinTransformer(**TINY_SWIN)).eval()
     x = image(2, 3, 16, 16)
     with torch.no_grad():
         logits = model(x)
-        logits_with_maps, maps = model(x, return_attention=True)
-        with capture_attention(model) as captured:
-            assert torch.equal(model(x), logits)
-    assert torch.equal(logits, logits_with_maps)
+        with capture_attention(model) as maps:
+            torch.testing.assert_close(model(x), logits)
     # 8x8 tokens in four 4x4 windows, then 4x4 tokens in one window (which therefore never shifts)
     expected = [((8, 8), (0, 0), 4, 1), ((8, 8), (2, 2), 4, 1),
                 ((4, 4), (0, 0), 1, 2), ((4, 4), (0, 0), 1, 2)]
     assert [(m.resolution, m.shift_size, m.probs.shape[0] // 2, m.probs.shape[1]) for m in maps] == expected
-    for block_map, same in zip(maps, captured, strict=True):
+    for block_map in maps:
         assert block_map.window_size == (4, 4) and block_map.probs.shape[-2:] == (16, 16)
         torch.testing.assert_close(block_map.probs.sum(-1), torch.ones(block_map.probs.shape[:-1]))
-        assert torch.equal(block_map.probs, same.probs)
 
 
 def original_coords(block_map) -> torch.Tensor:
@@ -214,8 +257,8 @@ def original_coords(block_map) -> torch.Tensor:
 
 def test_shifted_windows_never_attend_across_the_wrapped_border():
     model = scramble_(SwinTransformer(**TINY_SWIN)).eval()
-    with torch.no_grad():
-        _, maps = model(image(2, 3, 16, 16), return_attention=True)
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(image(2, 3, 16, 16))
     for block_map in maps[:2]:
         coords = original_coords(block_map)  # [windows, tokens, 2]
         distance = (coords[:, :, None, :] - coords[:, None, :, :]).abs()
@@ -256,25 +299,28 @@ def test_no_weight_decay_names_are_parameters():
     assert len(SwinTransformer(**TINY_SWIN).no_weight_decay()) == 4
 
 
-def test_drop_path_is_random_in_training_only():
-    model = scramble_(VisionTransformer(**dict(TINY_VIT, drop_path_rate=0.5)))
-    x = image(8, 3, 32, 32)
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    drop = DropPath(0.5)
+    x = torch.ones(4000, 3, 2)
     torch.manual_seed(0)
-    assert not torch.equal(model.train()(x), model(x))
-    assert torch.equal(model.eval()(x), model(x))
+    out = drop.train()(x).flatten(1)
+    # a sample's branch is dropped or kept whole, survivors scaled by 1 / keep_prob
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(out.amin(1), out.amax(1))
+    assert abs(out.mean().item() - 1.0) < 0.05
+    assert drop.eval()(x) is x
 
 
-@pytest.mark.parametrize("model_cls,kwargs", [(VisionTransformer, TINY_VIT), (SwinTransformer, TINY_SWIN)])
-def test_grad_checkpointing_gives_the_same_gradients(model_cls, kwargs):
-    model = scramble_(model_cls(**dict(kwargs, drop_path_rate=0.0)))
-    x = image(2, 3, kwargs["img_size"], kwargs["img_size"])
-    model(x).square().sum().backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).square().sum().backward()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[name], msg=name)
+def test_a_model_with_drop_path_is_random_in_training_and_exact_in_eval():
+    model = scramble_(VisionTransformer(**dict(TINY_VIT, drop_path_rate=0.5)))
+    assert [block.drop_path1.drop_prob for block in model.blocks[1:]] == [0.5]
+    without = VisionTransformer(**dict(TINY_VIT, drop_path_rate=0.0))
+    without.load_state_dict(model.state_dict())
+    x = image(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert not torch.allclose(model.train()(x), model(x))
+        assert torch.equal(model.eval()(x), without.eval()(x))
 
 
 @pytest.mark.parametrize("model_cls,kwargs", [
@@ -387,78 +433,19 @@ def test_distillation_trains_a_real_deit_against_a_resnet_teacher():
         DistillationLoss(nn.CrossEntropyLoss(), None, "soft")
 
 
-# --- create_model and fine-tuning loads ------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cifar100_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch4_32", num_classes=100, depth=2)
-
-
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-@pytest.mark.parametrize("name,kwargs", [
-    ("vit_tiny_patch4_32", dict(depth=2)),
-    # timm's own name and class, resized to our checkpoint's geometry
-    ("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=4)),
-])
-def test_pretrained_file_loads_with_a_new_head(tmp_path, cifar100_vit, suffix, name, kwargs):
-    state = cifar100_vit.state_dict()
-    path = tmp_path / f"ckpt{suffix}"
-    if suffix == ".pth":
-        torch.save({"state_dict": state, "epoch": 3}, path)
-    else:
-        save_file({k: v.contiguous() for k, v in state.items()}, path)
-
-    model = create_model(name, num_classes=10, pretrained_file=path, **kwargs)
-    assert model.head.weight.shape == (10, 192)
-    new_state = model.state_dict()
-    for key, value in state.items():
-        if not key.startswith("head."):
-            assert torch.equal(new_state[key], value), key
-
-    # same class count as the file: the trained head is kept (timm's preset says 10 or 1000 classes)
-    same_head = create_model(name, num_classes=100, pretrained_file=path, **kwargs)
-    assert torch.equal(same_head.head.weight, state["head.weight"])
-
-
-def test_pretrained_file_new_heads_for_deit(tmp_path):
-    source = timm.create_model("deit_tiny_distilled_patch4_32", num_classes=100, depth=1)
-    path = tmp_path / "deit.safetensors"
-    save_file(source.state_dict(), path)
-    model = create_model("deit_tiny_distilled_patch4_32", num_classes=10, pretrained_file=path, depth=1)
-    assert model.head.weight.shape == model.head_dist.weight.shape == (10, 192)
-    assert torch.equal(model.dist_token, source.dist_token)
-
-
-def test_pretrained_file_never_unpickles_code(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"state_dict": VisionTransformer(**TINY_VIT).state_dict(), "payload": ArbitraryObject()}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        create_model("vit_tiny_patch4_32", pretrained_file=path, **TINY_VIT)
-    assert not ArbitraryObject.unpickled
-
-
-class ArbitraryObject:
-    unpickled = False
-
-    def __setstate__(self, state):
-        ArbitraryObject.unpickled = True
-
-
-def test_pretrained_without_file_or_hub_weights_fails_clearly():
-    with pytest.raises(RuntimeError, match="pretrained_file"):
-        create_model("vit_tiny_patch4_32", pretrained=True)
-
-
-
 def test_resnet_channels_and_drop_path_follow_timm_keywords():
-    narrow = timm.create_model("resnet18_cifar", channels=(16, 32, 64, 128), drop_path_rate=0.2)
+    kwargs = dict(channels=(16, 32, 64, 128))
+    narrow = scramble_(timm.create_model("resnet18_cifar", drop_path_rate=0.2, **kwargs))
     assert narrow.conv1.out_channels == 16 and narrow.fc.in_features == 128
-    drop_paths = [block.drop_path for stage in narrow.stages() for block in stage]
-    assert isinstance(drop_paths[0], nn.Identity) and drop_paths[-1].drop_prob == pytest.approx(0.2)
+    rates = [block.drop_path.drop_prob if isinstance(block.drop_path, DropPath) else 0.0
+             for stage in narrow.stages() for block in stage]
+    assert rates == pytest.approx(torch.linspace(0, 0.2, 8).tolist())  # linear in depth, 0 at the first block
+    plain = timm.create_model("resnet18_cifar", drop_path_rate=0.0, **kwargs)
+    plain.load_state_dict(narrow.state_dict())
     x = image(4, 3, 32, 32)
-    narrow.eval()
     with torch.no_grad():
-        torch.testing.assert_close(narrow(x), narrow(x))
+        assert torch.equal(narrow.eval()(x), plain.eval()(x))  # eval: the same net as without drop path
+        torch.manual_seed(0)
+        assert not torch.allclose(narrow.train()(x), narrow(x))  # training: each call draws its own paths
     with pytest.raises(ValueError, match="one width per stage"):
         timm.create_model("resnet18_cifar", channels=(16, 32))

@@ -23,7 +23,7 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: nn.Module | None,
-                 distillation_type: str = "none", alpha: float = 0.5, tau: float = 1.0):
+                 distillation_type: str = "none", *, alpha: float = 0.5, tau: float = 1.0):
         super().__init__()
         if distillation_type not in DISTILLATION_TYPES:
             raise ValueError(
