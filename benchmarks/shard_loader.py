@@ -30,8 +30,9 @@ if __name__ != "__mp_main__":
     from torchvision import transforms as T
     from torchvision.datasets import CIFAR10
 
-    from tasks.config import CIFAR10_MEAN, CIFAR10_STD, AugmentConfig
+    from tasks.config import AugmentConfig
     from tasks.loader import ShardStream, make_loader, normalize
+    from vitmodels import CIFAR10_MEAN, CIFAR10_STD
 
 
 def shard_rows(data_root: Path, work: Path, formats: list[str], shard_size: int, repeats: int) -> tuple[list, dict]:

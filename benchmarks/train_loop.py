@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from harness import sync
 
 from tasks.config import PipelineConfig, load_config
 from tasks.shard import ShardOptions, shard_dataset
 from tasks.train_loop import TrainingJob, build_mixer, forward_backward, optimizer_step, run_training, setup
 from tasks.worker_context import LocalContext
+
+from harness import sync
 
 SHARD_SIZE = 1000
 VAL_SIZE = 500
