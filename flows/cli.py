@@ -91,8 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     outcome = train_model(config, model, teacher_weights=teacher)
     last = outcome.history[-1]
     print(
-        f"{model}: {len(outcome.history)} epochs, test accuracy {last['test_acc']:.4f} "
-        f"(best {outcome.best_test_acc:.4f}), weights in {outcome.best_weights.parent}"
+        f"{model}: {len(outcome.history)} epochs, validation accuracy {last['val_acc']:.4f} "
+        f"(best {outcome.best_val_acc:.4f} at epoch {outcome.best_epoch}), weights in {outcome.best_weights.parent}"
     )
     return 0
 
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args, {})
     result = vit_pipeline(config=config)
     accuracies = ", ".join(f"{name} {accuracy:.4f}" for name, accuracy in result["models"].items())
-    print(f"pipeline finished: best test accuracy {accuracies}; report {result['report']['html']}")
+    print(f"pipeline finished: best validation accuracy {accuracies}; report {result['report']['html']}")
     return 0
 
 

@@ -37,7 +37,7 @@ from tasks.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.train import TrainOutcome, concurrent_trainings, ensure_ray, train_model
+from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ensure_ray, train_model
 
 FLOW_NAME = "vit-pipeline"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
@@ -55,14 +55,18 @@ def _digest(*parts: Any) -> str:
 
 
 def _retry_transient(task, task_run, state) -> bool:
-    return not isinstance(state.result(raise_on_failure=False), PERMANENT_ERRORS)
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, TrainingError):
+        return error.retryable  # Ray Train's own retries are spent, or a retry would fail the same way
+    return not isinstance(error, PERMANENT_ERRORS)
 
 
 def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     config: PipelineConfig = parameters["config"]
     data = config.data.model_dump(
         mode="json",
-        include={"dataset", "data_root", "shard_size", "image_format", "image_size", "shuffle_seed"},
+        include={"dataset", "data_root", "shard_size", "image_format", "image_size", "shuffle_seed", "val_size",
+                 "split_seed"},
     )
     return f"shard-{_digest(data, config.shard_location)}"
 
@@ -306,4 +310,4 @@ def vit_pipeline(
     print(f"W&B runs are offline unless tracking.mode is online with WANDB_API_KEY set; upload with: "
           f"{sync_command(config)}")
     return {"run_dir": str(Path(config.run_dir).absolute()), "report": report, "attention": grids,
-            "models": {name: outcome.best_test_acc for name, outcome in outcomes.items()}}
+            "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()}}
