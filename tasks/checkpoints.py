@@ -69,7 +69,7 @@ def save_checkpoint(
     if ema is not None:
         save_weights(ema.module, directory / EMA_WEIGHTS)
     if best_weights is not None:
-        save_file({name: tensor.contiguous() for name, tensor in best_weights.items()}, str(directory / BEST_WEIGHTS))
+        save_file(best_weights, str(directory / BEST_WEIGHTS))
     torch.save(
         {
             "optimizer": optimizer.state_dict(),

@@ -406,8 +406,11 @@ def report_epoch(trainer: Trainer, metrics: dict) -> None:
         return
     if trainer.best_epoch is None or metrics["val_acc"] > _best_val_acc(trainer):
         trainer.best_epoch = metrics["epoch"]
-        trainer.best_weights = {name: tensor.detach().to("cpu", copy=True)
-                                for name, tensor in unwrap(trainer.scored_model).state_dict().items()}
+        # A snapshot in plain row-major layout (channels-last weights are not contiguous; safetensors wants them so).
+        trainer.best_weights = {
+            name: tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for name, tensor in unwrap(trainer.scored_model).state_dict().items()
+        }
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         save_checkpoint(
             Path(directory), model=unwrap(trainer.model), optimizer=trainer.optimizer, scheduler=trainer.scheduler,
