@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tasks.checkpoints import (
     BEST_WEIGHTS,
@@ -31,6 +33,7 @@ from tasks.shard import read_manifest, verify_shards
 from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors that happen again on every attempt: a retry from the last checkpoint only repeats them.
 DETERMINISTIC_ERRORS = (
@@ -86,6 +89,27 @@ def ensure_ray(config: PipelineConfig) -> str | None:
         # "local": a new Ray for this process, never one that `ray start` left running on the machine.
         context = ray.init(address="local", num_cpus=config.scaling.ray_num_cpus)
     return context.dashboard_url or None
+
+
+def on_training_device(config: PipelineConfig, function: Callable[..., T], *args, **kwargs) -> T:
+    """function(*args, **kwargs) on the kind of machine the training ran on.
+
+    With scaling.use_gpu, a Ray task holding one training worker's resources (a GPU and its CPUs), so that
+    evaluation and attention maps run, and measure speed, on a GPU node rather than on the CPU head node that
+    drives the flow; without GPUs, in this process.
+    """
+    if not config.scaling.use_gpu:
+        return function(*args, **kwargs)
+    import ray
+
+    ensure_ray(config)
+    scaling = config.scaling
+    remote = ray.remote(num_gpus=scaling.gpus_per_worker or 1, num_cpus=scaling.cpus_per_worker)(_call)
+    return ray.get(remote.remote(function, *args, **kwargs))
+
+
+def _call(function: Callable[..., T], *args, **kwargs) -> T:
+    return function(*args, **kwargs)
 
 
 def concurrent_trainings(config: PipelineConfig) -> int:
