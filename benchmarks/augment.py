@@ -1,4 +1,4 @@
-"""Augmented images/s per core: the loader's per-image RandAugment against the batched one (tasks/augment.py).
+"""Augmented images/s per core: torchvision's per-image RandAugment against the batched one (tasks/augment.py).
 
 Times the image augmentation of a config's recipe (default configs/cifar10.yaml: pad-and-crop 4, horizontal
 flip, RandAugment with 2 ops at magnitude 9) on batches of real CIFAR-10 images, uint8 in and out, with one
@@ -9,7 +9,7 @@ table with images/s per core and the cores that --target images/s would need, th
     .venv/bin/python benchmarks/augment.py --data-root /work/shared/data/cifar10-subset
 
 `--device cuda` times the batched augmenter and the mixer on the GPU instead (images already on the device,
-synchronised around each round); the per-image path only exists in CPU loader workers and is not run there.
+synchronised around each round); the per-image reference is a CPU loader-worker path and is not run there.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from timm.data import Mixup
+from torchvision.transforms import v2
 
-from tasks import augment, loader
-from tasks.config import load_config
+from tasks import augment
+from tasks.config import AugmentConfig, load_config
 from tasks.sources import read_cifar10
 
 from harness import sync
@@ -46,6 +47,15 @@ def images_per_second(step: Callable, batches: list, images: int, rounds: int, d
         sync(device)
         best = max(best, images / (time.perf_counter() - start))
     return best
+
+
+def per_image_reference(recipe: AugmentConfig, generator: torch.Generator) -> Callable:
+    """How the loader augmented before tasks/augment.py: batched crop and flip, then torchvision's
+    RandAugment / TrivialAugmentWide one image at a time (each image picks its own ops)."""
+    crop_flip = augment.BatchAugmenter(recipe.model_copy(update={"auto_augment": "none"}), generator)
+    policy = (v2.RandAugment(num_ops=recipe.randaugment_ops, magnitude=recipe.randaugment_magnitude)
+              if recipe.auto_augment == "randaugment" else v2.TrivialAugmentWide())
+    return lambda images: torch.stack([policy(image) for image in crop_flip(images)])
 
 
 def main() -> None:
@@ -84,12 +94,8 @@ def main() -> None:
     crop_flip = recipe.model_copy(update={"auto_augment": "none"})
     cases: list[tuple[str, str, Callable, list]] = []
     if device.type == "cpu":
-        cases += [
-            ("crop+flip", "tasks/loader.py", loader.BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
-             batches),
-            (f"crop+flip+{recipe.auto_augment}", "tasks/loader.py (per image)",
-             loader.BatchAugmenter(recipe, torch.Generator().manual_seed(0)), batches),
-        ]
+        cases.append((f"crop+flip+{recipe.auto_augment}", "torchvision, per image",
+                      per_image_reference(recipe, torch.Generator().manual_seed(0)), batches))
     cases += [
         ("crop+flip", "tasks/augment.py", augment.BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
          batches),
@@ -121,7 +127,7 @@ def main() -> None:
         cores = f"{math.ceil(args.target / rate)}" if device.type == "cpu" else ""
         print(f"| {name} | {implementation} | {rate:,.0f} | {1e6 / rate:.1f} | {cores} |", flush=True)
     if device.type == "cpu":
-        ratio = rates["tasks/augment.py (batched)"] / rates["tasks/loader.py (per image)"]
+        ratio = rates["tasks/augment.py (batched)"] / rates["torchvision, per image"]
         print(f"\nbatched/per-image = {ratio:.2f}")
 
 

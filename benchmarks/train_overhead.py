@@ -1,8 +1,9 @@
 """Throughput cost of the Ray Train path, and how it scales with the number of workers.
 
 Two measurements on the same model, shards, global batch, loss and optimizer:
-  1. overhead: train_model (TorchTrainer, --compare-workers DDP workers x 1 torch thread, 1 CPU each) against a
-     plain single-process loop with as many torch threads, as the ratio ray/plain (goal >= 0.95);
+  1. overhead: train_model (TorchTrainer, --compare-workers DDP workers x 1 torch thread, 1 CPU each) against the
+     same training loop in one process without Ray (tasks.train_loop with a LocalContext) and as many torch
+     threads, as the ratio ray/plain (goal >= 0.95);
   2. scaling: train_model with each of --workers (1 thread each), efficiency = rate(N) / (N * rate(1)).
 
 Steady state only: every run trains --epochs epochs (default 2) and the last epoch counts, so Ray and worker
@@ -19,19 +20,19 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import ray
 import torch
-from torch import nn
 
 from tasks.config import PipelineConfig, build_config
-from tasks.loader import ShardStream, make_loader, normalize
-from tasks.shard import ShardOptions, read_manifest, shard_dataset
-from tasks.train import autocast_context, build_criterion, build_model, parameter_groups, train_model
+from tasks.shard import ShardOptions, shard_dataset
+from tasks.train import train_model
+from tasks.train_loop import TrainingJob, run_training
+from tasks.worker_context import LocalContext
 
-SHARD_SIZE = 1000  # 6 train shards for the 5k-image subset, so up to 4 ranks each read whole shards
+VAL_SIZE = 500
+SHARD_SIZE = 1000  # 5 train shards for the 5k-image subset, so up to 4 ranks each read whole shards
 RAY_CPUS = 4  # logical CPUs Ray may hand out: room for the largest default scaling run on this 2-core machine
 CPUS_PER_WORKER = 1
 SEED = 0
@@ -60,48 +61,13 @@ def ray_images_per_second(args: argparse.Namespace, shards: str, num_workers: in
     return outcome.history[-1]["images_per_s"]
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    stream: ShardStream, config: PipelineConfig) -> int:
-    """train_worker's per-step work without DDP: same normalise, loss, clipping and per-step bookkeeping."""
-    seen = correct = 0
-    loss_sum = 0.0
-    for images, labels, _ in make_loader(stream, config.data.loader_workers):
-        images = normalize(images, config.data.mean, config.data.std)
-        with autocast_context(config, torch.device("cpu")):
-            outputs = model(images)
-            loss = criterion(images, outputs, labels)
-        loss.backward()
-        if config.training.grad_clip_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # Kept although unused here: train_worker pays for this per-step bookkeeping, so the plain loop must too.
-        logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return seen
-
-
 def plain_images_per_second(args: argparse.Namespace, shards: str, output_dir: Path) -> float:
-    """One process, `compare_workers` torch threads; the untimed first epoch is the warm-up."""
+    """The same training loop in one process without Ray (LocalContext), `compare_workers` torch threads."""
     config = benchmark_config(args, 1, output_dir, "plain")
-    spec = config.model.spec(args.model)
-    torch.set_num_threads(args.compare_workers * CPUS_PER_WORKER)
-    torch.manual_seed(SEED)
-    model = build_model(spec, len(read_manifest(shards)["classes"])).train()
-    criterion = build_criterion(config, spec, None)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.training.weight_decay), lr=config.training.lr,
-                                  fused=True)
-    stream = ShardStream(shards, "train", config.training.batch_size, train=True, augment=config.data.augment,
-                         seed=SEED, shuffle_buffer=config.data.shuffle_buffer)
-    rate = 0.0
-    for epoch in range(args.epochs):
-        stream.set_epoch(epoch)
-        start = time.perf_counter()
-        seen = train_one_epoch(model, criterion, optimizer, stream, config)
-        rate = seen / (time.perf_counter() - start)
-    return rate
+    config.scaling.cpus_per_worker = args.compare_workers * CPUS_PER_WORKER  # the loop's torch threads
+    history = run_training(LocalContext("cpu"), TrainingJob(config=config, model_name=args.model,
+                                                            shard_location=shards))
+    return history[-1]["images_per_s"]
 
 
 def load_average() -> str:
@@ -187,7 +153,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-overhead-", dir=args.out_dir) as work:
         shards = str(Path(work) / "shards")
         # One shard process: spawned ones would re-import this script (torch, ray) for an untimed step.
-        options = ShardOptions(shard_size=SHARD_SIZE, workers=1)
+        options = ShardOptions(shard_size=SHARD_SIZE, val_size=VAL_SIZE, workers=1)
         shard_dataset("cifar10", args.data_root, shards, options, progress=False)
         plain_rates, ray_rates = measure(args, shards, Path(work))
     print(f"\nload average after the runs: {load_average()}")

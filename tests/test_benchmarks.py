@@ -48,7 +48,19 @@ def test_augment_benchmark_compares_per_image_and_batched_on_an_odd_batch(data_r
                         "--batch-size", "7", "--batches", "2", "--rounds", "1")
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
-    assert [row[1] for row in rows] == ["tasks/loader.py", "tasks/loader.py (per image)", "tasks/augment.py",
-                                        "tasks/augment.py (batched)", "BatchMixer"]  # timm's refuses odd batches
+    assert [row[1] for row in rows] == ["torchvision, per image", "tasks/augment.py", "tasks/augment.py (batched)",
+                                        "BatchMixer"]  # timm's refuses odd batches
     assert all(float(row[2].replace(",", "")) > 0 and int(row[4]) >= 1 for row in rows)
     assert float(result.stdout.strip().splitlines()[-1].split("= ")[1]) > 0
+
+
+def test_train_loop_benchmark_prints_loop_over_step(data_root):
+    result = run_script(str(REPO_ROOT / "benchmarks" / "train_loop.py"), "--device", "cpu", "--data-root",
+                        str(data_root), "--config", "configs/smoke.yaml", "--model", "vit_tiny_patch4_32",
+                        "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--batch-size", "256",
+                        "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["loop, epoch 1", "loop, epoch 2", "step alone, synthetic on-device data"]
+    assert all(float(row[1]) > 0 for row in rows)
+    assert float(result.stdout.strip().splitlines()[-1].removeprefix("loop/step = ")) > 0
