@@ -6,12 +6,13 @@ already on the GPU (so the loader is out of the picture), the warm-up time (wher
 lands), peak memory, and MFU = model FLOPs per step / step time / peak FLOPS. Model FLOPs per step are the
 forward FLOPs per image (tasks.evaluate.count_gflops, as the evaluate step counts them, on the meta device)
 times the batch and 3 for forward + backward; every variant, fp32 included, is held against the bf16 dense
-peak (--peak-tflops, default H100 SXM).
+peak (--peak-tflops, default H100 SXM). On CUDA, fp32 matmuls and convolutions run in TF32 (--no-tf32: IEEE fp32).
 
 A variant names its features joined by '+': bf16 (autocast), fused (AdamW fused=True), flash (SDPA restricted to
 the flash kernel; without it every other SDPA backend may run), compile (torch.compile), channels_last (model
 and images in NHWC memory format); 'fp32' is none of them. Variants alternate round by round so a slow spell of
-the device hits all alike; the best round counts.
+the device hits all alike; the best round counts. Compilation state is reset between models, so each model
+compiles as it would alone and all of them run in one process.
 
     python benchmarks/gpu.py                       # on a CUDA machine
     python benchmarks/gpu.py --dry-run             # on CPU: model building, FLOP counts, one fp32 step each
@@ -164,7 +165,27 @@ def time_variants(steps: dict[str, Callable[[], None]], args: argparse.Namespace
     return timings
 
 
+def set_tf32(enabled: bool) -> None:
+    """fp32 matmuls (cuBLAS) and convolutions (cuDNN) on CUDA in TF32, or in IEEE fp32.
+
+    Set through the two calls that keep both of torch 2.14's interfaces readable: afterwards the per-backend
+    `fp32_precision` attributes read "tf32" (or "ieee") and the legacy getters answer too. Inductor still calls
+    the legacy ones (torch.get_float32_matmul_precision() for its autotuning cache keys,
+    torch.backends.cudnn.allow_tf32 in its convolution template), and in torch 2.14.1 they raise once the
+    per-backend attributes are assigned directly: after torch.backends.cuda.matmul.fp32_precision = "tf32",
+    torch.get_float32_matmul_precision() raises; after torch.backends.cudnn.conv.fp32_precision = "ieee",
+    torch.backends.cudnn.allow_tf32 does.
+    """
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def benchmark(case: ModelCase, args: argparse.Namespace, device: torch.device) -> None:
+    # Every model compiles as if it ran alone. Dynamo's caches and its record of which input sizes changed
+    # outlive a model: without this reset, the 32 px models that follow the 224 px ones were recompiled with
+    # symbolic batch and image sizes (other code than a training run gets), and an H100 run over all models
+    # failed inside torch.compile at the fifth (issue 13). The previous model's steps are not called again.
+    torch.compiler.reset()
     batch_size = args.batch_size or case.batch_size
     flops = model_flops_per_step(case, batch_size)
     steps = {variant: make_train_step(case, parse_variant(variant), batch_size, device) for variant in args.variants}
@@ -213,6 +234,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu times the same variants where there is no GPU (MFU only with --peak-tflops)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: fp32 matmuls and convolutions in TF32 (the fp32 parts of every variant); "
+                             "--no-tf32 keeps them in IEEE fp32")
     parser.add_argument("--dry-run", action="store_true", help="no GPU needed: FLOP counts and a CPU fp32 step")
     args = parser.parse_args()
     for variant in args.variants:
@@ -234,8 +258,10 @@ def main() -> None:
                      "to check model building and FLOP counting on CPU, or --device cpu to time the variants on CPU")
         if args.peak_tflops is None:
             args.peak_tflops = H100_SXM_DENSE_BF16_TFLOPS
+        set_tf32(args.tf32)
         flash = torch.backends.cuda.is_flash_attention_available()
-        device_name = f"{torch.cuda.get_device_name()}, flash available {flash}"
+        device_name = (f"{torch.cuda.get_device_name()}, flash available {flash}, fp32 matmuls in "
+                       f"{torch.backends.cuda.matmul.fp32_precision}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, timm {timm.__version__}, {device_name}, peak {args.peak_tflops} TFLOPS, "

@@ -303,11 +303,30 @@ def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: 
             fs.rm_file(path)
 
 
+def check_shard_location(location: str) -> None:
+    """Refuse, by name and before anything is written, a location that runs commands (pipe:) or a local
+    directory that cannot be made or written (under a file, a broken link, no write permission)."""
+    if location.startswith("pipe:"):
+        raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+    fs, root = fsspec.core.url_to_fs(location)
+    if not _is_local(fs):
+        return
+    path = Path(root).absolute()
+    nearest = next(candidate for candidate in (path, *path.parents) if os.path.lexists(candidate))
+    if not nearest.is_dir():
+        what = "a file" if nearest.exists() else "a broken or looping symbolic link"
+        where = "it" if nearest == path else str(nearest)
+        raise ShardFormatError(f"shard directory {location}: {where} is {what}, not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ShardFormatError(f"shard directory {location}: {nearest} is not writable")
+
+
 def write_shards(
     source: Source, location: str, options: ShardOptions, progress: bool = True
 ) -> ShardResult:
     """Shard `source` into `location` (path or fsspec URL); no work when intact shards already match."""
     fingerprint = compute_fingerprint(source, options)
+    check_shard_location(location)
     fs, root = fsspec.core.url_to_fs(location)
     with _exclusive(fs, root):
         existing = read_manifest(location)
@@ -315,13 +334,15 @@ def write_shards(
             log.info("shards in %s are up to date (fingerprint %s): nothing to do", location, fingerprint[:12])
             return ShardResult(existing, skipped=True, location=location)
         fs.makedirs(root, exist_ok=True)
-        if existing is not None:
-            # The old manifest goes first: a crash mid-rebuild must not leave it naming new shards.
-            fs.rm_file(_join(root, MANIFEST_NAME))
         staging_parent = root if _is_local(fs) else None
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=staging_parent) as staging:
             jobs = _plan_jobs(source, options, staging)
+            # A bad image fails here, in staging: the previous shards and manifest are untouched.
             records = _run_jobs(jobs, options.workers, progress)
+            if existing is not None:
+                # The old manifest goes before any shard is replaced: a crash mid-publish must not leave it
+                # naming new shards.
+                fs.rm_file(_join(root, MANIFEST_NAME))
             for record in records.values():
                 _publish(fs, record.pop("partial"), _join(root, record["name"]))
         manifest = _build_manifest(source, jobs, records, fingerprint)
@@ -391,8 +412,7 @@ def shard_dataset(
     progress: bool = True,
 ) -> ShardResult:
     """The shard step as one call: read the source, write (or reuse) the shards."""
-    if location.startswith("pipe:"):
-        raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+    check_shard_location(location)  # before reading the source, which can take a while
     source = open_source(dataset, data_root, download_dir)
     return write_shards(source, location, options, progress=progress)
 

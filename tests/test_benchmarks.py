@@ -1,8 +1,14 @@
 """The benchmark scripts still run: each one's smallest configuration, on CPU. Timings are not checked here."""
 
+import argparse
+import functools
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GPU_SCRIPT = REPO_ROOT / "benchmarks" / "gpu.py"
@@ -64,3 +70,56 @@ def test_train_loop_benchmark_prints_loop_over_step(data_root):
     assert [row[0] for row in rows] == ["loop, epoch 1", "loop, epoch 2", "step alone, synthetic on-device data"]
     assert all(float(row[1]) > 0 for row in rows)
     assert float(result.stdout.strip().splitlines()[-1].removeprefix("loop/step = ")) > 0
+
+
+@pytest.fixture
+def gpu_script(monkeypatch):
+    """benchmarks/gpu.py imported in this process (its folder on sys.path for `harness`)."""
+    monkeypatch.syspath_prepend(str(GPU_SCRIPT.parent))
+    return importlib.import_module("gpu")
+
+
+def test_models_compile_as_if_alone_in_one_process(gpu_script, monkeypatch, capsys):
+    """Five models in one process, input sizes changing from one to the next, as in a full gpu.py run. Without
+    the reset between models, dynamo recompiles the second and later ones with symbolic sizes; with it each
+    graph is static, as when the model runs alone. Dynamo's state is what the reset is about, so the graphs go
+    to a backend that records them instead of through inductor's minutes of C++ compilation."""
+    symbolic = []
+
+    def recording_backend(graph_module: torch.fx.GraphModule, example_inputs):
+        values = [node.meta.get("example_value") for node in graph_module.graph.find_nodes(op="placeholder")]
+        symbolic.append(any(isinstance(value, torch.SymInt) or (
+            isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape))
+            for value in values))
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
+    cases = [gpu_script.ModelCase("test_vit", 64, 2, 10), gpu_script.ModelCase("test_vit", 32, 2, 10),
+             gpu_script.ModelCase("test_vit2", 32, 2, 10),
+             gpu_script.ModelCase("test_resnet", 64, 2, 10, sized_by_img_size=False),
+             gpu_script.ModelCase("test_resnet", 96, 2, 10, sized_by_img_size=False)]
+    args = argparse.Namespace(batch_size=None, steps=1, warmup=1, rounds=1, peak_tflops=None, variants=["compile"])
+    try:
+        for case in cases:
+            gpu_script.benchmark(case, args, torch.device("cpu"))
+    finally:
+        torch.compiler.reset()
+    assert symbolic == [False] * len(cases)
+    rows = table_rows("| header |\n" + capsys.readouterr().out)
+    assert [row[0] for row in rows] == [case.name for case in cases] and all(float(row[4]) > 0 for row in rows)
+
+
+def test_tf32_is_set_so_both_torch_interfaces_read_it(gpu_script):
+    """Inductor reads the legacy getters; assigning the per-backend attributes directly makes those raise."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        gpu_script.set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        gpu_script.set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

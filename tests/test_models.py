@@ -401,11 +401,35 @@ def test_soft_distillation_by_hand():
     for student_row, teacher_row in zip(STUDENT_DIST, TEACHER, strict=True):
         log_p_student, log_p_teacher = log_softmax(student_row, tau), log_softmax(teacher_row, tau)
         kl += sum(math.exp(t) * (t - s) for s, t in zip(log_p_student, log_p_teacher, strict=True))
-    soft = kl * tau * tau / 6  # 6 = numel of the student's distillation logits
+    soft = kl * tau * tau / 2  # summed over classes, averaged over the batch of 2
     assert loss.item() == pytest.approx(0.75 * hand_base() + 0.25 * soft, rel=1e-6)
     assert loss_fn.last_terms["distillation"].item() == pytest.approx(soft, rel=1e-6)
     loss.backward()
     assert dist_logits.grad.abs().sum() > 0
+
+
+def test_distillation_scale_by_hand():
+    """Two classes, tau = 2, numbers worked on paper. Teacher logits (2 ln 3, 0) / tau -> p = (3/4, 1/4); student
+    (0, 0) -> q = (1/2, 1/2); KL(p || q) = 3/4 ln(3/2) + 1/4 ln(1/2) = 3/4 ln 3 - ln 2. The second sample's student
+    equals its teacher (KL 0). Soft = tau^2 * (3/4 ln 3 - ln 2) / batch 2 = 1.5 ln 3 - 2 ln 2 = 0.261624, and its
+    gradient on the first sample's logits is tau^2 / 2 * (q - p) / tau = (-1/4, 1/4). Hard: cross entropy against
+    the teacher's argmax: ln 2 for sample one, ln(10/9) for sample two (softmax(0, 2 ln 3) = (1/10, 9/10)), mean
+    ln(20/9) / 2 = 0.399254. Base: cls logits (0, 0) give ln 2 = 0.693147 for either label."""
+    ln3 = math.log(3.0)
+    teacher = FixedTeacher([[2 * ln3, 0.0], [0.0, 2 * ln3]])
+    expected = {"soft": 0.2616240, "hard": 0.3992538}
+    assert expected["soft"] == pytest.approx(1.5 * ln3 - 2 * math.log(2), abs=1e-7)
+    assert expected["hard"] == pytest.approx(math.log(20 / 9) / 2, abs=1e-7)
+    for distillation_type, alpha in (("soft", 0.25), ("hard", 0.25), ("soft", 1.0), ("hard", 0.0)):
+        loss_fn = DistillationLoss(nn.CrossEntropyLoss(), teacher, distillation_type, alpha=alpha, tau=2.0)
+        dist_logits = torch.tensor([[0.0, 0.0], [0.0, 2 * ln3]], requires_grad=True)
+        loss = loss_fn(torch.zeros(2, 3, 4, 4), (torch.zeros(2, 2), dist_logits), torch.tensor([0, 1]))
+        assert loss_fn.last_terms["base"].item() == pytest.approx(0.6931472, abs=1e-6)
+        assert loss_fn.last_terms["distillation"].item() == pytest.approx(expected[distillation_type], abs=1e-6)
+        assert loss.item() == pytest.approx((1 - alpha) * 0.6931472 + alpha * expected[distillation_type], abs=1e-6)
+        if distillation_type == "soft":
+            loss.backward()
+            torch.testing.assert_close(dist_logits.grad, alpha * torch.tensor([[-0.25, 0.25], [0.0, 0.0]]))
 
 
 def test_no_distillation_uses_the_averaged_heads_and_soft_targets():

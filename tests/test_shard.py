@@ -1,5 +1,6 @@
 import io
 import json
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -11,9 +12,10 @@ from PIL import Image
 from flows.cli import main as cli
 from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.shard import MANIFEST_NAME, ShardOptions, read_manifest, shard_dataset, verify_shards
-from tasks.sources import SourceError
+from tasks.sources import SourceError, read_cifar10, read_imagefolder
 
 from .conftest import SUBSET_TEST, SUBSET_TRAIN
+from .source_files import PIXELS_PER_IMAGE, valid_batch, write_cifar_dir, write_unusable_entry
 
 
 def _samples(location: str, split: str) -> dict[str, dict]:
@@ -222,3 +224,174 @@ def test_cli_names_bad_input(tmp_path, capsys):
 def test_manifest_is_plain_json(subset_shards):
     manifest = json.loads((Path(subset_shards) / MANIFEST_NAME).read_text())
     assert set(manifest) >= {"dataset", "classes", "splits", "fingerprint"}
+
+
+# --- malformed sources: a SourceError naming the file, before anything is written ------------------------
+
+def _batch_with(**changes) -> bytes:
+    batch = valid_batch(0)
+    for key, value in changes.items():
+        if value is MISSING:
+            del batch[key.encode()]
+        else:
+            batch[key.encode()] = value
+    return pickle.dumps(batch, protocol=2)
+
+
+MISSING = object()
+TWO_ROWS = np.zeros((2, PIXELS_PER_IMAGE), dtype=np.uint8)
+
+
+# id: (file replaced, its bytes, what the SourceError must say after the file's path)
+MALFORMED_CIFAR = {
+    "label-too-large": ("data_batch_3", _batch_with(labels=[0, 3]), r"sample 1 has label 3, outside 0\.\.2"),
+    "label-negative": ("test_batch", _batch_with(labels=[-1, 0]), r"sample 0 has label -1, outside 0\.\.2"),
+    "fewer-labels-than-rows": ("data_batch_1", _batch_with(labels=[0]), r"1 labels for 2 images"),
+    "float-labels": ("data_batch_1", _batch_with(labels=[0.0, 1.5]), r"labels is a 1-d array of float64"),
+    "bool-labels": ("data_batch_1", _batch_with(labels=[True, False]), r"labels is a 1-d array of bool"),
+    "text-labels": ("data_batch_1", _batch_with(labels=["0", "1"]), r"labels is a 1-d array of <U1"),
+    "2d-labels": ("data_batch_1", _batch_with(labels=[[0], [1]]), r"labels is a 2-d array"),
+    "huge-int-label": ("data_batch_1", _batch_with(labels=[2**70, 0]), r"labels is a 1-d array of object"),
+    "no-labels": ("data_batch_2", _batch_with(labels=MISSING), r"no 'labels' entry \(it has 'batch_label', 'data'"),
+    "no-data": ("data_batch_2", _batch_with(data=MISSING), r"no 'data' entry"),
+    "wrong-pixel-count": ("data_batch_4", _batch_with(data=TWO_ROWS[:, :-1]), r"data has shape \(2, 3071\)"),
+    "1d-data": ("data_batch_4", _batch_with(data=TWO_ROWS.ravel()), r"data is a 1-d array of uint8"),
+    "float-pixels": ("data_batch_4", _batch_with(data=TWO_ROWS.astype(np.float32)), r"data is a 2-d array of float32"),
+    "pixels-over-255": ("data_batch_4", _batch_with(data=TWO_ROWS.astype(np.int16) + 300),
+                        r"pixel values span 300\.\.300"),
+    "ragged-data": ("data_batch_4", _batch_with(data=[[0] * 3072, [0]]), r"data is not an array"),
+    "not-a-dict": ("data_batch_5", pickle.dumps([TWO_ROWS, [0, 1]]), r"not a CIFAR-10 batch \(a list"),
+    "truncated-pickle": ("data_batch_5", _batch_with()[:-40], r"not a readable CIFAR-10 batch \(\w+Error"),
+    "empty-file": ("data_batch_5", b"", r"not a readable CIFAR-10 batch \(EOFError"),
+    "garbage-bytes": ("data_batch_5", b"\x00garbage" * 10, r"not a readable CIFAR-10 batch"),
+    "code-in-pickle": ("data_batch_5", b"cos\nsystem\n(S'true'\ntR.", r"refusing to load os\.system"),
+    "empty-test-split": ("test_batch", _batch_with(data=TWO_ROWS[:0], labels=[]),
+                         r"the test batches \(test_batch\) hold no images"),
+    "meta-without-names": ("batches.meta", pickle.dumps({b"num_vis": 3072}), r"no 'label_names' entry"),
+    "meta-names-not-text": ("batches.meta", pickle.dumps({b"label_names": [1, 2]}),
+                            r"label_names must be a list of class names"),
+    "meta-names-repeated": ("batches.meta", pickle.dumps({b"label_names": [b"cat", b"cat"]}),
+                            r"label_names must be distinct"),
+}
+
+
+@pytest.mark.parametrize("name,payload,message", MALFORMED_CIFAR.values(), ids=MALFORMED_CIFAR.keys())
+def test_malformed_cifar_batch_is_named(tmp_path, name, payload, message):
+    batches = write_cifar_dir(tmp_path, {name: payload})
+    with pytest.raises(SourceError, match=message) as raised:
+        read_cifar10(tmp_path)
+    named = batches if message.startswith("the test batches") else batches / name
+    assert str(raised.value).startswith(f"{named}: ")
+
+
+def test_rewritten_cifar_batches_read_like_the_originals(tmp_path):
+    """str keys, pickle's default protocol (numpy's raw-buffer path), int64 pixels and numpy labels are fine."""
+    original = read_cifar10(write_cifar_dir(tmp_path / "original"))
+    batch = {key.decode(): value for key, value in valid_batch(0).items()}
+    batch["data"] = batch["data"].astype(np.int64)
+    batch["labels"] = np.asarray(batch["labels"], dtype=np.uint8)
+    rewritten = read_cifar10(write_cifar_dir(tmp_path / "rewritten", {"data_batch_1": pickle.dumps(batch)}))
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(rewritten.splits[split].labels, original.splits[split].labels)
+        np.testing.assert_array_equal(rewritten.splits[split].pixels, original.splits[split].pixels)
+    assert rewritten.classes == ("cat", "dog", "ship")
+
+
+def _assert_refused_by_cli(args: list[str], out: Path, words: list[str], capsys, workers: int = 1) -> None:
+    assert cli(["-q", "shard", *args, "--out", str(out), "--workers", str(workers)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_cli_names_out_of_range_label_and_writes_nothing(tmp_path, capsys):
+    batches = write_cifar_dir(tmp_path / "cifar", {"data_batch_3": _batch_with(labels=[2, 10])})
+    out = tmp_path / "shards"
+    _assert_refused_by_cli(["--data-root", str(tmp_path / "cifar")], out, [str(batches / "data_batch_3"),
+                           "sample 1 has label 10"], capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("below", ["", "shards"])
+def test_cli_names_an_out_path_under_a_file(tmp_path, capsys, below):
+    write_cifar_dir(tmp_path / "cifar")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / below if below else blocker
+    _assert_refused_by_cli(["--data-root", str(tmp_path / "cifar")], out, [str(out), str(blocker), "is a file"], capsys)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_cli_names_a_looping_symlink_out_path(tmp_path, capsys):
+    write_cifar_dir(tmp_path / "cifar")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    _assert_refused_by_cli(["--data-root", str(tmp_path / "cifar")], loop / "shards", [str(loop), "symbolic link"],
+                           capsys)
+
+
+def _image_tree(root: Path) -> None:
+    for split, names in (("train", ["a.png", "b.png"]), ("test", ["c.png"])):
+        for name in names:
+            _write_image(root / split / "cat" / name)
+            _write_image(root / split / "dog" / name)
+
+
+def _spoil(root: Path, kind: str) -> Path:
+    """One malformation of an _image_tree; returns the path the error must name."""
+    if kind == "empty class directory":
+        (root / "train" / "bird").mkdir()
+        return root / "train" / "bird"
+    if kind == "split without classes":
+        (root / "extra").mkdir()
+        return root / "extra"
+    write_unusable_entry(root / "train" / "cat" / "z.png", kind)
+    return root / "train" / "cat" / "z.png"
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("empty class directory", "no images"),
+    ("split without classes", "no class directories"),
+    ("zero bytes", "empty file"),
+    ("directory", "not a regular file"),
+    ("dangling link", "cannot be read"),
+    ("looping link", "cannot be read"),
+])
+def test_malformed_imagefolder_tree_is_named_before_sharding(tmp_path, kind, message):
+    root = tmp_path / "folder"
+    _image_tree(root)
+    named = _spoil(root, kind)
+    with pytest.raises(SourceError, match=message) as raised:
+        shard_dataset("imagefolder", root, str(tmp_path / "out"), ShardOptions(shard_size=2, workers=1),
+                      progress=False)
+    assert str(raised.value).startswith(f"{named}: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hidden_and_non_image_files_are_skipped(tmp_path):
+    root = tmp_path / "folder"
+    _image_tree(root)
+    (root / "train" / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata twin
+    (root / "train" / "cat" / "notes.txt").write_text("hello")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    source = read_imagefolder(root)
+    assert source.classes == ("cat", "dog")
+    assert len(source.splits["train"]) == 4
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_undecodable_image_keeps_the_previous_shards_and_manifest(tmp_path, capsys, workers):
+    root = tmp_path / "folder"
+    _image_tree(root)
+    out = tmp_path / "shards"
+    assert cli(["-q", "shard", "--dataset", "imagefolder", "--data-root", str(root), "--out", str(out),
+                "--shard-size", "2", "--workers", "1"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    truncated = root / "train" / "dog" / "t.png"
+    _write_image(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:-30])  # cut inside the image data
+    _assert_refused_by_cli(["--dataset", "imagefolder", "--data-root", str(root), "--image-size", "8",
+                            "--shard-size", "2"], out, [str(truncated), "not a readable image"], capsys, workers)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    assert verify_shards(str(out)).ok and not list(out.glob(".staging-*"))

@@ -13,7 +13,9 @@ class DistillationLoss(nn.Module):
     in training mode) or a plain logits tensor, which then serves for both terms (classic KD). `labels` go to
     base_criterion untouched, so soft (mixup/cutmix) targets work whenever the base criterion accepts them.
 
-    - 'soft': KL(student_dist / tau || teacher / tau) summed, times tau^2, divided by the number of logits.
+    - 'soft': KL(softmax(teacher / tau) || softmax(dist_logits / tau)) summed over classes, times tau^2,
+      averaged over the batch (the DeiT paper's scale: the tau^2 keeps the gradient's size independent of tau,
+      so `alpha` weighs two per-sample terms of like size, the cross entropy and the KL).
     - 'hard': cross entropy of dist_logits against the teacher's argmax.
     - 'none': base criterion only; a (cls, dist) tuple is averaged first, which is what the model predicts
       in eval mode.
@@ -51,12 +53,14 @@ class DistillationLoss(nn.Module):
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
         if self.distillation_type == "soft":
+            # kl_div(input=log q, target=log p) = sum p (log p - log q) = KL(teacher || student); batchmean
+            # divides the sum by the batch size only (dividing by numel would also divide by the class count).
             distillation = F.kl_div(
                 F.log_softmax(dist_logits / self.tau, dim=1),
                 F.log_softmax(teacher_logits / self.tau, dim=1),
-                reduction="sum",
+                reduction="batchmean",
                 log_target=True,
-            ) * (self.tau * self.tau) / dist_logits.numel()
+            ) * (self.tau * self.tau)
         else:
             distillation = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
         self.last_terms = {"base": base.detach(), "distillation": distillation.detach()}
