@@ -83,7 +83,8 @@ class OutputSplit:
 
 
 def holdout_count(val_size: int | float, total: int) -> int:
-    return round(val_size * total) if isinstance(val_size, float) else int(val_size)
+    """A count as given; a fraction of `total`, at least one image."""
+    return max(1, round(val_size * total)) if isinstance(val_size, float) else int(val_size)
 
 
 def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:

@@ -31,7 +31,7 @@ def test_step_variants_time_on_cpu():
     rows = table_rows(result.stdout)
     assert [row[3] for row in rows] == variants
     for row in rows:
-        assert float(row[4]) > 0, row  # images/s: a number, not "failed: ..."
+        assert float(row[4]) >= 0, row  # images/s: a number (printed to 0 decimals), not "failed: ..."
     assert rows[0][5] == "1.00"  # speed-up of the first variant against itself
 
 
