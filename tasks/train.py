@@ -35,7 +35,15 @@ from tasks.checkpoints import (
     save_weights,
     unwrap,
 )
-from tasks.config import ModelSpec, PipelineConfig, TrainingConfig, with_absolute_paths
+from tasks.config import (
+    RAY_CLIENT_REFUSED,
+    RAY_CLIENT_SCHEME,
+    ModelSpec,
+    PipelineConfig,
+    TrainingConfig,
+    is_url,
+    with_absolute_paths,
+)
 from tasks.loader import ShardStream, make_loader, normalize
 from tasks.shard import read_manifest, verify_shards
 from tasks.tracking import (
@@ -382,15 +390,27 @@ def _report(metrics, history, rank, model, optimizer, scheduler, ema, model_name
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def ray_address(config: PipelineConfig) -> str | None:
+    """scaling.ray_address, else $RAY_ADDRESS; None means a Ray of this process's own."""
+    return config.scaling.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(config: PipelineConfig) -> str | None:
-    """Use the running Ray, else the cluster at scaling.ray_address / $RAY_ADDRESS, else start one here.
+    """Use the running Ray, else join the cluster at ray_address() as a driver, else start one here.
 
     Returns the dashboard address when this call connected (None when Ray was already up)."""
     import ray
 
     if ray.is_initialized():
         return None
-    address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(config)
+    if address and address.startswith(RAY_CLIENT_SCHEME):
+        raise TrainingError(f"RAY_ADDRESS={address}: {RAY_CLIENT_REFUSED}")
+    if address and is_url(address):
+        raise TrainingError(
+            f"RAY_ADDRESS={address} is a Ray Jobs API, which the flow submits trainings to; training in this "
+            "process needs a cluster it can join as a driver: 'auto' on a node of it, or <head>:6379"
+        )
     if address:
         context = ray.init(address=address)
     else:
@@ -399,11 +419,13 @@ def ensure_ray(config: PipelineConfig) -> str | None:
     return context.dashboard_url or None
 
 
-def concurrent_trainings(config: PipelineConfig) -> int:
-    """How many trainings of this scaling config the Ray cluster can hold at once (at least 1)."""
+def concurrent_trainings(config: PipelineConfig, resources: dict[str, float] | None = None) -> int:
+    """How many trainings of this scaling config the cluster holds at once (at least 1).
+
+    `resources` are the cluster's totals; by default those of the Ray this process is connected to."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = resources if resources is not None else ray.cluster_resources()
     scaling = config.scaling
     fits = resources.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker)
     if scaling.use_gpu:
@@ -436,7 +458,7 @@ def train_model(
     if not report.ok:
         raise TrainingError(f"refusing to train on bad shards in {location}:\n  " + "\n  ".join(report.problems))
     ensure_ray(config)
-    storage = Path(config.run_dir).absolute() / "ray"
+    storage = config.checkpoint_location  # absolute or a URL: with_absolute_paths above
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -450,14 +472,14 @@ def train_model(
             "teacher_weights": str(Path(teacher_weights).absolute()) if teacher_weights else None,
             "group": group,
             "step_hook": step_hook,
-            "run_path": str(storage / model_name),
+            "run_path": f"{storage}/{model_name}",
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=model_name,
-            storage_path=str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.training.checkpoints_to_keep,
                 checkpoint_score_attribute="test_acc",
@@ -470,12 +492,12 @@ def train_model(
     try:
         result = trainer.fit()
     except Exception as error:
-        raise TrainingError(_failure_message(model_name, storage / model_name, error)) from error
+        raise TrainingError(_failure_message(model_name, f"{storage}/{model_name}", error)) from error
     return _export(config, model_name, result, time.perf_counter() - started)
 
 
-def _failure_message(model_name: str, run_path: Path, error: Exception) -> str:
-    latest = latest_valid_checkpoint(run_path)
+def _failure_message(model_name: str, run_path: str, error: Exception) -> str:
+    latest = None if is_url(run_path) else latest_valid_checkpoint(Path(run_path))
     where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 
