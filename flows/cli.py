@@ -31,12 +31,17 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config field, e.g. --set training.epochs=3 (repeatable)",
     )
     parser.add_argument("--run-name", help="outputs go under ./runs/<run name>/ (tracking.run_name)")
+    parser.add_argument(
+        "--flow-run", metavar="DIR",
+        help="work in one flow run's directory, runs/<run name>/DIR/ ('latest': the last finished one; "
+             "tracking.flow_run)",
+    )
 
 
 def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
     """Turn the subcommand's explicit flags into config overrides (flags win over --set)."""
     overrides = list(args.overrides)
-    for attribute, dotted in {"run_name": "tracking.run_name", **mapping}.items():
+    for attribute, dotted in {"run_name": "tracking.run_name", "flow_run": "tracking.flow_run", **mapping}.items():
         value = getattr(args, attribute, None)
         if value is not None:
             # JSON quoting keeps a path with ':' or '#' a plain string when read back as YAML.
@@ -101,10 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The whole flow in this process (Prefect's ephemeral API unless PREFECT_API_URL points at a server)."""
     from flows.pipeline import vit_pipeline
 
+    if args.flow_run:
+        raise ConfigError("--flow-run: each run writes a directory of its own, runs/<run name>/<flow run>/")
     config = _load(args, {})
-    result = vit_pipeline(config=config)
-    accuracies = ", ".join(f"{name} {accuracy:.4f}" for name, accuracy in result["models"].items())
-    print(f"pipeline finished: best validation accuracy {accuracies}; report {result['report']['html']}")
+    result = vit_pipeline(config=config, reuse_trainings=args.reuse_trainings)
+    for name, how in result["trainings"].items():
+        print(f"{name}: {how}, best validation accuracy {result['models'][name]:.4f}")
+    print(f"pipeline finished in {result['run_dir']}; report {result['report']['html']}")
     return 0
 
 
@@ -160,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the whole pipeline flow (shard, train, evaluate, attention, report)")
     _config_arguments(run)
+    run.add_argument("--reuse-trainings", action="store_true",
+                     help="take a training from Prefect's cache when an identical one finished before")
     run.set_defaults(handler=cmd_run)
 
     shards_help = "shard directory or URL (default: data.shard_dir or runs/<run>/shards)"

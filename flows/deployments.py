@@ -3,7 +3,8 @@
 `smoke` runs configs/smoke.yaml (CPU, minutes); `cifar10` runs configs/cifar10.yaml and carries the
 weekly retraining schedule, created paused so that nothing trains until someone turns it on
 (`prefect deployment schedule resume vit-pipeline/cifar10 <schedule id>`, or the toggle in the UI).
-prefect.yaml declares the same deployments for a work pool; tests keep the two in step.
+prefect.yaml declares the same two deployments for the GPU cluster's work pool, with what the cluster adds
+(shared storage for runs, checkpoints and Prefect results); tests keep the two in step.
 """
 
 from __future__ import annotations

@@ -1,31 +1,38 @@
 """The `vit-pipeline` Prefect flow: the pipeline diagram, one task per box.
 
-    shard -> verify -> train baseline -> train transformers (DeiT distils from the baseline)
-          -> evaluate all -> attention maps -> report
+    shard -> verify -> train baseline (ResNet) -> train DeiT (distils from the baseline) -+
+                    -> train ViT, train Swin (no teacher: they start at once) ------------+-> evaluate all
+                                                                 -> attention maps -> report
 
-Every task is a thin wrapper around a plain function in tasks/. Cache keys hash exactly what decides a
-step's output (the data section for the shards; the manifest fingerprint, the model's config and the
-teacher's weights for a training), and results are persisted, so re-running the same parameters skips
-finished steps and a changed model config retrains only that model.
+Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
+runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
+cached by what decides them, so every flow run reuses them while the data stays the same. Trainings run
+again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
+model config, recipe, worker count, shards and teacher match a finished one is taken from the cache and
+copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
-import socket
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.checkpoints import CheckpointError
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, is_url, load_config
+from tasks.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.samples import ShardFormatError
 from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
@@ -37,17 +44,18 @@ from tasks.tracking import (
     start_wandb_run,
     sync_command,
 )
+from tasks.recipe import trained_weights
 from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ensure_ray, train_model
 
 FLOW_NAME = "vit-pipeline"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
-# Bad input does not get better by retrying; everything else (storage, network, a lost node) may.
-PERMANENT_ERRORS = (ConfigError, SourceError, ShardFormatError, CheckpointError, ValueError, TypeError, KeyError)
+# Bad input does not get better by retrying, nor does a training someone stopped; everything else
+# (storage, network, a lost node) may.
+PERMANENT_ERRORS = (ConfigError, SourceError, ShardFormatError, CheckpointError, TrainingCancelled, ValueError,
+                    TypeError, KeyError)
 # The thread pool only bounds bookkeeping threads; how many trainings really run at once is decided
-# by concurrent_trainings() against the Ray cluster.
+# by the flow's training slots, sized by concurrent_trainings() against the Ray cluster.
 MAX_TASK_THREADS = 16
-# runs/<run>/ names the flow run writing it and its process, so a later run can tell one that died.
-RUN_OWNER_FILE = "flow-run.json"
 
 
 def _digest(*parts: Any) -> str:
@@ -82,7 +90,8 @@ def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         "num_workers": config.scaling.num_workers,
         "manifest": parameters["manifest_fingerprint"],
         "teacher": file_digest(Path(teacher)) if teacher else None,
-        "outputs": str(Path(config.run_dir).absolute()),
+        # The run name, not the flow run: a later flow run may reuse this training when asked to.
+        "outputs": str(Path(config.run_root).absolute()),
     }
     return f"train-{name}-{_digest(decisive)}"
 
@@ -119,6 +128,12 @@ def verify_task(config: PipelineConfig) -> None:
 def train_task(
     config: PipelineConfig, model_name: str, manifest_fingerprint: str, teacher_weights: str | None, group: str
 ) -> TrainOutcome:
+    """Train one model on the cluster this process drives, or as a Ray Job followed from here when the
+    cluster is reached through its Jobs API."""
+    address = jobs_api(config)
+    if address:
+        return train_as_job(address, config, model_name, teacher_weights=teacher_weights, group=group,
+                            flow_run_id=str(flow_run.get_id()), emit=get_run_logger().info)
     return train_model(config, model_name, teacher_weights=teacher_weights, group=group)
 
 
@@ -167,99 +182,6 @@ def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
-def _train(config: PipelineConfig, name: str, fingerprint: str, teacher: str | None, group: str):
-    options = config.orchestration
-    return train_task.with_options(
-        retries=options.retries, retry_delay_seconds=options.retry_delay_seconds
-    ).submit(config, name, fingerprint, teacher, group)
-
-
-def _usable(outcome: TrainOutcome) -> bool:
-    """A cached training whose exported weights were deleted since must run again."""
-    return outcome.best_weights.is_file() and outcome.last_weights.is_file()
-
-
-def _train_all(config: PipelineConfig, teachers: dict[str, str | None], fingerprint: str, group: str,
-               slots: int) -> dict[str, TrainOutcome]:
-    """Train every model in `teachers` (name -> teacher weights) with at most `slots` in flight."""
-    names = list(teachers)
-    outcomes: dict[str, TrainOutcome] = {}
-    for start in range(0, len(names), slots):
-        batch = names[start:start + slots]
-        futures = {name: _train(config, name, fingerprint, teachers[name], group) for name in batch}
-        for name, future in futures.items():
-            outcome = future.result()
-            if not _usable(outcome):
-                get_run_logger().warning("%s: cached weights are gone, training again", name)
-                outcome = train_task.with_options(refresh_cache=True)(
-                    config, name, fingerprint, teachers[name], group
-                )
-            outcomes[name] = outcome
-    return outcomes
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), or None when there is no such process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "unknown"
-
-
-def _alive(owner: dict) -> bool:
-    start = _process_start(owner["pid"])
-    return start is not None and (start == "unknown" or owner.get("start") in (None, start))
-
-
-def crash_orphaned_run(config: PipelineConfig, current_id: str | None) -> str | None:
-    """Mark the previous flow run of this run directory Crashed if its process is gone; then claim it.
-
-    A flow killed outright (SIGKILL, OOM killer, power loss) never reports a final state, so Prefect
-    shows it Running forever. The run directory records which flow run and process last wrote it; a
-    later run on the same host checks that process and, when it is gone while Prefect still says
-    Running, sets that flow run Crashed. Runs on other hosts are left to Prefect's heartbeats.
-    Returns the id of the flow run marked Crashed, if any.
-    """
-    from prefect import get_client
-    from prefect.states import Crashed
-
-    path = Path(config.run_dir) / RUN_OWNER_FILE
-    crashed = None
-    try:
-        owner = json.loads(path.read_text())
-    except (OSError, ValueError):
-        owner = None
-    if owner and owner.get("flow_run_id") not in (None, current_id) and owner.get("host") == socket.gethostname():
-        if not _alive(owner):
-            with get_client(sync_client=True) as client:
-                try:
-                    previous = client.read_flow_run(owner["flow_run_id"])
-                except Exception:  # noqa: BLE001  (another API, or deleted since: nothing to mark)
-                    previous = None
-                if previous is not None and previous.state is not None and previous.state.is_running():
-                    client.set_flow_run_state(
-                        previous.id,
-                        Crashed(message=f"process {owner['pid']} on {owner['host']} exited without reporting "
-                                        f"a final state; found by flow run {current_id}"),
-                        force=True,
-                    )
-                    crashed = str(previous.id)
-    if current_id is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"flow_run_id": current_id, "host": socket.gethostname(), "pid": os.getpid(),
-                  "start": _process_start(os.getpid())}
-        temporary = path.with_name(f".{RUN_OWNER_FILE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, path)
-    return crashed
-
-
 def _links(config: PipelineConfig, dashboard: str | None) -> None:
     wandb_dir = (Path(config.run_dir) / "wandb").absolute()
     create_link_artifact(key="wandb-runs", link=wandb_dir.as_uri(), link_text="W&B run directories (offline)",
@@ -269,45 +191,136 @@ def _links(config: PipelineConfig, dashboard: str | None) -> None:
         create_link_artifact(key="ray-dashboard", link=url, link_text="Ray dashboard")
 
 
-@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=MAX_TASK_THREADS), log_prints=True)
+
+
+def _result_storage(config: PipelineConfig) -> LocalFileSystem | RemoteFileSystem | None:
+    """storage.results as a Prefect file system block (None: Prefect's default, local to this machine).
+
+    Prefect accepts only blocks saved on its server; the name follows from the location, so every flow run
+    writing there shares one block and finds the others' cached results."""
+    location = config.storage.results
+    if location is None:
+        return None
+    block = RemoteFileSystem(basepath=location) if is_url(location) else LocalFileSystem(basepath=location)
+    block.save(f"vit-pipeline-results-{_digest(location)[:12]}", overwrite=True)
+    return block
+
+
+def _connect_cluster(config: PipelineConfig) -> tuple[str | None, int]:
+    """Reach the Ray cluster that trains: its dashboard and how many trainings it holds at once."""
+    address = jobs_api(config)
+    dashboard = address or ensure_ray(config)
+    limit = config.orchestration.max_concurrent_trainings
+    return dashboard, limit or (job_slots(config, address) if address else concurrent_trainings(config))
+
+
+def _this_runs_copy(config: PipelineConfig, outcome: TrainOutcome) -> TrainOutcome:
+    """A training reused from an earlier flow run, copied into this run's models/ (its directory is whole)."""
+    out = trained_weights(config, outcome.model).parent
+    if outcome.best_weights.parent.resolve() == out.resolve():
+        return outcome
+    out.mkdir(parents=True, exist_ok=True)
+    for source in outcome.best_weights.parent.iterdir():
+        if source.is_file():
+            shutil.copy2(source, out / source.name)
+    return dataclasses.replace(outcome, best_weights=out / outcome.best_weights.name,
+                               last_weights=out / outcome.last_weights.name)
+
+
+def _train_models(config: PipelineConfig, fingerprint: str, group: str, slots: int,
+                  reuse: bool) -> tuple[dict[str, TrainOutcome], dict[str, str]]:
+    """Every model's training, each waiting for exactly what it needs: one of `slots` (the next starts as
+    soon as one ends), and a DeiT its teacher. The baseline goes first: the DeiT waits for it.
+
+    Returns the outcomes and, per model, "trained" or "reused from <the directory it was trained in>".
+    """
+    options = config.orchestration
+    train = train_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds,
+                                     refresh_cache=not reuse, result_storage=_result_storage(config))
+    free = threading.BoundedSemaphore(slots)
+    outcomes: dict[str, TrainOutcome] = {}
+    how: dict[str, str] = {}
+
+    def start(name: str, teacher: str | None, wait_for=()):
+        if not free.acquire(blocking=False):
+            get_run_logger().info("%s waits for a training slot (%d at once)", name, slots)
+            free.acquire()
+        future = train.submit(config, name, fingerprint, teacher, group, wait_for=wait_for)
+        future.add_done_callback(lambda _: free.release())
+        return future
+
+    def settle(name: str, future, teacher: str | None) -> TrainOutcome:
+        outcome, cached = future.result(), future.state.name == "Cached"
+        if not (outcome.best_weights.is_file() and outcome.last_weights.is_file()):
+            get_run_logger().warning("%s: the cached training's weights are gone, training again", name)
+            with free:
+                outcome = train.with_options(refresh_cache=True)(config, name, fingerprint, teacher, group)
+            cached = False
+        how[name] = f"reused from {outcome.best_weights.parent}" if cached else "trained"
+        outcomes[name] = _this_runs_copy(config, outcome)
+        return outcomes[name]
+
+    baseline = config.model.baseline.name
+    students = [spec.name for spec in config.model.transformers if spec.teacher == "baseline"]
+    futures = {baseline: start(baseline, None)}
+    for spec in config.model.transformers:
+        if spec.name not in students:
+            futures[spec.name] = start(spec.name, None)
+    teacher = str(settle(baseline, futures[baseline], None).best_weights)
+    for name in students:
+        futures[name] = start(name, teacher, wait_for=[futures[baseline]])
+    for name, future in futures.items():
+        if name != baseline:
+            settle(name, future, teacher if name in students else None)
+    return {name: outcomes[name] for name in futures}, {name: how[name] for name in futures}
+
+
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=MAX_TASK_THREADS))
 def vit_pipeline(
     config: PipelineConfig | None = None,
     config_file: str = DEFAULT_CONFIG_FILE,
     overrides: list[str] | None = None,
+    reuse_trainings: bool = False,
 ) -> dict[str, Any]:
     """Shard, verify, train the baseline and the transformers, evaluate, map attention, report.
 
     `config` (the form in the Prefect UI) wins; otherwise `config_file` plus `section.field=value` overrides.
+    `reuse_trainings`: take trainings from the cache when an identical one finished before, instead of
+    training every model again.
     """
+    logger = get_run_logger()
     config = config or load_config(config_file, overrides or [])
     options = config.orchestration
-    group = flow_run.get_name() or config.tracking.run_name
+    claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name())
+    config = claim.config
+    for crashed in claim.crashed:
+        logger.warning("flow run %s of %s had died without a final state: marked Crashed", crashed,
+                       config.run_root)
+    if claim.continued:
+        logger.warning("continuing %s, left unfinished by flow run %s: its trainings resume from their "
+                       "checkpoints", config.run_dir, claim.continued)
+    group = config.tracking.flow_run
     limits = dict(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds)
-    crashed = crash_orphaned_run(config, flow_run.get_id())
-    if crashed:
-        get_run_logger().warning("flow run %s of %s had died without a final state: marked Crashed", crashed,
-                                 config.run_dir)
+    shard_limits = dict(timeout_seconds=options.shard_timeout_minutes * 60, **limits)
 
-    manifest = shard_task.with_options(timeout_seconds=options.shard_timeout_minutes * 60, **limits)(config, group)
-    verify_task.with_options(timeout_seconds=options.shard_timeout_minutes * 60, **limits)(config)
+    manifest = shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
+    verify_task.with_options(**shard_limits)(config)
 
-    dashboard = ensure_ray(config)
+    dashboard, slots = _connect_cluster(config)
     _links(config, dashboard)
-    slots = options.max_concurrent_trainings or concurrent_trainings(config)
-    fingerprint = manifest["fingerprint"]
-    baseline = config.model.baseline.name
-    outcomes = _train_all(config, {baseline: None}, fingerprint, group, slots)
-    teacher = str(outcomes[baseline].best_weights)
-    distils = {spec.name: teacher if spec.teacher == "baseline" else None for spec in config.model.transformers}
-    outcomes |= _train_all(config, distils, fingerprint, group, slots)
+    with jobs_stopped_on_exit(jobs_api(config), str(flow_run.get_id())):
+        outcomes, how = _train_models(config, manifest["fingerprint"], group, slots, reuse_trainings)
+    create_table_artifact(key="trainings", table=[{"model": name, "training": text} for name, text in how.items()],
+                          description="Which models this flow run trained and which it reused")
 
     trained = {name: str(outcome.best_weights) for name, outcome in outcomes.items()}
     evaluate_options = dict(timeout_seconds=options.evaluate_timeout_minutes * 60, **limits)
     records = evaluate_task.with_options(**evaluate_options)(config, trained, group)
     grids = attention_task.with_options(**evaluate_options)(config, trained, group)
     report = report_task.with_options(**evaluate_options)(config, records, group)
-    print(f"report: {Path(report['html']).absolute()}")
-    print(f"W&B runs are offline unless tracking.mode is online with WANDB_API_KEY set; upload with: "
-          f"{sync_command(config)}")
+    finish_run_directory(config)
+    logger.info("report: %s", Path(report["html"]).absolute())
+    logger.info("W&B runs are offline unless tracking.mode is online with WANDB_API_KEY set; upload with: %s",
+                sync_command(config))
     return {"run_dir": str(Path(config.run_dir).absolute()), "report": report, "attention": grids,
-            "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()}}
+            "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()}}

@@ -31,6 +31,12 @@ from vitmodels import CIFAR10_MEAN, CIFAR10_STD
 
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+RAY_CLIENT_SCHEME = "ray://"
+RAY_CLIENT_REFUSED = (
+    "Ray Client (ray://) is not used: Ray recommends it against Ray Train, and it breaks on reconnects; "
+    "run the flow on the head node with 'auto', or give the Jobs API address http://<head>:8265 to submit "
+    "trainings as Ray Jobs"
+)
 
 
 def our_model_names() -> list[str]:
@@ -201,9 +207,19 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: NonNegativeFloat = 0.0
-    # None: $RAY_ADDRESS if set, else a local Ray started in-process.
+    # None: $RAY_ADDRESS if set, else a local Ray started in-process. "auto" or host:port: this process is
+    # a Ray driver on a node of that cluster; http(s)://host:8265: trainings go there as Ray Jobs.
     ray_address: str | None = None
     ray_num_cpus: PositiveInt | None = None
+    # Ray Train workers may land on several machines: checkpoints must then be on storage all of them reach.
+    multi_node: bool = False
+
+    @field_validator("ray_address")
+    @classmethod
+    def _no_ray_client(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(RAY_CLIENT_SCHEME):
+            raise ValueError(RAY_CLIENT_REFUSED)
+        return value
 
 
 class TrackingConfig(_Section):
@@ -212,11 +228,14 @@ class TrackingConfig(_Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     run_name: str = "default"
     output_dir: Path = Path("runs")
+    # One flow run's directory under runs/<run_name>/, set by the flow (its flow run's name and id);
+    # None (the step commands' default) means runs/<run_name>/ itself.
+    flow_run: str | None = None
 
-    @field_validator("run_name")
+    @field_validator("run_name", "flow_run")
     @classmethod
-    def _safe_run_name(cls, value: str) -> str:
-        if not RUN_NAME_PATTERN.match(value):
+    def _safe_run_name(cls, value: str | None) -> str | None:
+        if value is not None and not RUN_NAME_PATTERN.match(value):
             raise ValueError(
                 "must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
             )
@@ -238,6 +257,30 @@ class OrchestrationConfig(_Section):
     max_concurrent_trainings: PositiveInt | None = None
 
 
+class StorageConfig(_Section):
+    """Where state that must outlive one machine lives: a local path, or any fsspec URL (s3://bucket/prefix)."""
+
+    # Ray Train's RunConfig(storage_path); None: <run directory>/ray.
+    checkpoints: str | None = None
+    # Prefect's result storage for the cached steps (shards, trainings); None: Prefect's default, local to
+    # the machine running the flow (PREFECT_LOCAL_STORAGE_PATH).
+    results: str | None = None
+    # A file system mounted at the same path on every node and on the machine running the flow
+    # (EFS, NFS, FSx, a ReadWriteMany volume): local paths under it are fine for multi-node checkpoints.
+    shared_filesystem: Path | None = None
+
+    @field_validator("shared_filesystem")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path, the same on every node")
+        return value
+
+
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
 class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -245,14 +288,50 @@ class PipelineConfig(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @property
-    def run_dir(self) -> Path:
+    def run_root(self) -> Path:
+        """runs/<run_name>/: every flow run of this run name, and the shards they share."""
         return self.tracking.output_dir / self.tracking.run_name
 
     @property
+    def run_dir(self) -> Path:
+        """Where this run writes: runs/<run_name>/<flow run>/ inside a flow, runs/<run_name>/ otherwise."""
+        flow_run = self.tracking.flow_run
+        return self.run_root / flow_run if flow_run else self.run_root
+
+    @property
     def shard_location(self) -> str:
-        return self.data.shard_dir or str(self.run_dir / "shards")
+        return self.data.shard_dir or str(self.run_root / "shards")
+
+    @property
+    def checkpoint_location(self) -> str:
+        """Ray Train's storage_path: storage.checkpoints/<run_name>[/<flow run>], else <run directory>/ray."""
+        base = self.storage.checkpoints
+        if base is None:
+            return str(self.run_dir / "ray")
+        parts = [self.tracking.run_name, *([self.tracking.flow_run] if self.tracking.flow_run else [])]
+        return "/".join([base.rstrip("/"), *parts]) if is_url(base) else str(Path(base, *parts))
+
+    @model_validator(mode="after")
+    def _multi_node_checkpoints_are_shared(self) -> PipelineConfig:
+        """Ray Train refuses a local storage path once workers run on several nodes, hours into a run:
+        say so at load time instead."""
+        if not self.scaling.multi_node:
+            return self
+        field, location = (("storage.checkpoints", self.storage.checkpoints) if self.storage.checkpoints
+                           else ("tracking.output_dir", str(self.tracking.output_dir)))
+        if is_url(location):
+            return self
+        shared = self.storage.shared_filesystem
+        if shared is not None and Path(location).is_absolute() and Path(location).is_relative_to(shared):
+            return self
+        raise ValueError(
+            f"{field}: {location!r} is local to one machine, but scaling.multi_node places training workers on "
+            f"several: use object storage (storage.checkpoints=s3://bucket/prefix) or a path under "
+            f"storage.shared_filesystem ({shared or 'not set'}), the file system every node mounts"
+        )
 
 
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
@@ -264,6 +343,10 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
             section[key] = Path(section[key]).absolute()
     if data["shard_dir"] is not None and "://" not in data["shard_dir"]:
         data["shard_dir"] = str(Path(data["shard_dir"]).absolute())
+    storage = tree["storage"]
+    for key in ("checkpoints", "results"):
+        if storage[key] is not None and not is_url(storage[key]):
+            storage[key] = str(Path(storage[key]).absolute())
     for spec in [tree["model"]["baseline"], *tree["model"]["transformers"]]:
         for key in ("pretrained_file", "teacher_file"):
             if spec[key] is not None:
@@ -274,8 +357,11 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
 def _describe_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "<root>"
         message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across sections: its message names the fields
+            lines.append(f"  {message}")
+            continue
+        field = ".".join(str(part) for part in item["loc"])
         lines.append(f"  {field}: {message} (got {item.get('input')!r})")
     return "\n".join(lines)
 

@@ -25,7 +25,14 @@ from tasks.checkpoints import (
     latest_valid_checkpoint,
     read_checkpoint_metadata,
 )
-from tasks.config import ConfigError, PipelineConfig, with_absolute_paths
+from tasks.config import (
+    RAY_CLIENT_REFUSED,
+    RAY_CLIENT_SCHEME,
+    ConfigError,
+    PipelineConfig,
+    is_url,
+    with_absolute_paths,
+)
 from tasks.loader import batches_per_rank
 from tasks.recipe import check_ema_horizon, trained_weights
 from tasks.samples import ShardFormatError
@@ -74,15 +81,28 @@ def default_teacher_weights(config: PipelineConfig, model_name: str) -> str | No
     return str(weights) if spec.teacher == "baseline" and weights.is_file() else None
 
 
+def ray_address(config: PipelineConfig) -> str | None:
+    """scaling.ray_address, else $RAY_ADDRESS; None means a Ray of this process's own."""
+    return config.scaling.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(config: PipelineConfig) -> str | None:
-    """Use the running Ray, else the cluster at scaling.ray_address / $RAY_ADDRESS, else start one here.
+    """Use the running Ray, else join the cluster at ray_address() as a driver, else start one here.
 
     Returns the dashboard address when this call connected (None when Ray was already up)."""
     import ray
 
     if ray.is_initialized():
         return None
-    address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(config)
+    if address and address.startswith(RAY_CLIENT_SCHEME):
+        raise TrainingError(f"RAY_ADDRESS={address}: {RAY_CLIENT_REFUSED}", retryable=False)
+    if address and is_url(address):
+        raise TrainingError(
+            f"RAY_ADDRESS={address} is a Ray Jobs API, which the flow submits trainings to; training in this "
+            "process needs a cluster it can join as a driver: 'auto' on a node of it, or <head>:6379",
+            retryable=False,
+        )
     if address:
         context = ray.init(address=address)
     else:
@@ -112,11 +132,13 @@ def _call(function: Callable[..., T], *args, **kwargs) -> T:
     return function(*args, **kwargs)
 
 
-def concurrent_trainings(config: PipelineConfig) -> int:
-    """How many trainings of this scaling config the Ray cluster can hold at once (at least 1)."""
+def concurrent_trainings(config: PipelineConfig, resources: dict[str, float] | None = None) -> int:
+    """How many trainings of this scaling config the cluster holds at once (at least 1).
+
+    `resources` are the cluster's totals; by default those of the Ray this process is connected to."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = resources if resources is not None else ray.cluster_resources()
     scaling = config.scaling
     fits = resources.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker)
     if scaling.use_gpu:
@@ -153,7 +175,7 @@ def train_model(
     location = shard_location or config.shard_location
     _check_before_start(config, location)
     ensure_ray(config)
-    storage = Path(config.run_dir).absolute() / "ray"
+    storage = config.checkpoint_location  # absolute or a URL: with_absolute_paths above
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -162,7 +184,8 @@ def train_model(
         config=config, model_name=model_name,
         shard_location=location if "://" in location else str(Path(location).absolute()),
         teacher_weights=str(Path(teacher_weights).absolute()) if teacher_weights else None,
-        group=group, run_path=str(storage / model_name), step_hook=step_hook,
+        # A local run directory is scanned for the furthest valid checkpoint; object storage is Ray's alone.
+        group=group, run_path=None if is_url(storage) else f"{storage}/{model_name}", step_hook=step_hook,
     )
     trainer = TorchTrainer(
         train_worker,
@@ -172,7 +195,7 @@ def train_model(
         ),
         run_config=RunConfig(
             name=model_name,
-            storage_path=str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.training.checkpoints_to_keep,
                 checkpoint_score_attribute="val_acc",
@@ -184,7 +207,7 @@ def train_model(
         ),
     )
     started = time.perf_counter()
-    result = fit_with_retries(trainer, model_name, storage / model_name, config.training.max_failures)
+    result = fit_with_retries(trainer, model_name, f"{storage}/{model_name}", config.training.max_failures)
     return _export(config, model_name, result, time.perf_counter() - started)
 
 
@@ -215,7 +238,7 @@ def is_deterministic(error: BaseException) -> bool:
     return type(error) is RuntimeError and bool(SHAPE_ERROR.search(str(error)))
 
 
-def fit_with_retries(trainer, model_name: str, run_path: Path, max_failures: int):
+def fit_with_retries(trainer, model_name: str, run_path: str, max_failures: int):
     """trainer.fit(), again from the last checkpoint after a failure a retry can fix, up to max_failures times."""
     from ray.train import TrainingFailedError
 
@@ -242,8 +265,8 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
-def _failure_message(model_name: str, run_path: Path, error: BaseException) -> str:
-    latest = latest_valid_checkpoint(run_path)
+def _failure_message(model_name: str, run_path: str, error: BaseException) -> str:
+    latest = None if is_url(run_path) else latest_valid_checkpoint(Path(run_path))
     where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 

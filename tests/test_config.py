@@ -71,3 +71,49 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("data: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_flow_runs_directory_and_what_its_runs_share(monkeypatch):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    config = build_config({}, ["tracking.run_name=weekly", "tracking.flow_run=crimson-fox-0a1b2c3d"])
+    assert config.run_dir == Path("runs/weekly/crimson-fox-0a1b2c3d")
+    assert config.shard_location == "runs/weekly/shards"  # shards are shared by the run name's flow runs
+    assert config.checkpoint_location == "runs/weekly/crimson-fox-0a1b2c3d/ray"
+    remote = build_config({}, ["tracking.run_name=weekly", "tracking.flow_run=x", "storage.checkpoints=s3://b/ckpt/"])
+    assert remote.checkpoint_location == "s3://b/ckpt/weekly/x"
+    with pytest.raises(ConfigError, match="tracking.flow_run"):
+        build_config({}, ["tracking.flow_run=../elsewhere"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ([], "tracking.output_dir"),
+        (["storage.checkpoints=/home/me/ckpt"], "storage.checkpoints"),
+        (["storage.shared_filesystem=/mnt/shared", "storage.checkpoints=/home/me/ckpt"], "storage.checkpoints"),
+    ],
+)
+def test_multi_node_checkpoints_on_a_local_path_fail_at_load_time(monkeypatch, overrides, field):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=rf"{field}: .* is local to one machine"):
+        build_config({}, ["scaling.multi_node=true", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["storage.checkpoints=s3://bucket/ckpt"],
+        ["storage.shared_filesystem=/mnt/shared", "tracking.output_dir=/mnt/shared/runs"],
+        ["storage.shared_filesystem=/mnt/shared", "storage.checkpoints=/mnt/shared/ckpt"],
+    ],
+)
+def test_multi_node_checkpoints_on_shared_storage_load(monkeypatch, overrides):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    assert build_config({}, ["scaling.multi_node=true", *overrides]).scaling.multi_node
+
+
+def test_ray_client_addresses_are_refused(monkeypatch):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=r"scaling.ray_address: Ray Client \(ray://\) is not used"):
+        build_config({}, ["scaling.ray_address=ray://head:10001"])
+    assert build_config({}, ["scaling.ray_address=http://head:8265"]).scaling.ray_address == "http://head:8265"

@@ -282,19 +282,21 @@ def _pipeline(tmp_path: Path) -> list[str]:
 @pytest.mark.timeout(1500)
 def test_sigkilled_driver_resumes_skips_shards_marks_the_dead_run_crashed_and_leaks_no_key(tmp_path, flow_env):
     env, marker, canary, ray_tmp = flow_env
-    run_dir = tmp_path / "runs" / "killed"
-    baseline_ray = run_dir / "ray" / "resnet18_cifar"
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:
         driver = subprocess.Popen(_pipeline(tmp_path), env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         deadline = time.monotonic() + FLOW_TIMEOUT
-        while len(_valid_checkpoints(baseline_ray)) < 2:
+        # The flow run's own directory, runs/killed/<flow run>/, which the next run of this config continues.
+        while not (found := list((tmp_path / "runs" / "killed").glob("*/ray/resnet18_cifar"))) or len(
+                _valid_checkpoints(found[0])) < 2:
             assert driver.poll() is None, first_log.read_text()[-5000:]
             assert time.monotonic() < deadline, "two checkpoints never appeared"
             time.sleep(0.2)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    (baseline_ray,) = found
+    run_dir = baseline_ray.parents[1]
     _kill_leftovers(marker)
     assert _processes_with(marker) == [], "processes of the killed driver survived SIGKILL"
     killed_history = read_checkpoint_metadata(_valid_checkpoints(baseline_ray)[0])["history"]
@@ -325,6 +327,7 @@ def test_sigkilled_driver_resumes_skips_shards_marks_the_dead_run_crashed_and_le
     assert [state for name, state in second_run["tasks"].items() if name.startswith("shard")] == ["Cached"], (
         second_run["tasks"])
     assert any("marked Crashed" in message for message in second_run["logs"])
+    assert any(f"continuing {run_dir}" in message for message in second_run["logs"])
 
     # The canary key never left the environment: not in output, run files, checkpoints, Prefect's DB and logs,
     # Ray's session logs. (The first run's output went to first.log.)
@@ -343,14 +346,14 @@ def test_only_a_flow_run_whose_process_is_gone_is_marked_crashed(tmp_path):
     from prefect.states import Running
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import RUN_OWNER_FILE, _process_start, crash_orphaned_run
+    from flows.run_owner import RUN_OWNER_FILE, claim_run_directory, config_digest, process_start
 
     @flow(name="orphan-check")
     def noop() -> None:
         pass
 
     config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "owner"}})
-    owner_file = Path(config.run_dir) / RUN_OWNER_FILE
+    owner_file = Path(config.run_root) / "earlier" / RUN_OWNER_FILE
     owner_file.parent.mkdir(parents=True)
     exited = subprocess.Popen(["true"])
     exited.wait()
@@ -358,18 +361,22 @@ def test_only_a_flow_run_whose_process_is_gone_is_marked_crashed(tmp_path):
     with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as client:
         def owned_by(pid: int, start: str | None, host: str = host) -> str:
             run = client.create_flow_run(noop, state=Running())
-            owner_file.write_text(json.dumps({"flow_run_id": str(run.id), "host": host, "pid": pid, "start": start}))
+            owner_file.write_text(json.dumps({"flow_run_id": str(run.id), "host": host, "pid": pid, "start": start,
+                                              "config": config_digest(config), "finished": False}))
             return str(run.id)
 
         def state(run_id: str) -> str:
             return client.read_flow_run(run_id).state.name
 
-        alive = owned_by(me, _process_start(me))
-        assert crash_orphaned_run(config, "next-1") is None and state(alive) == "Running"
+        def claim(run_id: str):
+            return claim_run_directory(config, run_id, "next")
+
+        alive = owned_by(me, process_start(me))
+        assert claim("00000001").crashed == [] and state(alive) == "Running"
         elsewhere = owned_by(exited.pid, None, host="another-host")
-        assert crash_orphaned_run(config, "next-2") is None and state(elsewhere) == "Running"
+        assert claim("00000002").crashed == [] and state(elsewhere) == "Running"
         gone = owned_by(exited.pid, None)
-        assert crash_orphaned_run(config, "next-3") == gone and state(gone) == "Crashed"
+        assert claim("00000003").crashed == [gone] and state(gone) == "Crashed"
         reused = owned_by(me, "0")  # the PID lives on in another process: a different start time
-        assert crash_orphaned_run(config, "next-4") == reused and state(reused) == "Crashed"
-    assert json.loads(owner_file.read_text())["flow_run_id"] == "next-4"
+        assert claim("00000004").crashed == [reused] and state(reused) == "Crashed"
+    assert json.loads(owner_file.read_text())["flow_run_id"] == "00000004"  # it continues that directory

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, deployments
@@ -128,7 +131,7 @@ def test_second_shard_task_is_cached_and_bad_shards_fail_verification_by_name(tm
 
 def test_flow_takes_the_typed_config_as_its_form():
     schema = vit_pipeline.parameters.model_dump()
-    assert set(schema["properties"]) == {"config", "config_file", "overrides"}
+    assert set(schema["properties"]) == {"config", "config_file", "overrides", "reuse_trainings"}
     config_schema = schema["definitions"]["PipelineConfig"]
     assert {"data", "model", "training", "scaling", "tracking", "orchestration"} <= set(config_schema["properties"])
 
@@ -140,7 +143,9 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
     for entry in declared:
         module, function = entry["entrypoint"].split(":")
         assert (REPO_ROOT / module).is_file() and function == vit_pipeline.fn.__name__
-        assert entry["parameters"] == served[entry["name"]].parameters
+        # The cluster's deployments add shared storage (tests/test_infra.py) to what is served locally.
+        assert served[entry["name"]].parameters.items() <= entry["parameters"].items()
+        assert set(entry["parameters"]) <= set(vit_pipeline.parameters.properties)
         load_config(REPO_ROOT / entry["parameters"]["config_file"])
     cifar10 = next(d for d in declared if d["name"] == "cifar10")
     assert [(s["cron"], s["active"]) for s in cifar10["schedules"]] == [(RETRAIN_CRON, False)]
@@ -161,4 +166,147 @@ def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards)
     config.data.shard_dir = str(broken)
     with pytest.raises(TrainingError, match="(?s)refusing to train on bad shards.*test-000000.tar"):
         train_model(config, config.model.baseline.name)
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------ trainings: order, slots, reuse
+
+
+@pytest.fixture
+def fake_trainings(monkeypatch):
+    """train_model replaced by one that takes DURATIONS[model] seconds, records when it ran, and writes weights."""
+    import flows.pipeline
+    from tasks.train import TrainOutcome, trained_weights
+
+    calls: list[dict] = []
+
+    def train_model(config, model_name, *, teacher_weights=None, group=None):
+        started = time.monotonic()
+        time.sleep(DURATIONS[model_name])
+        out = trained_weights(config, model_name).parent
+        out.mkdir(parents=True, exist_ok=True)
+        for which in ("best", "last"):
+            (out / f"{which}.safetensors").write_text(f"{model_name} of {config.tracking.flow_run}")
+        calls.append({"model": model_name, "start": started, "end": time.monotonic(), "teacher": teacher_weights,
+                      "group": group})
+        return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", [], 0.5, "", 0.0)
+
+    monkeypatch.setattr(flows.pipeline, "train_model", train_model)
+    return calls
+
+
+BASELINE, VIT, DEIT, SWIN = ("resnet18_cifar", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32",
+                             "swin_tiny_patch2_window4_32")
+DURATIONS = {BASELINE: 2.0, VIT: 0.5, SWIN: 0.5, DEIT: 0.5}
+
+
+@flow(task_runner=ThreadPoolTaskRunner(max_workers=8))
+def _trainings(config, slots: int, reuse: bool):
+    from flows.pipeline import _train_models
+
+    return _train_models(config, "f" * 64, config.tracking.flow_run, slots, reuse)
+
+
+def _flow_config(tmp_path: Path, data_root: Path, flow_run: str):
+    config = _config(tmp_path, data_root, storage={"results": str(tmp_path / "prefect-results")})
+    config.tracking.flow_run = flow_run
+    return config
+
+
+def test_each_training_waits_for_a_slot_and_a_deit_for_its_teacher_only(tmp_path, data_root, fake_trainings):
+    config = _flow_config(tmp_path, data_root, "first")
+    outcomes, how = _trainings(config, slots=2, reuse=False)
+    calls = {call["model"]: call for call in fake_trainings}
+    assert set(how.values()) == {"trained"} and set(outcomes) == set(calls) == {BASELINE, VIT, DEIT, SWIN}
+    # ViT and Swin do not wait for the baseline: ViT starts beside it, Swin as soon as ViT frees its slot.
+    assert calls[VIT]["start"] < calls[BASELINE]["end"] and calls[SWIN]["start"] < calls[BASELINE]["end"]
+    assert calls[SWIN]["start"] >= calls[VIT]["end"]
+    # The DeiT waits for the baseline and distils from its weights.
+    assert calls[DEIT]["start"] >= calls[BASELINE]["end"]
+    assert calls[DEIT]["teacher"] == str(outcomes[BASELINE].best_weights)
+    assert {call["teacher"] for name, call in calls.items() if name != DEIT} == {None}
+    events = sorted([(call["start"], 1) for call in fake_trainings] + [(call["end"], -1) for call in fake_trainings])
+    running = [sum(step for _, step in events[:i + 1]) for i in range(len(events))]
+    assert max(running) == 2, "never more trainings at once than slots"
+    assert {call["group"] for call in fake_trainings} == {"first"}
+
+
+def test_the_flow_graph_shows_what_each_training_waits_for(tmp_path, data_root, fake_trainings):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = _flow_config(tmp_path, data_root, "graph")
+    state = _trainings(config, slots=4, reuse=False, return_state=True)
+    with get_client(sync_client=True) as client:
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=this_run)
+    by_name = {run.name: run for run in runs}
+    waits = {name: {str(item.id) for item in run.task_inputs.get("wait_for", [])} for name, run in by_name.items()}
+    assert waits[f"train-{DEIT}"] == {str(by_name[f"train-{BASELINE}"].id)}
+    assert waits[f"train-{VIT}"] == waits[f"train-{SWIN}"] == waits[f"train-{BASELINE}"] == set()
+
+
+def test_a_new_flow_run_trains_again_unless_asked_to_reuse(tmp_path, data_root, fake_trainings):
+    first = _flow_config(tmp_path, data_root, "first")
+    _trainings(first, slots=4, reuse=False)
+    again = _flow_config(tmp_path, data_root, "second")
+    _, how = _trainings(again, slots=4, reuse=False)
+    assert set(how.values()) == {"trained"} and len(fake_trainings) == 8
+
+    reusing = _flow_config(tmp_path, data_root, "third")
+    outcomes, how = _trainings(reusing, slots=4, reuse=True)
+    assert len(fake_trainings) == 8, "nothing trained"
+    # Reused from the latest identical trainings: runs/<run>/second/models/<model>
+    assert {Path(text.removeprefix("reused from ")).parts[-3] for text in how.values()} == {"second"}, how
+    for name, outcome in outcomes.items():  # copied: this run's directory holds every model it evaluates
+        assert outcome.best_weights == Path(reusing.run_dir) / "models" / name / "best.safetensors"
+        assert outcome.best_weights.read_text() == f"{name} of second"
+    assert list((tmp_path / "prefect-results").iterdir()), "cached results live in storage.results"
+
+    (Path(again.run_dir) / "models" / VIT / "best.safetensors").unlink()
+    fourth = _flow_config(tmp_path, data_root, "fourth")
+    _, how = _trainings(fourth, slots=4, reuse=True)
+    assert how[VIT] == "trained" and how[BASELINE].startswith("reused from ")
+
+
+# ------------------------------------------------------------------------------- run directories
+
+
+def test_every_flow_run_gets_its_own_directory_and_a_finished_one_is_never_continued(tmp_path):
+    from flows.run_owner import LATEST_LINK, RUN_OWNER_FILE, claim_run_directory, finish_run_directory
+
+    config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"}})
+    scheduled = claim_run_directory(config, "0a1b2c3d-0000", "crimson-fox")
+    manual = claim_run_directory(config, "9f8e7d6c-0000", "crimson-fox")  # same name, both alive
+    assert Path(scheduled.config.run_dir) == tmp_path / "weekly" / "crimson-fox-0a1b2c3d"
+    assert Path(manual.config.run_dir) == tmp_path / "weekly" / "crimson-fox-9f8e7d6c"
+    assert scheduled.config.shard_location == manual.config.shard_location == str(tmp_path / "weekly" / "shards")
+    assert scheduled.continued is manual.continued is None
+
+    finish_run_directory(scheduled.config)
+    assert (tmp_path / "weekly" / LATEST_LINK).resolve() == Path(scheduled.config.run_dir)
+    record = json.loads((Path(scheduled.config.run_dir) / RUN_OWNER_FILE).read_text())
+    assert record["finished"] is True and record["flow_run_id"] == "0a1b2c3d-0000"
+    # A retry of the same flow run (same id) is the same directory: its trainings resume there.
+    assert claim_run_directory(config, "9f8e7d6c-0000", "crimson-fox").config.run_dir == manual.config.run_dir
+
+
+def test_bad_run_directories_are_refused_by_the_cli(capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    assert main(["run", "--flow-run", "x"]) == EXIT_BAD_INPUT
+    assert "--flow-run" in capsys.readouterr().err
+    assert main(["evaluate", "--flow-run", "../elsewhere"]) == EXIT_BAD_INPUT
+    assert "tracking.flow_run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("address", "says"), [("ray://head:10001", "Ray Client"), ("http://head:8265", "Jobs API")])
+def test_a_training_in_this_process_refuses_addresses_it_cannot_drive(monkeypatch, address, says):
+    import ray
+
+    from tasks.train import TrainingError, ensure_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(TrainingError, match=says):
+        ensure_ray(build_config({"tracking": {"mode": "disabled"}}))
     assert not ray.is_initialized()

@@ -1,5 +1,7 @@
 """End to end with real components: `prefect server start`, the deployments served by
-`python -m flows.deployments`, `prefect deployment run vit-pipeline/smoke` twice."""
+`python -m flows.deployments`, `prefect deployment run vit-pipeline/smoke` (trained, then reused on
+request), a server restart mid-run, and a cancelled flow run whose training runs as a job on a
+`ray start --head`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.ray_head import ray_head
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +58,13 @@ def _wait_until(check, seconds: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, data_root):
+def cluster_head():
+    with ray_head() as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_root, cluster_head):
     home = tmp_path_factory.mktemp("e2e")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -66,6 +75,8 @@ def served(tmp_path_factory, data_root):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DATA_ROOT": str(data_root),
         "WANDB_MODE": "offline",
+        # The flow runs' credentials for the Ray head (trainings sent there as jobs); local Rays use it too.
+        **cluster_head.client_env,
     }
     env.pop("WANDB_API_KEY", None)
     logs = home / "logs"
@@ -104,23 +115,35 @@ def served(tmp_path_factory, data_root):
             process.wait()
 
 
-def _smoke_params(output_dir: Path) -> str:
+def _smoke_params(output_dir: Path, *extra: str, reuse: bool = False) -> str:
     return json.dumps({
         "config_file": str(REPO_ROOT / "configs" / "smoke.yaml"),
-        "overrides": [*TINY, f"tracking.output_dir={output_dir}"],
+        "overrides": [*TINY, f"tracking.output_dir={output_dir}", *extra],
+        "reuse_trainings": reuse,
     })
 
 
-def _run_smoke(env: dict, home: Path) -> str:
+def _run_smoke(env: dict, home: Path, reuse: bool = False) -> str:
     command = [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params",
-               _smoke_params(home / "runs"), "--watch"]
+               _smoke_params(home / "runs", reuse=reuse), "--watch"]
     result = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
     return _created_flow_run(result.stdout)
 
 
+def _run_directory(run_root: Path, flow_run_name: str) -> Path:
+    """The directory a flow run wrote: runs/<run>/<flow run name>-<id>/."""
+    (found,) = [path.parent for path in run_root.glob("*/flow-run.json")
+                if json.loads(path.read_text())["flow_run_name"] == flow_run_name]
+    return found
+
+
 def _created_flow_run(output: str) -> str:
     return next(line.split("'")[1] for line in output.splitlines() if "Created flow run" in line)
+
+
+def _created_flow_run_id(output: str) -> str:
+    return next(line.split("UUID:")[1].strip() for line in output.splitlines() if "UUID:" in line)
 
 
 def _flow_run_state(env: dict, flow_run_name: str) -> str:
@@ -164,7 +187,7 @@ EXPECTED_WANDB = {
 }
 
 
-def _assert_wandb_runs(wandb_dir: Path, flow_run_name: str) -> None:
+def _assert_wandb_runs(wandb_dir: Path, group: str) -> None:
     from tests.wandb_records import read_records
 
     jobs = []
@@ -174,35 +197,45 @@ def _assert_wandb_runs(wandb_dir: Path, flow_run_name: str) -> None:
         artifacts = {r.artifact.type for r in records if r.WhichOneof("record_type") == "artifact"}
         config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
         config_keys |= {item.key for item in run.config.update}
-        assert run.run_group == flow_run_name, (directory.name, run.run_group)
+        assert run.run_group == group, (directory.name, run.run_group)
         kinds, inputs = EXPECTED_WANDB[run.job_type]
         assert kinds <= artifacts and inputs <= config_keys, (run.job_type, artifacts, config_keys)
         jobs.append(run.job_type)
     assert sorted(jobs) == sorted(["shard", "train", "train", "train", "train", "evaluate", "attention", "report"])
 
 
-def test_smoke_deployment_completes_and_a_rerun_is_cached(served):
+MODELS = {"resnet18_cifar", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32", "swin_tiny_patch2_window4_32"}
+
+
+def test_smoke_deployment_completes_in_its_own_directory_and_a_rerun_reuses_only_when_asked(served):
     env, home, logs, _ = served
     first = _run_smoke(env, home)
     states = _task_states(env, first)
     assert list(_states_of(states, "shard").values()) == ["Completed"], states
-    assert set(_states_of(states, "train-")) == {
-        "train-resnet18_cifar", "train-vit_tiny_patch4_32", "train-deit_tiny_distilled_patch4_32",
-        "train-swin_tiny_patch2_window4_32"}, states
+    assert set(_states_of(states, "train-")) == {f"train-{name}" for name in MODELS}, states
     assert set(_states_of(states, "train-").values()) == {"Completed"}, states
 
-    run_dir = home / "runs" / "smoke"
+    run_root = home / "runs" / "smoke"
+    run_dir = _run_directory(run_root, first)
+    assert run_dir.name.startswith(f"{first}-") and (run_root / "shards" / "manifest.json").is_file()
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    assert {record["model"] for record in evaluation["models"]} == {
-        "resnet18_cifar", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32", "swin_tiny_patch2_window4_32"}
+    assert {record["model"] for record in evaluation["models"]} == MODELS
     assert (run_dir / "report" / "report.html").stat().st_size > 0
-    _assert_wandb_runs(run_dir / "wandb", first)
+    assert (run_root / "latest").resolve() == run_dir
+    _assert_wandb_runs(run_dir / "wandb", run_dir.name)  # the W&B group is the flow run's directory
 
-    second = _run_smoke(env, home)
+    # (That a rerun trains again by default is tests/test_flow.py's, on the same cache; here: reuse on request.)
+    second = _run_smoke(env, home, reuse=True)
     states = _task_states(env, second)
     assert list(_states_of(states, "shard").values()) == ["Cached"], states
     assert len(_states_of(states, "train-")) == 4, states
     assert set(_states_of(states, "train-").values()) == {"Cached"}, states
+    second_dir = _run_directory(run_root, second)
+    assert second_dir != run_dir and (run_root / "latest").resolve() == second_dir
+    for name in MODELS:  # a whole run directory: the reused weights are copied in, unchanged
+        assert (second_dir / "models" / name / "best.safetensors").read_bytes() == (
+            run_dir / "models" / name / "best.safetensors").read_bytes()
+    assert json.loads((second_dir / "evaluation.json").read_text())["models"]
 
 
 def test_a_flow_run_survives_a_prefect_server_restart(served):
@@ -213,14 +246,41 @@ def test_a_flow_run_survives_a_prefect_server_restart(served):
         env=env, cwd=home, capture_output=True, text=True, check=True,
     )
     name = _created_flow_run(started.stdout)
-    checkpoints = output_dir / "smoke" / "ray" / "resnet18_cifar"
-    _wait_until(lambda: any(checkpoints.glob("checkpoint_*")), RUN_TIMEOUT_SECONDS, "the baseline's first checkpoint")
+    _wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
+                "the baseline's first checkpoint")
 
     restart_server()  # mid-training: the flow's API calls fail until the new server answers
 
     terminal = {"Completed", "Failed", "Crashed", "Cancelled"}
     _wait_until(lambda: _flow_run_state(env, name) in terminal, RUN_TIMEOUT_SECONDS, f"flow run {name} to finish")
     assert _flow_run_state(env, name) == "Completed"
-    evaluation = json.loads((output_dir / "smoke" / "evaluation.json").read_text())
+    run_dir = _run_directory(output_dir / "smoke", name)
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert len(evaluation["models"]) == 4
-    assert (output_dir / "smoke" / "report" / "report.html").is_file()
+    assert (run_dir / "report" / "report.html").is_file()
+
+
+def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, subset_shards):
+    """Trainings sent to a Ray head as jobs (as from KubeRay's head pod) stop when Prefect cancels the flow run:
+    the runner's SIGTERM reaches the flow, which stops the jobs it submitted."""
+    env, home, logs, _ = served
+    output_dir = home / "runs-cancelled"
+    params = _smoke_params(output_dir, "training.epochs=50", f"data.shard_dir={subset_shards}",
+                           f"scaling.ray_address={cluster_head.jobs_api}")
+    started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params", params],
+                             env=env, cwd=home, capture_output=True, text=True, check=True)
+    name, flow_run_id = _created_flow_run(started.stdout), _created_flow_run_id(started.stdout)
+
+    def flow_run_jobs() -> list[dict]:
+        return [job for job in cluster_head.jobs()
+                if (job.get("metadata") or {}).get("vit_pipeline_flow_run") == flow_run_id]
+
+    _wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
+                "the baseline job's first checkpoint")
+    (job,) = flow_run_jobs()
+    assert job["status"] == "RUNNING" and job["metadata"]["model"] == "resnet18_cifar"
+
+    subprocess.run([str(BIN / "prefect"), "flow-run", "cancel", flow_run_id], env=env, cwd=home, check=True,
+                   capture_output=True)
+    _wait_until(lambda: _flow_run_state(env, name) == "Cancelled", 120, f"flow run {name} to be cancelled")
+    _wait_until(lambda: [job["status"] for job in flow_run_jobs()] == ["STOPPED"], 60, "its job to stop")

@@ -82,7 +82,7 @@ if ! "$BIN/prefect" deployment run "vit-pipeline/$DEPLOYMENT" --watch 2>&1 | tee
   echo "demo: the flow run did not complete; its logs: $LOGS/serve.log" >&2
   exit 1
 fi
-run_dir="runs/$DEPLOYMENT"
+run_dir="runs/$DEPLOYMENT/latest"  # each flow run writes runs/<run>/<flow run>/; latest is the one just finished
 cat <<DONE
 
 demo: vit-pipeline/$DEPLOYMENT Completed.
