@@ -33,6 +33,7 @@ from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config
 from tasks.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
+from tasks.recipe import trained_weights
 from tasks.samples import ShardFormatError
 from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
@@ -44,7 +45,6 @@ from tasks.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.recipe import trained_weights
 from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ensure_ray, train_model
 
 FLOW_NAME = "vit-pipeline"

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 REQUEST_ENV = "VIT_PIPELINE_TRAINING_REQUEST"
 # The job driver's last line: the outcome, for the follower to read from the job's logs.
 OUTCOME_MARKER = "vit-pipeline-training-outcome: "
+# Printed by a job whose training failed in a way a retry cannot fix, so the flow does not retry it either.
+NOT_RETRYABLE_MARKER = "vit-pipeline-training-not-retryable"
 # Metadata on every job, so the jobs of one flow run can be found (and stopped) again.
 FLOW_RUN_KEY = "vit_pipeline_flow_run"
 POLL_SECONDS = 2.0
@@ -120,7 +122,8 @@ def follow_job(address: str, submission_id: str, emit: Callable[[str], None]) ->
     if status == JobStatus.STOPPED:
         raise TrainingCancelled(f"Ray Job {submission_id} was stopped before it finished")
     tail = "\n".join(logs.splitlines()[-20:])
-    raise TrainingError(f"Ray Job {submission_id} {status}: {message}\n{tail}")
+    raise TrainingError(f"Ray Job {submission_id} {status}: {message}\n{tail}",
+                        retryable=NOT_RETRYABLE_MARKER not in logs)
 
 
 def _outcome_from_logs(submission_id: str, logs: str) -> TrainOutcome:
@@ -187,8 +190,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     request = json.loads(os.environ[REQUEST_ENV])
     config = PipelineConfig.model_validate_json(request["config"])
-    outcome = train_model(config, request["model"], teacher_weights=request["teacher_weights"],
-                          group=request["group"])
+    try:
+        outcome = train_model(config, request["model"], teacher_weights=request["teacher_weights"],
+                              group=request["group"])
+    except TrainingError as error:
+        if not error.retryable:
+            print(NOT_RETRYABLE_MARKER, flush=True)
+        raise
     print(OUTCOME_MARKER + outcome_to_json(outcome), flush=True)
     return 0
 

@@ -176,7 +176,8 @@ def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards)
 def fake_trainings(monkeypatch):
     """train_model replaced by one that takes DURATIONS[model] seconds, records when it ran, and writes weights."""
     import flows.pipeline
-    from tasks.train import TrainOutcome, trained_weights
+    from tasks.recipe import trained_weights
+    from tasks.train import TrainOutcome
 
     calls: list[dict] = []
 
@@ -189,7 +190,8 @@ def fake_trainings(monkeypatch):
             (out / f"{which}.safetensors").write_text(f"{model_name} of {config.tracking.flow_run}")
         calls.append({"model": model_name, "start": started, "end": time.monotonic(), "teacher": teacher_weights,
                       "group": group})
-        return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", [], 0.5, "", 0.0)
+        return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", [], best_epoch=1,
+                            best_val_acc=0.5, checkpoint_dir="", train_seconds=0.0)
 
     monkeypatch.setattr(flows.pipeline, "train_model", train_model)
     return calls
