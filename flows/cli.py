@@ -19,7 +19,6 @@ from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
 from tasks.train import TrainingError
 
-log = logging.getLogger("vit-pipeline")
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
 

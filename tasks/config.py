@@ -388,9 +388,9 @@ def build_config(
     tree: dict[str, Any] | None = None, overrides: list[str] = (), source: str = "<defaults>"
 ) -> PipelineConfig:
     """Validate a raw mapping plus `a.b=value` overrides; $DATA_ROOT fills an unset data root."""
-    tree = dict(tree or {})
-    if not isinstance(tree, dict):
+    if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    tree = dict(tree or {})
     for override in overrides:
         _apply_override(tree, *parse_override(override))
     env_root = os.environ.get(DATA_ROOT_ENV)

@@ -117,3 +117,18 @@ def test_ray_client_addresses_are_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"scaling.ray_address: Ray Client \(ray://\) is not used"):
         build_config({}, ["scaling.ray_address=ray://head:10001"])
     assert build_config({}, ["scaling.ray_address=http://head:8265"]).scaling.ray_address == "http://head:8265"
+
+
+@pytest.mark.parametrize("tree", [["data", "model"], "data: 1", 3])
+def test_a_top_level_that_is_not_a_mapping_is_named(tree):
+    with pytest.raises(ConfigError, match="the top level must be a mapping of sections"):
+        build_config(tree)
+
+
+def test_validation_split_size_is_a_count_or_a_fraction(monkeypatch):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    assert build_config({"data": {"val_size": 5000}}).data.val_size == 5000
+    assert build_config({"data": {"val_size": 0.2}}).data.val_size == 0.2
+    for bad in (0, -3, 1.5, "half"):
+        with pytest.raises(ConfigError, match="data.val_size"):
+            build_config({"data": {"val_size": bad}})
