@@ -45,7 +45,14 @@ from tasks.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ensure_ray, train_model
+from tasks.train import (
+    TrainingError,
+    TrainOutcome,
+    concurrent_trainings,
+    ensure_ray,
+    on_training_device,
+    train_model,
+)
 
 FLOW_NAME = "vit-pipeline"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
@@ -141,7 +148,9 @@ def train_task(
 def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[dict]:
     from tasks.evaluate import evaluate_models, markdown_table
 
-    records = evaluate_models(config, {name: Path(path) for name, path in trained.items()}, group=group)
+    # On a GPU node when training ran on GPUs, so the speed measured is the training hardware's.
+    records = on_training_device(config, evaluate_models, config, {name: Path(path) for name, path in trained.items()},
+                                 group=group)
     create_table_artifact(key="evaluation", table=[_flat(record) for record in records],
                           description="Test accuracy and compute of every model")
     create_markdown_artifact(key="evaluation-summary", markdown=markdown_table(records))
@@ -153,8 +162,9 @@ def attention_task(config: PipelineConfig, trained: dict[str, str], group: str) 
     from tasks.attention import attention_maps
 
     transformers = {spec.name for spec in config.model.transformers}
-    grids = attention_maps(config, {name: Path(path) for name, path in trained.items() if name in transformers},
-                           group=group)
+    grids = on_training_device(config, attention_maps, config,
+                               {name: Path(path) for name, path in trained.items() if name in transformers},
+                               group=group)
     for name, grid in grids.items():
         create_link_artifact(key=f"attention-{_artifact_key(name)}", link=Path(grid).absolute().as_uri(),
                              link_text=f"attention maps of {name}")

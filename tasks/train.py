@@ -116,9 +116,11 @@ def on_training_device(config: PipelineConfig, function: Callable[..., T], *args
 
     With scaling.use_gpu, a Ray task holding one training worker's resources (a GPU and its CPUs), so that
     evaluation and attention maps run, and measure speed, on a GPU node rather than on the CPU head node that
-    drives the flow; without GPUs, in this process.
+    drives the flow; without GPUs, in this process. Where trainings go to the cluster as Ray Jobs (a Jobs API
+    address), this process is no Ray driver and the work stays here too.
     """
-    if not config.scaling.use_gpu:
+    address = ray_address(config)
+    if not config.scaling.use_gpu or (address is not None and is_url(address)):
         return function(*args, **kwargs)
     import ray
 

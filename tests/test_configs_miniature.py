@@ -113,9 +113,13 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
     shipped = load_config(path)
     config = miniature(shipped, mini_cifar, tmp_path / "runs")
     try:
-        vit_pipeline(config=config)
+        result = vit_pipeline(config=config)
     finally:
         ray.shutdown()
+    # The flow writes into a directory of its own flow run: look there.
+    config = config.model_copy(deep=True)
+    config.tracking.flow_run = Path(result["run_dir"]).name
+    assert Path(config.run_dir) == Path(result["run_dir"])
 
     location = config.shard_location
     train, val, test = (_keys(location, split) for split in ("train", "val", "test"))
