@@ -188,8 +188,6 @@ def _links(config: PipelineConfig, dashboard: str | None) -> None:
         create_link_artifact(key="ray-dashboard", link=url, link_text="Ray dashboard")
 
 
-
-
 def _result_storage(config: PipelineConfig) -> LocalFileSystem | RemoteFileSystem | None:
     """storage.results as a Prefect file system block (None: Prefect's default, local to this machine).
 

@@ -120,9 +120,18 @@ def test_a_flow_run_whose_heartbeats_stop_is_marked_crashed(server, tmp_path):
             return client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
 
+    def heartbeats(run_id) -> list:
+        with get_client(sync_client=True) as client:
+            found = client.request("POST", "/events/filter", json={"filter": {
+                "event": {"name": ["prefect.flow-run.heartbeat"]},
+                "resource": {"id": [f"prefect.flow-run.{run_id}"]}}})
+        return found.json()["events"]
+
     try:
         wait_until(running, 120, "the flow run to start")
         (run,) = running()
+        # The automation watches for the heartbeats that stop: the server must have seen one.
+        wait_until(lambda: heartbeats(run.id), 60, "the flow run's first heartbeat")
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # dies without a word: no final state
         process.wait()
