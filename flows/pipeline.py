@@ -29,6 +29,7 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config
@@ -130,8 +131,9 @@ def verify_task(config: PipelineConfig) -> None:
                           report.samples_checked)
 
 
+# The tag carries the concurrency limit across flow runs (flows/operations.py).
 @task(name="train", task_run_name="train-{model_name}", cache_key_fn=train_cache_key, persist_result=True,
-      retry_condition_fn=_retry_transient)
+      retry_condition_fn=_retry_transient, tags=[TRAINING_TAG])
 def train_task(
     config: PipelineConfig, model_name: str, manifest_fingerprint: str, teacher_weights: str | None, group: str
 ) -> TrainOutcome:
@@ -199,8 +201,6 @@ def _links(config: PipelineConfig, dashboard: str | None) -> None:
     if dashboard:
         url = dashboard if "://" in dashboard else f"http://{dashboard}"
         create_link_artifact(key="ray-dashboard", link=url, link_text="Ray dashboard")
-
-
 
 
 def _result_storage(config: PipelineConfig) -> LocalFileSystem | RemoteFileSystem | None:

@@ -255,6 +255,16 @@ class OrchestrationConfig(_Section):
     evaluate_timeout_minutes: PositiveFloat = 120
     # None: as many trainings at once as the Ray cluster has room for.
     max_concurrent_trainings: PositiveInt | None = None
+    # The Prefect notification block ("<block type>/<name>", e.g. slack-webhook/vit-pipeline) that the
+    # automations of infra/prefect/automations.yaml notify when a flow run fails or crashes.
+    notify_block: str | None = None
+
+    @field_validator("notify_block")
+    @classmethod
+    def _block_slug(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_.-]+", value):
+            raise ValueError("must be a Prefect block slug, <block type>/<block name>, e.g. slack-webhook/alerts")
+        return value
 
 
 class StorageConfig(_Section):
