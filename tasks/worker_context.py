@@ -57,10 +57,15 @@ class RayTrainContext:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def latest_checkpoint(self) -> Path | None:
+        import pyarrow.fs
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return Path(checkpoint.path) if checkpoint is not None else None
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(checkpoint.path)  # a local or shared file system: read in place
+        return Path(checkpoint.to_directory())  # object storage (s3://...): downloaded into a local directory
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         import ray.train
