@@ -211,12 +211,12 @@ def test_a_flow_run_survives_a_prefect_server_restart(served):
     assert (run_dir / "report" / "report.html").is_file()
 
 
-def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, subset_shards):
+def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, val_shards):
     """Trainings sent to a Ray head as jobs (as from KubeRay's head pod) stop when Prefect cancels the flow run:
     the runner's SIGTERM reaches the flow, which stops the jobs it submitted."""
     env, home, logs, _ = served
     output_dir = home / "runs-cancelled"
-    params = _smoke_params(output_dir, "training.epochs=50", f"data.shard_dir={subset_shards}",
+    params = _smoke_params(output_dir, "training.epochs=50", f"data.shard_dir={val_shards}",
                            f"scaling.ray_address={cluster_head.jobs_api}")
     started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params", params],
                              env=env, cwd=home, capture_output=True, text=True, check=True)

@@ -56,10 +56,10 @@ def _tiny_config(tmp_path: Path, data_root: Path, shards: str, *, epochs: int = 
     })
 
 
-def test_training_places_one_worker_on_each_node(two_node_cluster, tmp_path, data_root, subset_shards):
+def test_training_places_one_worker_on_each_node(two_node_cluster, tmp_path, data_root, val_shards):
     import ray
 
-    config = _tiny_config(tmp_path, data_root, subset_shards)
+    config = _tiny_config(tmp_path, data_root, val_shards)
     hook = functools.partial(_record_node, directory=str(tmp_path))
     outcome = train_model(config, "vit_tiny_patch4_32", step_hook=hook)
     assert outcome.history[0]["test_samples"] == 1017
@@ -108,14 +108,14 @@ def test_the_head_refuses_clients_without_its_token(ray_head):
         _use_token(token)
 
 
-def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root, subset_shards):
+def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root, val_shards):
     from ray.job_submission import JobSubmissionClient
 
     from tasks.ray_jobs import FLOW_RUN_KEY, job_slots, train_as_job
 
     address, _ = ray_head
     # Offline W&B: rank 0 then prints its epoch lines, which must reach the flow through the job's logs.
-    config = _tiny_config(tmp_path, data_root, subset_shards, tracking="offline", ray_address=address)
+    config = _tiny_config(tmp_path, data_root, val_shards, tracking="offline", ray_address=address)
     assert job_slots(config, address) == 1  # 2 CPUs hold one training of 2 one-CPU workers
     lines: list[str] = []
     outcome = train_as_job(address, config, "vit_tiny_patch4_32", teacher_weights=None, group="g",
@@ -131,7 +131,7 @@ def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root
     assert str(job.status) == "SUCCEEDED" and job.metadata["model"] == "vit_tiny_patch4_32"
 
 
-def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_path, data_root, subset_shards):
+def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_path, data_root, val_shards):
     from tasks.ray_jobs import train_as_job
     from tasks.train import TrainingError
 
@@ -142,7 +142,7 @@ def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_pat
                      flow_run_id="flow-2", emit=lambda line: None)
 
 
-def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, subset_shards):
+def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, val_shards):
     """A Prefect cancellation raises TerminationSignal in the flow: the flow run's jobs are stopped, and
     the training following one of them ends as cancelled."""
     from prefect.exceptions import TerminationSignal
@@ -152,7 +152,7 @@ def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, subset_s
     from tasks.ray_jobs import TrainingCancelled, flow_run_jobs, jobs_stopped_on_exit, train_as_job
 
     address, _ = ray_head
-    config = _tiny_config(tmp_path, data_root, subset_shards, epochs=50, ray_address=address)
+    config = _tiny_config(tmp_path, data_root, val_shards, epochs=50, ray_address=address)
     lines, raised = [], []
 
     def follow() -> None:
