@@ -108,12 +108,16 @@ def lr_scales(model: nn.Module, *, layer_decay: float | None, backbone_lr_scale:
     return scales
 
 
+def global_batch(training: TrainingConfig, world_size: int) -> int:
+    """Samples per optimizer step across ranks: batch_size x ranks x grad_accum_steps."""
+    return training.batch_size * world_size * training.grad_accum_steps
+
+
 def effective_lr(training: TrainingConfig, world_size: int) -> float:
     """training.lr, times global batch / lr_reference_batch when DeiT's linear scaling is on."""
     if training.lr_reference_batch is None:
         return training.lr
-    global_batch = training.batch_size * world_size * training.grad_accum_steps
-    return training.lr * global_batch / training.lr_reference_batch
+    return training.lr * global_batch(training, world_size) / training.lr_reference_batch
 
 
 def build_optimizer(model: nn.Module, training: TrainingConfig, spec: ModelSpec, world_size: int
