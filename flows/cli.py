@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tasks.checkpoints import CheckpointError
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, load_config, with_pretrained_file
 from tasks.samples import ShardFormatError
 from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
@@ -91,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args, {"shards": "data.shard_dir"})
     model = args.model or config.model.baseline.name
+    if args.pretrained_file is not None:
+        config = with_pretrained_file(config, model, args.pretrained_file)
     teacher = args.teacher_weights or default_teacher_weights(config, model)
     outcome = train_model(config, model, teacher_weights=teacher)
     last = outcome.history[-1]
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", help="a model named in the config (default: the baseline)")
     train.add_argument("--shards", help="shard directory or URL (default: data.shard_dir or runs/<run>/shards)")
     train.add_argument("--teacher-weights", help="distillation teacher weights (default: the run's trained baseline)")
+    train.add_argument("--pretrained-file", type=Path, metavar="PATH",
+                       help="fine-tune --model from this checkpoint (.safetensors or torch state dict, any grid or "
+                            "class count) instead of the one the config names")
     train.set_defaults(handler=cmd_train)
 
     run = commands.add_parser("run", help="run the whole pipeline flow (shard, train, evaluate, attention, report)")

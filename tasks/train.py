@@ -226,7 +226,8 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
                             f"again with data.val_size > 0", retryable=False)
     training = config.training
     steps_per_epoch = math.ceil(
-        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size)
+        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size,
+                         config.data.augment.repeated_augmentation)
         / training.grad_accum_steps
     )
     if (problem := check_ema_horizon(training, steps_per_epoch * training.epochs)) is not None:
