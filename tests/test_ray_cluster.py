@@ -14,6 +14,7 @@ import pytest
 
 from tasks.config import build_config
 from tasks.train import train_model
+from tests.conftest import SUBSET_VAL
 from tests.ray_head import ray_head as start_ray_head
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_training_places_one_worker_on_each_node(two_node_cluster, tmp_path, dat
     config = _tiny_config(tmp_path, data_root, val_shards)
     hook = functools.partial(_record_node, directory=str(tmp_path))
     outcome = train_model(config, "vit_tiny_patch4_32", step_hook=hook)
-    assert outcome.history[0]["test_samples"] == 1017
+    assert outcome.history[0]["val_samples"] == SUBSET_VAL
     placed = {(tmp_path / f"rank-{rank}").read_text() for rank in (0, 1)}
     assert placed == {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(placed) == 2
@@ -121,7 +122,7 @@ def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root
     outcome = train_as_job(address, config, "vit_tiny_patch4_32", teacher_weights=None, group="g",
                            flow_run_id="flow-1", emit=lines.append)
 
-    assert outcome.history[-1]["epoch"] == 1 and outcome.history[-1]["test_samples"] == 1017
+    assert outcome.history[-1]["epoch"] == 1 and outcome.history[-1]["val_samples"] == SUBSET_VAL
     assert outcome.best_weights == tmp_path / "runs" / "jobs" / "models" / "vit_tiny_patch4_32" / "best.safetensors"
     assert outcome.best_weights.is_file()
     assert lines[0].startswith("submitted Ray Job vit-pipeline-g-vit_tiny_patch4_32-")
