@@ -268,8 +268,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _failure_message(model_name: str, run_path: str, error: BaseException) -> str:
-    latest = None if is_url(run_path) else latest_valid_checkpoint(Path(run_path))
-    where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
+    if is_url(run_path):  # not scanned from here: Ray Train resumes from the latest one it recorded
+        where = f"its checkpoints are under {run_path}"
+    else:
+        latest = latest_valid_checkpoint(Path(run_path))
+        where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 
 
@@ -289,8 +292,15 @@ def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> 
         shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), out / "last.safetensors")
     history, best_epoch = metadata["history"], metadata["best_epoch"]
     best_val_acc = history[best_epoch - 1]["val_acc"]
+    checkpoint_dir = _checkpoint_location(config, model_name, result.checkpoint)
     summary = {"model": model_name, "history": history, "best_epoch": best_epoch, "best_val_acc": best_val_acc,
-               "train_seconds": seconds, "checkpoint_dir": result.checkpoint.path}
+               "train_seconds": seconds, "checkpoint_dir": checkpoint_dir}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", history, best_epoch,
-                        best_val_acc, result.checkpoint.path, seconds)
+                        best_val_acc, checkpoint_dir, seconds)
+
+
+def _checkpoint_location(config: PipelineConfig, model_name: str, checkpoint) -> str:
+    """The checkpoint's path, or its URL on object storage (Ray gives a bucket path without the scheme)."""
+    storage = config.checkpoint_location
+    return f"{storage}/{model_name}/{Path(checkpoint.path).name}" if is_url(storage) else checkpoint.path
