@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from tasks.alerts import Sent, alert
 from tasks.checkpoints import (
     BEST_WEIGHTS,
     WEIGHTS,
@@ -37,6 +38,7 @@ from tasks.loader import batches_per_rank
 from tasks.recipe import check_ema_horizon, trained_weights
 from tasks.samples import ShardFormatError
 from tasks.shard import read_manifest, verify_shards
+from tasks.tracking import start_wandb_run
 from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,13 @@ class TrainingError(RuntimeError):
     """Training cannot start or did not finish; the message says what to do about it.
 
     retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
+    cause is the worker's error that ended the training, when one did.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True):
+    def __init__(self, message: str, *, retryable: bool = True, cause: BaseException | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.cause = cause
 
 
 @dataclass
@@ -209,8 +213,29 @@ def train_model(
         ),
     )
     started = time.perf_counter()
-    result = fit_with_retries(trainer, model_name, f"{storage}/{model_name}", config.training.max_failures)
+    try:
+        result = fit_with_retries(trainer, model_name, f"{storage}/{model_name}", config.training.max_failures)
+    except TrainingError as error:
+        if isinstance(error.cause, NonFiniteLossError):
+            alert_nonfinite_loss(config, model_name, error, group=group)
+        raise
     return _export(config, model_name, result, time.perf_counter() - started)
+
+
+def alert_nonfinite_loss(config: PipelineConfig, model_name: str, error: TrainingError, *,
+                         group: str | None) -> Sent:
+    """A NaN/inf loss ended the training: a W&B alert and a Prefect event, sent from the driver, where the flow's
+    Prefect API is (a Ray worker has none). The W&B alert goes on a run of its own in the training's group
+    (job type "alert"): resuming the training's run here could open the same offline directory as the worker's
+    run did, if the loss went bad within the second that run started."""
+    run = start_wandb_run(config, "alert", model_name, group=group)
+    try:
+        return alert(f"{model_name}: the training loss became NaN or infinite", str(error), "ERROR", run=run,
+                     details={"model": model_name, "run_name": config.tracking.run_name,
+                              "flow_run": config.tracking.flow_run, "checkpoints": config.checkpoint_location})
+    finally:
+        if run is not None:
+            run.finish(exit_code=1)
 
 
 def _check_before_start(config: PipelineConfig, location: str) -> None:
@@ -254,7 +279,7 @@ def fit_with_retries(trainer, model_name: str, run_path: str, max_failures: int)
                 cause = deterministic[0]
                 raise TrainingError(
                     _failure_message(model_name, run_path, cause) + "; not retried: it would fail the same way",
-                    retryable=False,
+                    retryable=False, cause=cause,
                 ) from error
             if attempt == max_failures:
                 raise TrainingError(_failure_message(model_name, run_path, error)) from error
