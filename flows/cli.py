@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, load_config, with_pretrained_file
+from tasks.publish import PublishError
 from tasks.samples import ShardFormatError
 from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
@@ -144,6 +145,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Link the run's best models in the W&B Registry: plan then link (online), or plan only (offline), or carry
+    out a run directory's registry.json (--run-dir, after `wandb sync`)."""
+    from tasks.publish import publish, publish_run_command, publish_run_dir
+    from tasks.tracking import sync_command
+
+    if args.run_dir is not None:
+        if args.flow_run or args.run_name or args.config or args.overrides:
+            raise ConfigError("--run-dir carries out DIR/registry.json as planned; it takes no --config, --set, "
+                              "--run-name or --flow-run")
+        linked = publish_run_dir(Path(args.run_dir))
+    else:
+        config = _load(args, {})
+        path, linked = publish(config)
+        if linked is None:
+            print(f"W&B is offline: what would be linked is in {path}\n"
+                  f"upload the run's W&B runs with `{sync_command(config)}`, then run `{publish_run_command(config)}`")
+            return 0
+    for entry in linked:
+        done = entry["linked"]
+        print(f"{entry['model']}: {done['version']} as {', '.join(done['aliases'])} ({done['reason']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -191,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(report)
     report.set_defaults(handler=cmd_report)
 
+    publish = commands.add_parser(
+        "publish", help="link the best model of each model family in the W&B Registry (offline: plan registry.json)")
+    _config_arguments(publish)
+    publish.add_argument("--run-dir", metavar="DIR",
+                         help="carry out DIR/registry.json, planned offline, once `wandb sync` has uploaded DIR's runs")
+    publish.set_defaults(handler=cmd_publish)
+
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")
     verify.set_defaults(handler=cmd_verify_shards)
@@ -203,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError) as error:
+    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
+            PublishError) as error:
         print(f"vit-pipeline {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

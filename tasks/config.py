@@ -308,6 +308,17 @@ class TrackingConfig(_Section):
     # One flow run's directory under runs/<run_name>/, set by the flow (its flow run's name and id);
     # None (the step commands' default) means runs/<run_name>/ itself.
     flow_run: str | None = None
+    # The flow's last step links the best model of each model family into the W&B Registry (tasks/publish.py).
+    # "auto": when W&B is online; offline it writes what it would link to <run directory>/registry.json for
+    # `vit-pipeline publish --run-dir` after `wandb sync`. "always": the same, but the flow refuses to start
+    # unless W&B is online. "never": no publish step.
+    publish: Literal["auto", "always", "never"] = "auto"
+    # The W&B registry, without its "wandb-registry-" prefix; "model" is the one every organisation has. Each
+    # model family is a collection <project>-<model> in it.
+    registry: str = "model"
+    # Alert when a retrained model's test top-1 is more than this (absolute: 0.02 is 2 points) below the one
+    # registered as `best` on the same test split.
+    regression_margin: float = Field(0.02, ge=0.0, le=1.0)
 
     @field_validator("run_name", "flow_run")
     @classmethod
@@ -317,6 +328,21 @@ class TrackingConfig(_Section):
                 "must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
             )
         return value
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value) or value.startswith("wandb-registry-"):
+            raise ValueError("must be a W&B registry name without its 'wandb-registry-' prefix: letters, digits, "
+                             "'_', '.' or '-', e.g. model")
+        return value
+
+    @model_validator(mode="after")
+    def _publish_always_needs_online(self) -> TrackingConfig:
+        if self.publish == "always" and self.mode != "online":
+            raise ValueError(f"publish 'always' links models in the W&B Registry, which needs tracking.mode "
+                             f"online (it is {self.mode!r}); use 'auto' to write registry.json offline")
+        return self
 
 
 class OrchestrationConfig(_Section):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from tasks.alerts import Sent, alert
 from tasks.checkpoints import (
     BEST_WEIGHTS,
     WEIGHTS,
@@ -37,6 +38,7 @@ from tasks.loader import batches_per_rank
 from tasks.recipe import check_ema_horizon, trained_weights
 from tasks.samples import ShardFormatError
 from tasks.shard import read_manifest, verify_shards
+from tasks.tracking import start_wandb_run
 from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,13 @@ class TrainingError(RuntimeError):
     """Training cannot start or did not finish; the message says what to do about it.
 
     retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
+    cause is the worker's error that ended the training, when one did.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True):
+    def __init__(self, message: str, *, retryable: bool = True, cause: BaseException | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.cause = cause
 
 
 @dataclass
@@ -209,8 +213,29 @@ def train_model(
         ),
     )
     started = time.perf_counter()
-    result = fit_with_retries(trainer, model_name, f"{storage}/{model_name}", config.training.max_failures)
+    try:
+        result = fit_with_retries(trainer, model_name, f"{storage}/{model_name}", config.training.max_failures)
+    except TrainingError as error:
+        if isinstance(error.cause, NonFiniteLossError):
+            alert_nonfinite_loss(config, model_name, error, group=group)
+        raise
     return _export(config, model_name, result, time.perf_counter() - started)
+
+
+def alert_nonfinite_loss(config: PipelineConfig, model_name: str, error: TrainingError, *,
+                         group: str | None) -> Sent:
+    """A NaN/inf loss ended the training: a W&B alert and a Prefect event, sent from the driver, where the flow's
+    Prefect API is (a Ray worker has none). The W&B alert goes on a run of its own in the training's group
+    (job type "alert"): resuming the training's run here could open the same offline directory as the worker's
+    run did, if the loss went bad within the second that run started."""
+    run = start_wandb_run(config, "alert", model_name, group=group)
+    try:
+        return alert(f"{model_name}: the training loss became NaN or infinite", str(error), "ERROR", run=run,
+                     details={"model": model_name, "run_name": config.tracking.run_name,
+                              "flow_run": config.tracking.flow_run, "checkpoints": config.checkpoint_location})
+    finally:
+        if run is not None:
+            run.finish(exit_code=1)
 
 
 def _check_before_start(config: PipelineConfig, location: str) -> None:
@@ -255,7 +280,7 @@ def fit_with_retries(trainer, model_name: str, run_path: str, max_failures: int)
                 cause = deterministic[0]
                 raise TrainingError(
                     _failure_message(model_name, run_path, cause) + "; not retried: it would fail the same way",
-                    retryable=False,
+                    retryable=False, cause=cause,
                 ) from error
             if attempt == max_failures:
                 raise TrainingError(_failure_message(model_name, run_path, error)) from error
@@ -269,8 +294,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _failure_message(model_name: str, run_path: str, error: BaseException) -> str:
-    latest = None if is_url(run_path) else latest_valid_checkpoint(Path(run_path))
-    where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
+    if is_url(run_path):  # not scanned from here: Ray Train resumes from the latest one it recorded
+        where = f"its checkpoints are under {run_path}"
+    else:
+        latest = latest_valid_checkpoint(Path(run_path))
+        where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 
 
@@ -290,8 +318,15 @@ def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> 
         shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), out / "last.safetensors")
     history, best_epoch = metadata["history"], metadata["best_epoch"]
     best_val_acc = history[best_epoch - 1]["val_acc"]
+    checkpoint_dir = _checkpoint_location(config, model_name, result.checkpoint)
     summary = {"model": model_name, "history": history, "best_epoch": best_epoch, "best_val_acc": best_val_acc,
-               "train_seconds": seconds, "checkpoint_dir": result.checkpoint.path}
+               "train_seconds": seconds, "checkpoint_dir": checkpoint_dir}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", history, best_epoch,
-                        best_val_acc, result.checkpoint.path, seconds)
+                        best_val_acc, checkpoint_dir, seconds)
+
+
+def _checkpoint_location(config: PipelineConfig, model_name: str, checkpoint) -> str:
+    """The checkpoint's path, or its URL on object storage (Ray gives a bucket path without the scheme)."""
+    storage = config.checkpoint_location
+    return f"{storage}/{model_name}/{Path(checkpoint.path).name}" if is_url(storage) else checkpoint.path

@@ -275,21 +275,23 @@ def _prepare_step_model(trainer: Trainer, *, frozen: bool) -> None:
 
 def _resume(trainer: Trainer) -> None:
     run_path = Path(trainer.job.run_path) if trainer.job.run_path else None
-    resume_from = find_resume_checkpoint(trainer.context.latest_checkpoint(), run_path)
-    if resume_from is None:
-        return
-    state = load_training_state(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema)
-    metadata = read_checkpoint_metadata(resume_from)
-    trainer.start_epoch, trainer.global_step = state["epoch"] + 1, state["global_step"]
-    trainer.history = state["history"]
-    trainer.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
-    trainer.best_epoch = metadata.get("best_epoch")
-    if (resume_from / BEST_WEIGHTS).is_file():
-        from safetensors.torch import load_file
+    # Everything is read inside the block: a checkpoint on object storage is a download that ends with it.
+    with trainer.context.latest_checkpoint() as latest:
+        resume_from = find_resume_checkpoint(latest, run_path)
+        if resume_from is None:
+            return
+        state = load_training_state(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema)
+        metadata = read_checkpoint_metadata(resume_from)
+        trainer.start_epoch, trainer.global_step = state["epoch"] + 1, state["global_step"]
+        trainer.history = state["history"]
+        trainer.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
+        trainer.best_epoch = metadata.get("best_epoch")
+        if (resume_from / BEST_WEIGHTS).is_file():
+            from safetensors.torch import load_file
 
-        trainer.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
-    if trainer.context.rank == 0:
-        log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
+            trainer.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
+        if trainer.context.rank == 0:
+            log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
 
 
 def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, sync_gradients: bool):

@@ -15,6 +15,7 @@ from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, deployments
 from flows.pipeline import (
     FLOW_NAME,
     _retry_transient,
+    publish_task,
     shard_cache_key,
     shard_task,
     train_cache_key,
@@ -33,6 +34,7 @@ from tests.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the f
     intervals_overlap,
     trainings,
 )
+from tests.test_publish import evaluated_run  # noqa: F401  (a fixture: a flow run's directory after evaluate)
 from tests.test_shard_s3 import s3_bucket  # noqa: F401  (a fixture: moto's S3 server on loopback)
 
 
@@ -293,3 +295,26 @@ def test_cached_trainings_live_in_object_storage(tmp_path, data_root, fake_train
     _, how = trainings(flow_config(config, "second"), slots=4, reuse=True)
     assert len(fake_trainings) == 4 and all(text.startswith("reused from ") for text in how.values()), how
     assert len(fsspec.filesystem("s3").ls(f"{bucket}/prefect-results")) >= 4
+
+
+def test_publish_always_without_wandb_online_fails_before_anything_trains(tmp_path, data_root, fake_trainings,
+                                                                          monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
+                                                    "publish": "always"})
+    state = vit_pipeline(config=config, return_state=True)
+    assert state.is_failed()
+    assert "tracking.publish is 'always', but WANDB_API_KEY is not set" in str(state.result(raise_on_failure=False))
+    assert fake_trainings == [] and not (tmp_path / "runs").exists()
+
+
+def test_the_publish_step_offline_leaves_the_plan_for_later(request):
+    config = request.getfixturevalue("evaluated_run")
+
+    @flow
+    def publish_only() -> dict:
+        return publish_task(config)
+
+    plan = Path(config.run_dir) / "registry.json"
+    assert publish_only() == {"registry_plan": str(plan), "linked": {}}
+    assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}
