@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -25,13 +23,12 @@ from tasks.evaluate import read_evaluation
 from tasks.loader import ShardStream
 from tasks.recipe import trained_weights
 from tasks.shard import read_manifest
-from tasks.sources import CIFAR10_DIRNAME, read_cifar10
-from tests.conftest import REPO_ROOT
+from tasks.sources import read_cifar10
+from tests.conftest import MINI_TEST_IMAGES, REPO_ROOT
 from vitmodels import ResNet, SwinTransformer, VisionTransformer
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-TRAIN_PER_BATCH_FILE, TEST_IMAGES = 96, 200  # 480 training images (80 of them validation), 200 test images
-VAL_IMAGES = 80
+VAL_IMAGES = 80  # of MINI_TRAIN_IMAGES
 # 400 training images over 2 ranks in batches of at most 27: 8 batches of 25 per rank, odd-sized.
 BATCH_SIZE = 27
 EPOCHS = 3
@@ -42,26 +39,6 @@ SHRUNK = [
     (VisionTransformer, {"embed_dim": 32, "depth": 1, "num_heads": 2}),
     (ResNet, {"channels": [8, 16, 32, 64], "layers": [1, 1, 1, 1]}),
 ]
-
-
-@pytest.fixture(scope="module")
-def mini_cifar(tmp_path_factory, cifar_source) -> Path:
-    """A few hundred real CIFAR-10 images in the original python-batch layout (written for this run only)."""
-    root = tmp_path_factory.mktemp("mini-cifar")
-    batches = root / CIFAR10_DIRNAME
-    batches.mkdir()
-    train, test = cifar_source.splits["train"], cifar_source.splits["test"]
-
-    def write(name: str, pixels: np.ndarray, labels: np.ndarray) -> None:
-        data = pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1)
-        (batches / name).write_bytes(pickle.dumps({"data": data, "labels": labels.tolist()}, protocol=2))
-
-    for index in range(5):
-        chosen = slice(index * TRAIN_PER_BATCH_FILE, (index + 1) * TRAIN_PER_BATCH_FILE)
-        write(f"data_batch_{index + 1}", train.pixels[chosen], train.labels[chosen])
-    write("test_batch", test.pixels[:TEST_IMAGES], test.labels[:TEST_IMAGES])
-    (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": list(cifar_source.classes)}, protocol=2))
-    return root
 
 
 def shrunk_model_kwargs(name: str, image_size: int) -> dict:
@@ -90,6 +67,9 @@ def miniature(config: PipelineConfig, data_root: Path, output_dir: Path) -> Pipe
                         "ray_address": None, "ray_num_cpus": 4}
     tree["tracking"] |= {"output_dir": str(output_dir), "mode": "offline"}
     tree["orchestration"] |= {"retries": 0, "max_concurrent_trainings": 2}
+    if tree.get("sweep"):  # the pipeline ignores it; it must still fit the shorter budget
+        scheduler = tree["sweep"]["scheduler"]
+        scheduler["grace_period"] = min(scheduler["grace_period"], EPOCHS)
     return PipelineConfig.model_validate(tree)
 
 
@@ -133,7 +113,7 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
         # The weights evaluate scores are the ones training selected, and score the same on validation.
         assert record["train_val_top1"] == history[record["best_epoch"] - 1]["val_acc"]
         assert record["val_top1"] == pytest.approx(record["train_val_top1"], abs=1.5 / VAL_IMAGES), name
-        assert record["test_samples"] == TEST_IMAGES
+        assert record["test_samples"] == MINI_TEST_IMAGES
     assert (Path(config.run_dir) / "report" / "report.html").is_file()
     transformers = {spec.name for spec in config.model.transformers}
     assert {p.stem for p in (Path(config.run_dir) / "attention").glob("*.png")} == transformers
