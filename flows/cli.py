@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from tasks.checkpoints import CheckpointError
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, load_config, with_pretrained_file
+from tasks.publish import PublishError
 from tasks.samples import ShardFormatError
 from tasks.shard import shard_from_config, verify_shards
 from tasks.sources import SourceError
 from tasks.train import TrainingError
 
-log = logging.getLogger("vit-pipeline")
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
 
@@ -92,6 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args, {"shards": "data.shard_dir"})
     model = args.model or config.model.baseline.name
+    if args.pretrained_file is not None:
+        config = with_pretrained_file(config, model, args.pretrained_file)
     teacher = args.teacher_weights or default_teacher_weights(config, model)
     outcome = train_model(config, model, teacher_weights=teacher)
     last = outcome.history[-1]
@@ -171,6 +173,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Link the run's best models in the W&B Registry: plan then link (online), or plan only (offline), or carry
+    out a run directory's registry.json (--run-dir, after `wandb sync`)."""
+    from tasks.publish import publish, publish_run_command, publish_run_dir
+    from tasks.tracking import sync_command
+
+    if args.run_dir is not None:
+        if args.flow_run or args.run_name or args.config or args.overrides:
+            raise ConfigError("--run-dir carries out DIR/registry.json as planned; it takes no --config, --set, "
+                              "--run-name or --flow-run")
+        linked = publish_run_dir(Path(args.run_dir))
+    else:
+        config = _load(args, {})
+        path, linked = publish(config)
+        if linked is None:
+            print(f"W&B is offline: what would be linked is in {path}\n"
+                  f"upload the run's W&B runs with `{sync_command(config)}`, then run `{publish_run_command(config)}`")
+            return 0
+    for entry in linked:
+        done = entry["linked"]
+        print(f"{entry['model']}: {done['version']} as {', '.join(done['aliases'])} ({done['reason']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -192,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", help="a model named in the config (default: the baseline)")
     train.add_argument("--shards", help="shard directory or URL (default: data.shard_dir or runs/<run>/shards)")
     train.add_argument("--teacher-weights", help="distillation teacher weights (default: the run's trained baseline)")
+    train.add_argument("--pretrained-file", type=Path, metavar="PATH",
+                       help="fine-tune --model from this checkpoint (.safetensors or torch state dict, any grid or "
+                            "class count) instead of the one the config names")
     train.set_defaults(handler=cmd_train)
 
     run = commands.add_parser("run", help="run the whole pipeline flow (shard, train, evaluate, attention, report)")
@@ -219,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(report)
     report.set_defaults(handler=cmd_report)
 
+    publish = commands.add_parser(
+        "publish", help="link the best model of each model family in the W&B Registry (offline: plan registry.json)")
+    _config_arguments(publish)
+    publish.add_argument("--run-dir", metavar="DIR",
+                         help="carry out DIR/registry.json, planned offline, once `wandb sync` has uploaded DIR's runs")
+    publish.set_defaults(handler=cmd_publish)
+
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")
     verify.set_defaults(handler=cmd_verify_shards)
@@ -231,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError) as error:
+    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
+            PublishError) as error:
         print(f"vit-pipeline {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -2,7 +2,7 @@
 
     shard -> verify -> train baseline (ResNet) -> train DeiT (distils from the baseline) -+
                     -> train ViT, train Swin (no teacher: they start at once) ------------+-> evaluate all
-                                                                 -> attention maps -> report
+                                                                 -> attention maps -> report -> publish
 
 Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
 runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
@@ -10,6 +10,7 @@ cached by what decides them, so every flow run reuses them while the data stays 
 again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
 model config, recipe, worker count, shards and teacher match a finished one is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
+Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config
+from tasks.publish import PublishError, publish_refused
 from tasks.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.recipe import trained_weights
 from tasks.samples import ShardFormatError
@@ -45,7 +48,14 @@ from tasks.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ensure_ray, train_model
+from tasks.train import (
+    TrainingError,
+    TrainOutcome,
+    concurrent_trainings,
+    ensure_ray,
+    on_training_device,
+    train_model,
+)
 
 FLOW_NAME = "vit-pipeline"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
@@ -64,7 +74,7 @@ def _digest(*parts: Any) -> str:
 
 def _retry_transient(task, task_run, state) -> bool:
     error = state.result(raise_on_failure=False)
-    if isinstance(error, TrainingError):
+    if isinstance(error, (TrainingError, PublishError)):
         return error.retryable  # Ray Train's own retries are spent, or a retry would fail the same way
     return not isinstance(error, PERMANENT_ERRORS)
 
@@ -123,8 +133,9 @@ def verify_task(config: PipelineConfig) -> None:
                           report.samples_checked)
 
 
+# The tag carries the concurrency limit across flow runs (flows/operations.py).
 @task(name="train", task_run_name="train-{model_name}", cache_key_fn=train_cache_key, persist_result=True,
-      retry_condition_fn=_retry_transient)
+      retry_condition_fn=_retry_transient, tags=[TRAINING_TAG])
 def train_task(
     config: PipelineConfig, model_name: str, manifest_fingerprint: str, teacher_weights: str | None, group: str
 ) -> TrainOutcome:
@@ -141,7 +152,9 @@ def train_task(
 def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[dict]:
     from tasks.evaluate import evaluate_models, markdown_table
 
-    records = evaluate_models(config, {name: Path(path) for name, path in trained.items()}, group=group)
+    # On a GPU node when training ran on GPUs, so the speed measured is the training hardware's.
+    records = on_training_device(config, evaluate_models, config, {name: Path(path) for name, path in trained.items()},
+                                 group=group)
     create_table_artifact(key="evaluation", table=[_flat(record) for record in records],
                           description="Test accuracy and compute of every model")
     create_markdown_artifact(key="evaluation-summary", markdown=markdown_table(records))
@@ -153,12 +166,31 @@ def attention_task(config: PipelineConfig, trained: dict[str, str], group: str) 
     from tasks.attention import attention_maps
 
     transformers = {spec.name for spec in config.model.transformers}
-    grids = attention_maps(config, {name: Path(path) for name, path in trained.items() if name in transformers},
-                           group=group)
+    grids = on_training_device(config, attention_maps, config,
+                               {name: Path(path) for name, path in trained.items() if name in transformers},
+                               group=group)
     for name, grid in grids.items():
         create_link_artifact(key=f"attention-{_artifact_key(name)}", link=Path(grid).absolute().as_uri(),
                              link_text=f"attention maps of {name}")
     return {name: str(grid) for name, grid in grids.items()}
+
+
+@task(name="publish", retry_condition_fn=_retry_transient)
+def publish_task(config: PipelineConfig) -> dict:
+    """The best model of each family into the W&B Registry online; offline, the plan in registry.json."""
+    from tasks.publish import publish, publish_run_command
+
+    path, linked = publish(config)
+    if linked is None:
+        get_run_logger().info("W&B is offline: what would be linked is in %s; after `%s`, run `%s`", path,
+                              sync_command(config), publish_run_command(config))
+        create_link_artifact(key="registry-plan", link=path.absolute().as_uri(),
+                             link_text="models to link in the W&B Registry (offline)")
+        return {"registry_plan": str(path), "linked": {}}
+    table = [{"model": e["model"], "version": e["linked"]["version"], "aliases": ", ".join(e["linked"]["aliases"]),
+              "why": e["linked"]["reason"]} for e in linked]
+    create_table_artifact(key="registry", table=table, description="Models linked in the W&B Registry")
+    return {"registry_plan": str(path), "linked": {e["model"]: e["linked"]["version"] for e in linked}}
 
 
 @task(name="report", retry_condition_fn=_retry_transient)
@@ -189,8 +221,6 @@ def _links(config: PipelineConfig, dashboard: str | None) -> None:
     if dashboard:
         url = dashboard if "://" in dashboard else f"http://{dashboard}"
         create_link_artifact(key="ray-dashboard", link=url, link_text="Ray dashboard")
-
-
 
 
 def _result_storage(config: PipelineConfig) -> LocalFileSystem | RemoteFileSystem | None:
@@ -290,6 +320,8 @@ def vit_pipeline(
     """
     logger = get_run_logger()
     config = config or load_config(config_file, overrides or [])
+    if (refused := publish_refused(config)) is not None:  # before hours of training, not after
+        raise ConfigError(refused)
     options = config.orchestration
     claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name())
     config = claim.config
@@ -322,5 +354,11 @@ def vit_pipeline(
     logger.info("report: %s", Path(report["html"]).absolute())
     logger.info("W&B runs are offline unless tracking.mode is online with WANDB_API_KEY set; upload with: %s",
                 sync_command(config))
+    # Last, after the run directory is complete: a publish that cannot reach W&B fails the flow run (someone
+    # must know the Registry was not updated) and is redone from registry.json with `vit-pipeline publish`.
+    published = None
+    if config.tracking.publish != "never" and config.tracking.mode != "disabled":
+        published = publish_task.with_options(**limits)(config)
     return {"run_dir": str(Path(config.run_dir).absolute()), "report": report, "attention": grids,
-            "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()}}
+            "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
+            "published": published}

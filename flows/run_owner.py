@@ -123,7 +123,8 @@ def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name:
     own_label = f"{readable}-{flow_run_id.replace('-', '')[:8]}"
     crashed, continuable = [], []
     with _claim_lock(run_root):
-        for path in sorted(run_root.glob(f"*/{RUN_OWNER_FILE}"), key=lambda p: p.stat().st_mtime):
+        records = [path for path in run_root.glob(f"*/{RUN_OWNER_FILE}") if not path.parent.is_symlink()]
+        for path in sorted(records, key=lambda p: p.stat().st_mtime):  # `latest` is a link to one of them
             owner = _read(path)
             if owner is None or owner.get("host") != host or owner.get("flow_run_id") == flow_run_id:
                 continue

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.augment import EvalResize
 from tasks.config import PipelineConfig
 from tasks.evaluate import evaluation_device, load_trained_model
 from tasks.loader import ShardStream, normalize
@@ -202,6 +203,7 @@ def attention_maps(config: PipelineConfig, models: dict[str, Path] | None = None
     }
     location = shard_location or config.shard_location
     images, labels, keys = select_images(location)
+    images = EvalResize.from_config(config.data)(images)  # what the models were validated on
     classes = read_manifest(location)["classes"]
     device = evaluation_device()
     inputs = normalize(images, config.data.mean, config.data.std, device)

@@ -1,10 +1,12 @@
 """Batched training augmentation that runs where the images are: loader workers (CPU) or the training device.
 
-`BatchAugmenter` turns a uint8 N x C x H x W batch into an augmented one of the same shape and dtype:
-pad-and-crop and horizontal flips as one gather, then RandAugment or TrivialAugmentWide with torchvision's
-semantics (op set, magnitude bins, random signs, an op per image and round), applied op by op to the
-images that drew it instead of image by image. `BatchMixer` does timm's Mixup/CutMix on float batches of
-any size, odd ones and 1 included.
+`BatchAugmenter` turns a uint8 N x C x H x W batch into an augmented one of the same dtype: pad-and-crop
+and horizontal flips as one gather (or RandomResizedCrop and flips as one grid_sample), then RandAugment or
+TrivialAugmentWide with torchvision's semantics (op set, magnitude bins, random signs, an op per image and
+round), applied op by op to the images that drew it instead of image by image, and a resize to the
+training resolution. `EvalResize` is evaluation's resize and centre crop. `BatchEraser` does random
+erasing on normalised batches, `BatchMixer` timm's Mixup/CutMix on float batches of any size, odd ones and
+1 included.
 
 Both draw every random choice on the host (a CPU `torch.Generator`, a NumPy `Generator`) and send the
 device only index and parameter tensors, copied with `non_blocking=True` from pinned memory. How many images
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as tvf
 
-from tasks.config import AugmentConfig
+from tasks.config import AugmentConfig, DataConfig
 
 # torchvision's default for RandAugment and TrivialAugmentWide: magnitude m means bin m of 31 (0..30).
 NUM_MAGNITUDE_BINS = 31
@@ -41,6 +43,13 @@ SIGNED_OPS = frozenset(OP_NAMES[1:10])
 _GEOMETRIC = range(OP_NAMES.index("ShearX"), OP_NAMES.index("Rotate") + 1)
 # Per-image parameters travel as rows of this many float32: a 3x2 affine matrix is the widest.
 _PARAMS = 6
+_INTERPOLATION = {"bilinear": tvf.InterpolationMode.BILINEAR, "bicubic": tvf.InterpolationMode.BICUBIC}
+# Tries per image for a RandomResizedCrop box (torchvision) and a random-erasing box (timm) before giving up.
+RRC_ATTEMPTS = 10
+ERASING_ATTEMPTS = 10
+# timm's RandomErasing defaults: the erased share of the image area and the box's aspect ratio range.
+ERASING_AREA = (0.02, 1 / 3)
+ERASING_MIN_ASPECT = 0.3
 
 
 def magnitude_bins(policy: str, op: str, height: int, width: int) -> torch.Tensor | None:
@@ -164,6 +173,8 @@ class AugmentPlan:
     crop_offsets: torch.Tensor | None  # N x 2 (dy, dx) in 0..2*padding, int64
     flips: torch.Tensor | None  # N, bool
     rounds: list[OpRound]
+    # RandomResizedCrop boxes, N x 4 (top, left, height, width) in source pixels, int64; replaces crop_offsets.
+    crops: torch.Tensor | None = None
 
 
 def _pinned_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -173,6 +184,11 @@ def _pinned_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def _require_host_generator(generator: torch.Generator, user: str) -> None:
+    if generator.device.type != "cpu":
+        raise ValueError(f"{user} draws on the host: pass a CPU torch.Generator, not one on {generator.device}")
 
 
 def _to_uint8(values: torch.Tensor) -> torch.Tensor:
@@ -273,11 +289,108 @@ def _equalize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return table.view(-1).index_select(0, bins.view(-1)).view_as(images)
 
 
+def draw_resized_crops(count: int, height: int, width: int, *, scale: tuple[float, float],
+                       ratio: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """N x 4 int64 boxes (top, left, height, width): torchvision's RandomResizedCrop.get_params for N images at
+    once. Each image gets up to RRC_ATTEMPTS tries of an area share uniform in `scale` and an aspect ratio
+    (width / height) log-uniform in `ratio`, and keeps the first box that fits, at a uniform position; when none
+    fits, the centred box of the whole image clamped to the ratio range."""
+    shares = torch.empty(count, RRC_ATTEMPTS).uniform_(scale[0], scale[1], generator=generator)
+    log_ratios = torch.empty(count, RRC_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                           generator=generator)
+    target_area, aspect = shares * (height * width), log_ratios.exp()
+    crop_widths = (target_area * aspect).sqrt().round().long()
+    crop_heights = (target_area / aspect).sqrt().round().long()
+    fits = (crop_widths > 0) & (crop_widths <= width) & (crop_heights > 0) & (crop_heights <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (any try when none does)
+    found = fits.any(dim=1)
+    image_ratio = width / height
+    fallback_width, fallback_height = width, height
+    if image_ratio < ratio[0]:
+        fallback_height = int(round(width / ratio[0]))
+    elif image_ratio > ratio[1]:
+        fallback_width = int(round(height * ratio[1]))
+    crop_heights = torch.where(found, crop_heights.gather(1, first).squeeze(1), fallback_height)
+    crop_widths = torch.where(found, crop_widths.gather(1, first).squeeze(1), fallback_width)
+    position = torch.rand(count, 2, generator=generator)
+    top = torch.where(found, (position[:, 0] * (height - crop_heights + 1)).long(), (height - crop_heights) // 2)
+    left = torch.where(found, (position[:, 1] * (width - crop_widths + 1)).long(), (width - crop_widths) // 2)
+    return torch.stack([top, left, crop_heights, crop_widths], dim=1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, *, flips: torch.Tensor | None = None,
+                  interpolation: str = "bicubic") -> torch.Tensor:
+    """Each image's box (host N x 4 top, left, height, width) resized to size x size, mirrored where `flips`
+    says: one affine grid_sample for the batch, uint8 in and out.
+
+    Output pixel centres are spread evenly over the box as a resize of the crop spaces them (align_corners
+    False); the first and last half pixel sample the image beside the box instead of repeating its edge.
+    No antialiasing: RandomResizedCrop enlarges, except for boxes larger than the output."""
+    count, channels, height, width = images.shape
+    top, left, box_height, box_width = boxes.double().unbind(dim=1)
+    # grid = theta @ (u, v, 1) maps output coordinates in [-1, 1] to input coordinates in [-1, 1].
+    scale_x, scale_y = box_width / width, box_height / height
+    if flips is not None:
+        scale_x = torch.where(flips, -scale_x, scale_x)
+    theta = torch.zeros(count, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = scale_x, (2 * left + box_width) / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = scale_y, (2 * top + box_height) / height - 1
+    theta = _pinned_to(theta.float(), images.device)
+    grid = nnf.affine_grid(theta, [count, channels, size, size], align_corners=False)
+    sampled = nnf.grid_sample(images.float(), grid, mode=interpolation, padding_mode="border", align_corners=False)
+    return _to_uint8(sampled.round_())
+
+
+def resize_center_crop(images: torch.Tensor, size: int, *, crop_pct: float = 1.0,
+                       interpolation: str = "bicubic") -> torch.Tensor:
+    """timm's evaluation transform on a uint8 batch: the shorter side resized to floor(size / crop_pct)
+    (torchvision's resize, antialiased when shrinking), then the centre size x size. crop_pct 1.0 on square
+    images is a plain resize; a batch already at size x size is returned as it is."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size) and crop_pct == 1.0:
+        return images
+    scale_size = math.floor(size / crop_pct)
+    if height <= width:
+        new_height, new_width = scale_size, int(scale_size * width / height)
+    else:
+        new_height, new_width = int(scale_size * height / width), scale_size
+    if (new_height, new_width) != (height, width):
+        images = tvf.resize(images, [new_height, new_width], interpolation=_INTERPOLATION[interpolation],
+                            antialias=True)
+    top, left = int(round((new_height - size) / 2)), int(round((new_width - size) / 2))
+    return images[..., top : top + size, left : left + size].contiguous()
+
+
+@dataclass(frozen=True)
+class EvalResize:
+    """Evaluation's view of a uint8 batch (validation, test, attention maps): `resize_center_crop` to
+    data.image_size with data.crop_pct; nothing to do when image_size is None or already the batch's."""
+
+    size: int | None
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> EvalResize:
+        return cls(data.image_size, data.crop_pct, data.interpolation)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size is None:
+            return images
+        return resize_center_crop(images, self.size, crop_pct=self.crop_pct, interpolation=self.interpolation)
+
+    def output_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """C x H x W of what a batch of C x H x W images becomes."""
+        return shape if self.size is None else (shape[0], self.size, self.size)
+
+
 class BatchAugmenter:
     """Training augmentation of uint8 N x C x H x W batches on any device, without a loop over images.
 
     In order: zero-pad by `crop_padding` and crop back to H x W at a random offset per image, flip half the
-    images horizontally (both one gather with per-image indices), then `auto_augment`:
+    images horizontally (both one gather with per-image indices) -- or, with `random_resized_crop`, crop a
+    RandomResizedCrop box of each image, resized to `image_size`, and flip, in one grid_sample (DeiT's order)
+    -- then `auto_augment`:
     - "randaugment": `randaugment_ops` rounds; in each, every image draws one of torchvision's 14 ops
       uniformly (Identity included) and applies it at bin `randaugment_magnitude` of 31, with a random sign
       for the signed ops, exactly as torchvision.transforms.v2.RandAugment does image by image;
@@ -287,21 +400,26 @@ class BatchAugmenter:
     torchvision's own batched AutoContrast), and the results are put back in order. Nearest interpolation,
     zero fill: torchvision's defaults. On CPU the output equals torchvision's functional ops image by image,
     pixel for pixel (tests/test_augment.py checks every op, bin and sign); on CUDA, float kernels may round
-    a rare pixel differently, as torchvision's own do between devices.
+    a rare pixel differently, as torchvision's own do between devices. Last, images not yet at `image_size`
+    are resized to it (pad-and-crop and RandAugment ran at the source size: at 32 px, 1/49 of the work at 224).
 
     Args:
-        config: the recipe's augmentation settings (the Mixup/CutMix fields are BatchMixer's).
+        config: the recipe's augmentation settings (the Mixup/CutMix, erasing and repeat fields are others').
         generator: CPU generator every random choice is drawn from; seed it per (seed, epoch, rank, worker)
             for reproducible runs. The same seed gives the same batch on CPU.
+        image_size: the square training resolution (data.image_size); None keeps the batch's size.
+        interpolation: how RandomResizedCrop and the resize sample ("bilinear" or "bicubic").
     """
 
-    def __init__(self, config: AugmentConfig, generator: torch.Generator):
-        if generator.device.type != "cpu":
-            raise ValueError(
-                f"BatchAugmenter draws on the host: pass a CPU torch.Generator, not one on {generator.device}"
-            )
+    def __init__(self, config: AugmentConfig, generator: torch.Generator, *, image_size: int | None = None,
+                 interpolation: str = "bicubic"):
+        _require_host_generator(generator, "BatchAugmenter")
+        if config.random_resized_crop and image_size is None:
+            raise ValueError("random_resized_crop needs the output size: pass image_size (data.image_size)")
         self.config = config
         self.generator = generator
+        self.image_size = image_size
+        self.interpolation = interpolation
         self._tables: dict[tuple[int, int], torch.Tensor] = {}
         self._base_grids: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # Consecutive op indices and the batched implementation that serves them, in OP_NAMES order: the
@@ -320,10 +438,17 @@ class BatchAugmenter:
     def num_rounds(self) -> int:
         return {"none": 0, "randaugment": self.config.randaugment_ops, "trivialaugment": 1}[self.config.auto_augment]
 
-    def draw(self, count: int) -> AugmentPlan:
-        """All random choices for a batch of `count` images, from the generator, on the host."""
+    def draw(self, count: int, size: tuple[int, int] | None = None) -> AugmentPlan:
+        """All random choices for a batch of `count` images, from the generator, on the host. `size` (height,
+        width) of the source images is needed for RandomResizedCrop boxes only."""
         generator, pad = self.generator, self.config.crop_padding
         offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator) if pad else None
+        crops = None
+        if self.config.random_resized_crop:
+            if size is None:
+                raise ValueError("random_resized_crop draws boxes for a source size: pass size=(height, width)")
+            crops = draw_resized_crops(count, *size, scale=self.config.rrc_scale, ratio=self.config.rrc_ratio,
+                                       generator=generator)
         flips = torch.rand(count, generator=generator) < 0.5 if self.config.hflip else None
         rounds = []
         for _ in range(self.num_rounds):
@@ -335,10 +460,10 @@ class BatchAugmenter:
             # torchvision negates when rand() <= 0.5; drawn for every image, used by the signed ops only.
             negative = torch.rand(count, generator=generator) <= 0.5
             rounds.append(OpRound(ops, bins, negative))
-        return AugmentPlan(offsets, flips, rounds)
+        return AugmentPlan(offsets, flips, rounds, crops)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.draw(images.shape[0]))
+        return self.apply(images, self.draw(images.shape[0], tuple(images.shape[-2:])))
 
     def apply(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
         """Carry out `plan` on uint8 N x C x H x W `images` on their own device; uint8 of the same shape."""
@@ -350,10 +475,15 @@ class BatchAugmenter:
             return images.contiguous()
         if plan.rounds and images.shape[1] not in (1, 3):
             raise ValueError(f"{self.config.auto_augment} needs 1 or 3 channels, got {images.shape[1]}")
-        if plan.crop_offsets is not None or plan.flips is not None:
+        if plan.crops is not None:
+            images = resized_crops(images, plan.crops, self.image_size, flips=plan.flips,
+                                   interpolation=self.interpolation)
+        elif plan.crop_offsets is not None or plan.flips is not None:
             images = self._crop_and_flip(images, plan)
         for op_round in plan.rounds:
             images = self._apply_round(images, op_round)
+        if self.image_size is not None:
+            images = resize_center_crop(images, self.image_size, interpolation=self.interpolation)
         return images.contiguous()
 
     def _crop_and_flip(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
@@ -425,6 +555,89 @@ class BatchAugmenter:
         grid = base.expand(count, -1, -1).bmm(params.view(count, 3, 2)).view(count, height, width, 2)
         warped = nnf.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         return _to_uint8(warped.round_())
+
+
+class BatchEraser:
+    """Random erasing (Zhong et al., timm's RandomErasing with one box) of normalised float N x C x H x W
+    batches on any device, after normalisation and before Mixup/CutMix as in timm and DeiT.
+
+    Each image is erased with probability `probability`: up to ERASING_ATTEMPTS tries of an area share uniform
+    in ERASING_AREA and an aspect ratio log-uniform in [0.3, 1/0.3] (timm's defaults), keeping the first box
+    strictly inside the image, at a uniform position. The box is filled with zeros ("const": the dataset mean
+    after normalisation), one standard normal value per channel ("rand") or per pixel ("pixel").
+
+    The boxes are drawn on the host (CPU `generator`) and reach the device as one small non-blocking copy; the
+    fill is drawn on the device from a device generator seeded from the host one, so nothing is read back.
+
+    Args:
+        probability: the chance each image is erased (data.augment.random_erasing).
+        mode: "const", "rand" or "pixel" (data.augment.random_erasing_mode).
+        generator: CPU generator for the boxes and the fill's seed; seed it per (seed, epoch, rank).
+    """
+
+    def __init__(self, probability: float, mode: str, generator: torch.Generator):
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"erasing probability must be in [0, 1], got {probability}")
+        if mode not in ("const", "rand", "pixel"):
+            raise ValueError(f"erasing mode must be 'const', 'rand' or 'pixel', got {mode!r}")
+        _require_host_generator(generator, "BatchEraser")
+        self.probability = probability
+        self.mode = mode
+        self.generator = generator
+        self._device_generators: dict[torch.device, torch.Generator | None] = {}
+
+    def draw(self, count: int, height: int, width: int) -> torch.Tensor:
+        """N x 4 int64 boxes (top, left, height, width) on the host; height 0 where an image is not erased."""
+        generator = self.generator
+        erased = torch.rand(count, generator=generator) < self.probability
+        shares = torch.empty(count, ERASING_ATTEMPTS).uniform_(*ERASING_AREA, generator=generator)
+        log_aspect = math.log(ERASING_MIN_ASPECT)
+        aspect = torch.empty(count, ERASING_ATTEMPTS).uniform_(log_aspect, -log_aspect, generator=generator).exp()
+        target_area = shares * (height * width)
+        box_heights = (target_area * aspect).sqrt().round().long()
+        box_widths = (target_area / aspect).sqrt().round().long()
+        fits = (box_heights < height) & (box_widths < width)
+        first = fits.int().argmax(dim=1, keepdim=True)
+        erased &= fits.any(dim=1)
+        box_heights = torch.where(erased, box_heights.gather(1, first).squeeze(1), 0)
+        box_widths = torch.where(erased, box_widths.gather(1, first).squeeze(1), 0)
+        position = torch.rand(count, 2, generator=generator)
+        top = (position[:, 0] * (height - box_heights + 1)).long()
+        left = (position[:, 1] * (width - box_widths + 1)).long()
+        return torch.stack([top, left, box_heights, box_widths], dim=1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.draw(images.shape[0], images.shape[-2], images.shape[-1]))
+
+    def apply(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Erase host `boxes` of float `images`; a new tensor, the input left as it is."""
+        if not images.is_floating_point() or images.dim() != 4:
+            raise ValueError(f"BatchEraser takes float N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
+        count, channels, height, width = images.shape
+        device = images.device
+        top, left, box_height, box_width = _pinned_to(boxes, device).view(count, 4, 1, 1).unbind(dim=1)
+        rows = torch.arange(height, device=device).view(1, height, 1)
+        columns = torch.arange(width, device=device).view(1, 1, width)
+        inside = ((rows >= top) & (rows < top + box_height) & (columns >= left) & (columns < left + box_width))
+        fill_shape = {"const": (1, 1, 1, 1), "rand": (count, channels, 1, 1), "pixel": images.shape}[self.mode]
+        if self.mode == "const":
+            fill = images.new_zeros(fill_shape)
+        else:
+            seed = int(torch.randint(2**62, (1,), generator=self.generator))
+            device_generator = self._device_generator(device)
+            if device_generator is not None:
+                device_generator.manual_seed(seed)
+            fill = torch.randn(fill_shape, dtype=images.dtype, device=device, generator=device_generator)
+        return torch.where(inside.unsqueeze(1), fill, images)
+
+    def _device_generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator on `device`, made once; None where torch has none (the meta device): the global one."""
+        if device not in self._device_generators:
+            try:
+                self._device_generators[device] = torch.Generator(device=device)
+            except RuntimeError:
+                self._device_generators[device] = None
+        return self._device_generators[device]
 
 
 @dataclass(frozen=True)

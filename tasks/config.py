@@ -66,6 +66,29 @@ class AugmentConfig(_Section):
     cutmix_alpha: NonNegativeFloat = 0.0
     mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    # RandomResizedCrop (DeiT, Inception): a random area share (rrc_scale) and aspect ratio (rrc_ratio, w/h) of
+    # each image, resized to data.image_size. It replaces pad-and-crop, so crop_padding must then be 0.
+    random_resized_crop: bool = False
+    rrc_scale: tuple[Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]] = (0.08, 1.0)
+    rrc_ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
+    # Random erasing (Zhong et al.; timm's RandomErasing, DeiT: 0.25 and "pixel"): the chance that one box of each
+    # normalised image is replaced by zeros ("const"), one normal draw per channel ("rand") or per pixel ("pixel").
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+    random_erasing_mode: Literal["const", "rand", "pixel"] = "pixel"
+    # Repeated augmentation (Hoffer et al.; DeiT: 3): every training image appears this many times per epoch,
+    # each copy augmented on its own, the copies in one batch (tasks/loader.py). An epoch is then this many
+    # passes over the images; 1 is off.
+    repeated_augmentation: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _one_crop(self) -> AugmentConfig:
+        if self.random_resized_crop and self.crop_padding:
+            raise ValueError("crop_padding must be 0 with random_resized_crop, which replaces pad-and-crop")
+        for name in ("rrc_scale", "rrc_ratio"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: the lower bound {low} is above the upper bound {high}")
+        return self
 
 
 class DataConfig(_Section):
@@ -77,8 +100,15 @@ class DataConfig(_Section):
     shard_dir: str | None = None
     shard_size: PositiveInt = 5000
     image_format: Literal["npy", "png"] = "npy"
-    # ImageFolder images are resized to this square size; None requires them all to be one size.
+    # The square resolution models train and evaluate at. ImageFolder images are resized to it when sharded;
+    # CIFAR-10's are sharded as they are (32 px) and resized in the loader when it differs (on the training
+    # device on GPUs). None: the shards' own size (ImageFolder images must then all be one size).
     image_size: PositiveInt | None = None
+    # Evaluation (validation, test, attention maps) resizes to image_size / crop_pct and takes the centre
+    # image_size square (timm's crop_pct); 1.0 is a plain resize, as CIFAR-10 upsampled for fine-tuning wants.
+    crop_pct: float = Field(1.0, gt=0.0, le=1.0)
+    # How images are resized (RandomResizedCrop, the training resize and the evaluation resize).
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     shard_workers: PositiveInt = 2
     shuffle_seed: int | None = 0
     # Images held out of the source's training split for validation, stratified by class: a count, or a
@@ -112,13 +142,27 @@ class DataConfig(_Section):
             raise ValueError("dataset 'imagefolder' needs data.data_root (or $DATA_ROOT); it cannot be downloaded")
         return self
 
+    @model_validator(mode="after")
+    def _crops_need_a_size(self) -> DataConfig:
+        for needs_size, field in ((self.augment.random_resized_crop, "augment.random_resized_crop"),
+                                  (self.crop_pct < 1.0, "crop_pct below 1")):
+            if needs_size and self.image_size is None:
+                raise ValueError(f"{field} needs data.image_size, the square size to crop to")
+        return self
+
 
 class ModelSpec(_Section):
     """One model of the comparison: any name timm.create_model knows, ours included."""
 
     name: str
+    # The checkpoint fine-tuning starts from: a local file (state dict or safetensors, timm's or ours, of any
+    # grid or class count: vitmodels.load_pretrained adapts it), or the hub (pretrained: true; a vp_ preset
+    # takes its timm twin's weights). `vit-pipeline train --pretrained-file` replaces it for one run.
     pretrained: bool = False
     pretrained_file: Path | None = None
+    # This model's layer-wise LR decay when it should differ from training.layer_decay (a ResNet-50 has 18
+    # layer groups, a ViT-B 14); 1.0 switches it off for this model.
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
     # None leaves the architecture's own default; 0.0 means no dropout / stochastic depth.
     drop_rate: float | None = Field(None, ge=0.0, lt=1.0)
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
@@ -156,6 +200,19 @@ class ModelSpec(_Section):
         if self.distillation != "none" and self.teacher is None:
             raise ValueError(f"distillation {self.distillation!r} needs a teacher (e.g. teacher: baseline)")
         return self
+
+    @model_validator(mode="after")
+    def _explicit_drop_path_when_fine_tuning(self) -> ModelSpec:
+        # Architectures differ in their default (timm's ViTs 0, some of ours 0.1) and fine-tuning recipes in the
+        # rate they want: a pretrained model states it.
+        if self.is_pretrained and self.drop_path_rate is None:
+            raise ValueError(f"{self.name} starts from a checkpoint: set drop_path_rate explicitly (0.0 for none; "
+                             f"0.1 is DeiT's and MAE's fine-tuning rate) rather than take the architecture's default")
+        return self
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self.pretrained or self.pretrained_file is not None
 
 
 class ModelConfig(_Section):
@@ -202,6 +259,26 @@ class TrainingConfig(_Section):
     checkpoints_to_keep: PositiveInt = 2
     max_failures: NonNegativeInt = 1
     log_every_steps: PositiveInt = 20
+    # Fine-tuning. Layer-wise LR decay (BEiT, MAE): a parameter in layer group i of L trains at
+    # lr * layer_decay ** (L - 1 - i). Groups by the model's group_matcher, as timm's param_groups_layer_decay
+    # makes them: the embeddings 0, then each block (the final norm with the last), the heads L - 1.
+    # None (or 1.0) is off; a model's own layer_decay wins.
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    # Every parameter outside the classifier head(s) trains at lr * backbone_lr_scale (on top of layer decay).
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
+    # The first N epochs train the classifier head(s) alone: the backbone gets no gradients or updates and runs
+    # in eval mode (no dropout, drop-path or BatchNorm statistics). Its optimizer state starts when it joins.
+    freeze_backbone_epochs: NonNegativeInt = 0
+    # DeiT's linear scaling: lr (not min_lr) is multiplied by global batch / lr_reference_batch (DeiT: 512),
+    # the global batch being batch_size x scaling.num_workers x grad_accum_steps. None leaves lr as it is.
+    lr_reference_batch: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _freeze_within_run(self) -> TrainingConfig:
+        if self.freeze_backbone_epochs > self.epochs:
+            raise ValueError(f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) is more than epochs "
+                             f"({self.epochs})")
+        return self
 
 
 class ScalingConfig(_Section):
@@ -233,6 +310,17 @@ class TrackingConfig(_Section):
     # One flow run's directory under runs/<run_name>/, set by the flow (its flow run's name and id);
     # None (the step commands' default) means runs/<run_name>/ itself.
     flow_run: str | None = None
+    # The flow's last step links the best model of each model family into the W&B Registry (tasks/publish.py).
+    # "auto": when W&B is online; offline it writes what it would link to <run directory>/registry.json for
+    # `vit-pipeline publish --run-dir` after `wandb sync`. "always": the same, but the flow refuses to start
+    # unless W&B is online. "never": no publish step.
+    publish: Literal["auto", "always", "never"] = "auto"
+    # The W&B registry, without its "wandb-registry-" prefix; "model" is the one every organisation has. Each
+    # model family is a collection <project>-<model> in it.
+    registry: str = "model"
+    # Alert when a retrained model's test top-1 is more than this (absolute: 0.02 is 2 points) below the one
+    # registered as `best` on the same test split.
+    regression_margin: float = Field(0.02, ge=0.0, le=1.0)
 
     @field_validator("run_name", "flow_run")
     @classmethod
@@ -242,6 +330,21 @@ class TrackingConfig(_Section):
                 "must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
             )
         return value
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value) or value.startswith("wandb-registry-"):
+            raise ValueError("must be a W&B registry name without its 'wandb-registry-' prefix: letters, digits, "
+                             "'_', '.' or '-', e.g. model")
+        return value
+
+    @model_validator(mode="after")
+    def _publish_always_needs_online(self) -> TrackingConfig:
+        if self.publish == "always" and self.mode != "online":
+            raise ValueError(f"publish 'always' links models in the W&B Registry, which needs tracking.mode "
+                             f"online (it is {self.mode!r}); use 'auto' to write registry.json offline")
+        return self
 
 
 class OrchestrationConfig(_Section):
@@ -257,6 +360,16 @@ class OrchestrationConfig(_Section):
     evaluate_timeout_minutes: PositiveFloat = 120
     # None: as many trainings at once as the Ray cluster has room for.
     max_concurrent_trainings: PositiveInt | None = None
+    # The Prefect notification block ("<block type>/<name>", e.g. slack-webhook/vit-pipeline) that the
+    # automations of infra/prefect/automations.yaml notify when a flow run fails or crashes.
+    notify_block: str | None = None
+
+    @field_validator("notify_block")
+    @classmethod
+    def _block_slug(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_.-]+", value):
+            raise ValueError("must be a Prefect block slug, <block type>/<block name>, e.g. slack-webhook/alerts")
+        return value
 
 
 class StorageConfig(_Section):
@@ -388,6 +501,14 @@ class PipelineConfig(_Section):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     sweep: SweepConfig | None = None
+
+    @model_validator(mode="after")
+    def _repeats_fit_the_batch(self) -> PipelineConfig:
+        repeats = self.data.augment.repeated_augmentation
+        if repeats > self.training.batch_size:
+            raise ValueError(f"data.augment.repeated_augmentation ({repeats}) is more than training.batch_size "
+                             f"({self.training.batch_size}): a batch holds every copy of its images")
+        return self
 
     @property
     def run_root(self) -> Path:
@@ -563,6 +684,18 @@ def _checked_values(tree: dict[str, Any], path: str, dimension: SearchDimension)
     return None, values
 
 
+def with_pretrained_file(config: PipelineConfig, model_name: str, path: str | Path) -> PipelineConfig:
+    """A copy in which `model_name` starts from the checkpoint file `path` (instead of its configured one)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"pretrained file does not exist: {path}")
+    config.model.spec(model_name)  # names the configured models when this one is not among them
+    tree = config.model_dump()
+    for spec in [tree["model"]["baseline"], *tree["model"]["transformers"]]:
+        if spec["name"] == model_name:
+            spec |= {"pretrained": False, "pretrained_file": Path(path)}
+    return build_config(tree, source=f"--pretrained-file {path} for {model_name}")
+
+
 def _describe_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
@@ -597,9 +730,9 @@ def build_config(
     tree: dict[str, Any] | None = None, overrides: list[str] = (), source: str = "<defaults>"
 ) -> PipelineConfig:
     """Validate a raw mapping plus `a.b=value` overrides; $DATA_ROOT fills an unset data root."""
-    tree = dict(tree or {})
-    if not isinstance(tree, dict):
+    if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    tree = dict(tree or {})
     for override in overrides:
         _apply_override(tree, *parse_override(override))
     env_root = os.environ.get(DATA_ROOT_ENV)

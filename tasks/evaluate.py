@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tasks.augment import EvalResize
 from tasks.config import PipelineConfig
 from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.recipe import autocast_context, build_model, trained_weights, uses_channels_last
@@ -125,11 +126,13 @@ def evaluation_device() -> torch.device:
 def predict(model: nn.Module, stream: ShardStream, config: PipelineConfig, device: torch.device,
             channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Float32 logits and labels for every sample of the stream, in stream order, in the precision the model
-    was trained and validated in (training.bf16), so evaluate scores exactly what training selected."""
+    was trained and validated in (training.bf16) and at its resolution (`EvalResize`, as validation), so
+    evaluate scores exactly what training selected."""
     normalizer = Normalizer(config.data.mean, config.data.std, device, channels_last=channels_last)
+    loader = make_loader(stream, config.data.loader_workers)
     all_logits, all_labels = [], []
     with autocast_context(config, device):
-        for images, labels in device_batches(make_loader(stream, config.data.loader_workers), device, normalizer):
+        for images, labels in device_batches(loader, device, normalizer, EvalResize.from_config(config.data)):
             all_logits.append(model(images).float().cpu())
             all_labels.append(labels.cpu())
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
@@ -222,7 +225,7 @@ def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: s
         val_logits, val_labels = predict(model, val_stream, config, device, channels_last)
         validation = {"val_top1": float((val_logits.argmax(1) == val_labels).mean()),
                       "val_samples": int(len(val_labels))}
-    image_shape = _image_shape(stream)
+    image_shape = EvalResize.from_config(config.data).output_shape(_image_shape(stream))
     record = {
         "model": name,
         "role": "baseline" if name == config.model.baseline.name else "transformer",

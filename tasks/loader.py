@@ -7,6 +7,15 @@ one epoch each sample is seen exactly once across ranks, no rank waits on a batc
 and evaluation needs no padding duplicates. DataLoader workers take contiguous runs of the rank's
 batches and read only the shard ranges those batches cover.
 
+Repeated augmentation (data.augment.repeated_augmentation = k) plans the same way over batches of
+batch_size // k distinct images and tiles each batch k times, [a, b, c, a, b, c, ...]: every image appears
+exactly k times per epoch across ranks (once per epoch, k times over), all k copies in one batch of one rank,
+each augmented on its own. DDP averages gradients over the global batch, so copies on one rank give the
+gradient DeiT's RASampler gives with copies on k ranks of the same step (BatchNorm statistics aside).
+Tiling, not [a, a, b, b], so that BatchMixer's roll(1) pairs an image with another image, not its own copy.
+DeiT also shortens the epoch back to one pass (a third of the images, each three times); here an epoch is
+k passes, so divide training.epochs by k for DeiT's budget.
+
 Workers yield uint8 batches; conversion to float and normalisation happen on the training device
 (`normalize`), which keeps worker-to-trainer traffic at a quarter of float32.
 """
@@ -47,8 +56,16 @@ class WorkerPlan:
     batch_sizes: list[int]
 
 
-def batches_per_rank(total: int, world_size: int, batch_size: int) -> int:
-    return math.ceil(math.ceil(total / world_size) / batch_size)
+def batches_per_rank(total: int, world_size: int, batch_size: int, repeats: int = 1) -> int:
+    """Batches every rank yields per epoch for batches of at most `batch_size` samples, copies included."""
+    return math.ceil(math.ceil(total / world_size) / distinct_per_batch(batch_size, repeats))
+
+
+def distinct_per_batch(batch_size: int, repeats: int) -> int:
+    """Most distinct images in a batch of at most `batch_size` samples holding `repeats` copies of each."""
+    if not 1 <= repeats <= batch_size:
+        raise ValueError(f"{repeats} repeats of each image do not fit a batch of {batch_size}")
+    return batch_size // repeats
 
 
 def plan_worker(
@@ -104,6 +121,9 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 10_000,
+        repeats: int = 1,
+        image_size: int | None = None,
+        interpolation: str = "bicubic",
     ):
         if location.startswith("pipe:"):
             raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
@@ -128,11 +148,17 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
+        # Copies of each image per epoch, in the same batch (repeated augmentation); training streams only.
+        self.repeats = repeats if train else 1
+        distinct_per_batch(batch_size, self.repeats)  # fails early when the copies do not fit a batch
+        # The training resolution the loader-side augmentation produces (None: the shards' own).
+        self.image_size = image_size
+        self.interpolation = interpolation
         # Shared memory, so that DataLoader workers that live across epochs see set_epoch from the trainer.
         self._epoch = multiprocessing.RawValue("q", 0)
 
     def __len__(self) -> int:
-        return batches_per_rank(sum(self.shard_counts), self.world_size, self.batch_size)
+        return batches_per_rank(sum(self.shard_counts), self.world_size, self.batch_size, self.repeats)
 
     @property
     def num_samples(self) -> int:
@@ -182,7 +208,7 @@ class ShardStream(IterableDataset):
             world_size=self.world_size,
             worker=worker,
             num_workers=num_workers,
-            batch_size=self.batch_size,
+            batch_size=distinct_per_batch(self.batch_size, self.repeats),
             shard_order=self._shard_order(),
         )
         samples = self._read_segments(plan.segments)
@@ -191,7 +217,8 @@ class ShardStream(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             samples = self._shuffled(samples, rng)
             if self.augment_in_workers:
-                augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))))
+                augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))),
+                                           image_size=self.image_size, interpolation=self.interpolation)
         for size in plan.batch_sizes:
             chunk = list(itertools.islice(samples, size))
             if len(chunk) < size:
@@ -201,9 +228,14 @@ class ShardStream(IterableDataset):
                 )
             images = torch.from_numpy(np.stack([image for image, _, _ in chunk])).permute(0, 3, 1, 2)
             labels = torch.tensor([label for _, label, _ in chunk], dtype=torch.int64)
+            keys = [key for _, _, key in chunk]
+            if self.repeats > 1:
+                # Tiled, [a, b, a, b]: see the module docstring.
+                images, labels = images.repeat(self.repeats, 1, 1, 1), labels.repeat(self.repeats)
+                keys = keys * self.repeats
             if augmenter is not None:
                 images = augmenter(images)
-            yield images.contiguous(), labels, [key for _, _, key in chunk]
+            yield images.contiguous(), labels, keys
 
 
 def make_loader(stream: ShardStream, num_workers: int, *, persistent: bool = False,

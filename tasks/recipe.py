@@ -1,5 +1,6 @@
 """What a training is made of, as the configuration decides it: the model, the teacher, the loss, the
-optimiser's parameter groups, the learning-rate schedule, the EMA, the precision and the memory format.
+optimiser's parameter groups (layer-wise LR decay, a slower backbone), which parameters are frozen, the
+learning-rate schedule, the EMA, the precision and the memory format.
 
 Plain functions of the configuration, shared by the training loop, the evaluate and attention steps and
 the benchmarks, so that all of them build exactly the same thing.
@@ -8,6 +9,7 @@ the benchmarks, so that all of them build exactly the same thing.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -46,22 +48,113 @@ def build_teacher(config: PipelineConfig, spec: ModelSpec, num_classes: int, tea
     from safetensors.torch import load_file
 
     if spec.teacher == "baseline":
-        teacher = build_model(config.model.baseline, num_classes)
+        # The trained weights replace whatever the baseline was fine-tuned from: do not fetch that again.
+        teacher = build_model(config.model.baseline.model_copy(update={"pretrained": False, "pretrained_file": None}),
+                              num_classes)
         teacher.load_state_dict(load_file(teacher_weights))
         return teacher
     teacher_spec = ModelSpec(name=spec.teacher, pretrained_file=spec.teacher_file, drop_path_rate=0.0)
     return build_model(teacher_spec, num_classes)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, tokens and position tables (1-d params and no_weight_decay())."""
+def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: Mapping[str, float] | None = None
+                     ) -> list[dict]:
+    """No weight decay on norms, biases, tokens and position tables (1-d params and no_weight_decay()).
+
+    One group per (LR multiplier, decay), each carrying its "lr_scale": the multiplier from `lr_scales`
+    (parameter name -> multiplier, see `lr_scales`), 1 for all without it."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = not (param.ndim <= 1 or name in skip)
+        groups.setdefault((1.0 if lr_scales is None else lr_scales[name], decayed), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+            for (scale, decayed), params in groups.items()]
+
+
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """Module names of the classifier head(s), the part a fine-tuned model learns from scratch."""
+    from vitmodels.pretrained import classifier_names
+
+    return classifier_names(model)
+
+
+def is_head_parameter(name: str, heads: tuple[str, ...]) -> bool:
+    return any(name.startswith(f"{head}.") for head in heads)
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> its layer group for layer-wise LR decay, by the model's group_matcher (timm's
+    grouping: the stem 0, then each block (the final norm joins the last), and last what no rule matches: the heads)."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise ValueError(f"{type(model).__name__} has no group_matcher, so its layers for layer_decay are unknown")
+    return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+
+
+def lr_scales(model: nn.Module, *, layer_decay: float | None, backbone_lr_scale: float) -> dict[str, float]:
+    """Parameter name -> LR multiplier: layer_decay ** (last layer - its layer) (BEiT/MAE; timm's
+    param_groups_layer_decay), times backbone_lr_scale outside the classifier head(s)."""
+    heads = head_names(model)
+    layers = layer_ids(model) if layer_decay is not None else {}
+    last_layer = max(layers.values(), default=0)
+    scales = {}
+    for name, _ in model.named_parameters():
+        scale = layer_decay ** (last_layer - layers[name]) if layer_decay is not None else 1.0
+        scales[name] = scale if is_head_parameter(name, heads) else scale * backbone_lr_scale
+    return scales
+
+
+def global_batch(training: TrainingConfig, world_size: int) -> int:
+    """Samples per optimizer step across ranks: batch_size x ranks x grad_accum_steps."""
+    return training.batch_size * world_size * training.grad_accum_steps
+
+
+def effective_lr(training: TrainingConfig, world_size: int) -> float:
+    """training.lr, times global batch / lr_reference_batch when DeiT's linear scaling is on."""
+    if training.lr_reference_batch is None:
+        return training.lr
+    return training.lr * global_batch(training, world_size) / training.lr_reference_batch
+
+
+def build_optimizer(model: nn.Module, training: TrainingConfig, spec: ModelSpec, world_size: int
+                    ) -> torch.optim.Optimizer:
+    """AdamW over every trainable parameter, each group at effective_lr x its lr_scale. Parameters frozen
+    later (freeze_backbone_epochs) stay in their groups: without gradients they are skipped, and their
+    moments start at their first step."""
+    layer_decay = spec.layer_decay if spec.layer_decay is not None else training.layer_decay
+    scales = None
+    if layer_decay is not None or training.backbone_lr_scale != 1.0:
+        scales = lr_scales(model, layer_decay=layer_decay, backbone_lr_scale=training.backbone_lr_scale)
+    lr = effective_lr(training, world_size)
+    groups = parameter_groups(model, training.weight_decay, scales)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def backbone_frozen(training: TrainingConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` (from 0) trains the classifier head(s) alone."""
+    return epoch < training.freeze_backbone_epochs
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Stop (or restart) gradients for every parameter outside the classifier head(s)."""
+    heads = head_names(model)
+    for name, param in model.named_parameters():
+        if not is_head_parameter(name, heads):
+            param.requires_grad_(not frozen)
+
+
+def backbone_to_eval(model: nn.Module) -> None:
+    """A frozen backbone computes fixed features: eval mode everywhere but the head(s), so dropout, drop-path
+    and BatchNorm's running statistics leave it as it is. Call after model.train()."""
+    model.eval()
+    for head in head_names(model):
+        model.get_submodule(head).train()
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -424,7 +424,8 @@ def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardRes
     options = ShardOptions(
         shard_size=data.shard_size,
         image_format=data.image_format,
-        image_size=data.image_size,
+        # ImageFolder images are resized when sharded; CIFAR-10's keep their 32 px, the loader resizes them.
+        image_size=data.image_size if data.dataset == "imagefolder" else None,
         shuffle_seed=data.shuffle_seed,
         workers=data.shard_workers,
         val_size=data.val_size,

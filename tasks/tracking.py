@@ -55,14 +55,21 @@ def start_wandb_run(
     mode = wandb_mode(config)
     if mode == "disabled":
         return None
+    return init_wandb_run(project=config.tracking.project, entity=config.tracking.entity,
+                          group=group or config.tracking.run_name, job_type=job_type, name=name, mode=mode,
+                          directory=Path(config.run_dir), config={**config_for_logging(config), **(extra or {})})
+
+
+def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: str, name: str, mode: str,
+                   directory: Path, config: dict):
+    """The W&B run of one step of a group, resumed if it exists: its id follows from group, step and name."""
     import wandb
 
-    group = group or config.tracking.run_name
-    wandb_dir = Path(config.run_dir).absolute()
+    wandb_dir = Path(directory).absolute()
     wandb_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(
-        project=config.tracking.project,
-        entity=config.tracking.entity,
+        project=project,
+        entity=entity,
         group=group,
         job_type=job_type,
         name=f"{job_type}-{name}",
@@ -70,7 +77,7 @@ def start_wandb_run(
         resume="allow",
         mode=mode,
         dir=str(wandb_dir),
-        config={**config_for_logging(config), **(extra or {})},
+        config=config,
         settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         reinit="create_new",
     )

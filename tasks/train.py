@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from tasks.alerts import Sent, alert
 from tasks.checkpoints import (
     BEST_WEIGHTS,
     WEIGHTS,
@@ -37,6 +38,7 @@ from tasks.loader import batches_per_rank
 from tasks.recipe import check_ema_horizon, trained_weights
 from tasks.samples import ShardFormatError
 from tasks.shard import read_manifest, verify_shards
+from tasks.tracking import start_wandb_run
 from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,13 @@ class TrainingError(RuntimeError):
     """Training cannot start or did not finish; the message says what to do about it.
 
     retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
+    cause is the worker's error that ended the training, when one did.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True):
+    def __init__(self, message: str, *, retryable: bool = True, cause: BaseException | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.cause = cause
 
 
 @dataclass
@@ -116,9 +120,11 @@ def on_training_device(config: PipelineConfig, function: Callable[..., T], *args
 
     With scaling.use_gpu, a Ray task holding one training worker's resources (a GPU and its CPUs), so that
     evaluation and attention maps run, and measure speed, on a GPU node rather than on the CPU head node that
-    drives the flow; without GPUs, in this process.
+    drives the flow; without GPUs, in this process. Where trainings go to the cluster as Ray Jobs (a Jobs API
+    address), this process is no Ray driver and the work stays here too.
     """
-    if not config.scaling.use_gpu:
+    address = ray_address(config)
+    if not config.scaling.use_gpu or (address is not None and is_url(address)):
         return function(*args, **kwargs)
     import ray
 
@@ -244,8 +250,29 @@ def train_model(
     run = training_run(config, model_name, shard_location=shard_location, teacher_weights=teacher_weights,
                        group=group, step_hook=step_hook)
     started = time.perf_counter()
-    result = fit_with_retries(run.trainer, model_name, run.path, run.config.training.max_failures)
+    try:
+        result = fit_with_retries(run.trainer, model_name, run.path, run.config.training.max_failures)
+    except TrainingError as error:
+        if isinstance(error.cause, NonFiniteLossError):
+            alert_nonfinite_loss(run.config, model_name, error, group=group)
+        raise
     return _export(run.config, model_name, result, time.perf_counter() - started)
+
+
+def alert_nonfinite_loss(config: PipelineConfig, model_name: str, error: TrainingError, *,
+                         group: str | None) -> Sent:
+    """A NaN/inf loss ended the training: a W&B alert and a Prefect event, sent from the driver, where the flow's
+    Prefect API is (a Ray worker has none). The W&B alert goes on a run of its own in the training's group
+    (job type "alert"): resuming the training's run here could open the same offline directory as the worker's
+    run did, if the loss went bad within the second that run started."""
+    run = start_wandb_run(config, "alert", model_name, group=group)
+    try:
+        return alert(f"{model_name}: the training loss became NaN or infinite", str(error), "ERROR", run=run,
+                     details={"model": model_name, "run_name": config.tracking.run_name,
+                              "flow_run": config.tracking.flow_run, "checkpoints": config.checkpoint_location})
+    finally:
+        if run is not None:
+            run.finish(exit_code=1)
 
 
 def _check_before_start(config: PipelineConfig, location: str) -> None:
@@ -261,7 +288,8 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
                             f"again with data.val_size > 0", retryable=False)
     training = config.training
     steps_per_epoch = math.ceil(
-        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size)
+        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size,
+                         config.data.augment.repeated_augmentation)
         / training.grad_accum_steps
     )
     if (problem := check_ema_horizon(training, steps_per_epoch * training.epochs)) is not None:
@@ -289,7 +317,7 @@ def fit_with_retries(trainer, model_name: str, run_path: str, max_failures: int)
                 cause = deterministic[0]
                 raise TrainingError(
                     _failure_message(model_name, run_path, cause) + "; not retried: it would fail the same way",
-                    retryable=False,
+                    retryable=False, cause=cause,
                 ) from error
             if attempt == max_failures:
                 raise TrainingError(_failure_message(model_name, run_path, error)) from error
@@ -303,8 +331,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _failure_message(model_name: str, run_path: str, error: BaseException) -> str:
-    latest = None if is_url(run_path) else latest_valid_checkpoint(Path(run_path))
-    where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
+    if is_url(run_path):  # not scanned from here: Ray Train resumes from the latest one it recorded
+        where = f"its checkpoints are under {run_path}"
+    else:
+        latest = latest_valid_checkpoint(Path(run_path))
+        where = f"the last good checkpoint is {latest}" if latest else "no valid checkpoint was written"
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 
 
@@ -324,8 +355,15 @@ def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> 
         shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), out / "last.safetensors")
     history, best_epoch = metadata["history"], metadata["best_epoch"]
     best_val_acc = history[best_epoch - 1]["val_acc"]
+    checkpoint_dir = _checkpoint_location(config, model_name, result.checkpoint)
     summary = {"model": model_name, "history": history, "best_epoch": best_epoch, "best_val_acc": best_val_acc,
-               "train_seconds": seconds, "checkpoint_dir": result.checkpoint.path}
+               "train_seconds": seconds, "checkpoint_dir": checkpoint_dir}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", history, best_epoch,
-                        best_val_acc, result.checkpoint.path, seconds)
+                        best_val_acc, checkpoint_dir, seconds)
+
+
+def _checkpoint_location(config: PipelineConfig, model_name: str, checkpoint) -> str:
+    """The checkpoint's path, or its URL on object storage (Ray gives a bucket path without the scheme)."""
+    storage = config.checkpoint_location
+    return f"{storage}/{model_name}/{Path(checkpoint.path).name}" if is_url(storage) else checkpoint.path

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tasks.augment import BatchAugmenter, BatchMixer
+from tasks.augment import BatchAugmenter, BatchEraser, BatchMixer, EvalResize
 from tasks.checkpoints import (
     BEST_WEIGHTS,
     EMA_WEIGHTS,
@@ -50,12 +50,16 @@ from tasks.config import PipelineConfig
 from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.recipe import (
     autocast_context,
+    backbone_frozen,
+    backbone_to_eval,
     build_criterion,
     build_ema,
     build_model,
+    build_optimizer,
     build_teacher,
     check_ema_horizon,
-    parameter_groups,
+    effective_lr,
+    freeze_backbone,
     uses_channels_last,
     uses_mixing,
     warmup_cosine,
@@ -157,6 +161,8 @@ class Trainer:
     best_epoch: int | None = None
     # W&B rows logged so far, as (row, step); checkpoints carry them so a restart can replay them.
     wandb_rows: list[tuple[dict, int]] = field(default_factory=list)
+    # Whether step_model was prepared with the backbone frozen (training.freeze_backbone_epochs).
+    backbone_frozen: bool = False
 
     @property
     def config(self) -> PipelineConfig:
@@ -220,7 +226,9 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
     train_stream = ShardStream(job.shard_location, "train", training.batch_size, train=True,
                                augment=config.data.augment, augment_in_workers=not device_augment,
                                seed=training.seed, rank=context.rank, world_size=context.world_size,
-                               shuffle_buffer=config.data.shuffle_buffer)
+                               shuffle_buffer=config.data.shuffle_buffer,
+                               repeats=config.data.augment.repeated_augmentation,
+                               image_size=config.data.image_size, interpolation=config.data.interpolation)
     val_stream = ShardStream(job.shard_location, VAL_SPLIT, training.batch_size, train=False,
                              rank=context.rank, world_size=context.world_size)
 
@@ -230,14 +238,15 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
     teacher = None
     if spec.distillation != "none":
         teacher = build_teacher(config, spec, num_classes, job.teacher_weights).to(device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr, fused=True)
+    optimizer = build_optimizer(model, training, spec, context.world_size)
     steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
     total_steps = steps_per_epoch * training.epochs
     if (problem := check_ema_horizon(training, total_steps)) is not None:
         raise ValueError(problem)
     warmup_steps = max(1, round(training.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, training.min_lr / training.lr)
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps,
+                                              training.min_lr / effective_lr(training, context.world_size))
     )
     trainer = Trainer(
         job=job, context=context, model=model, step_model=model, ema=build_ema(model, training),
@@ -249,28 +258,40 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
         device_augment=device_augment, steps_per_epoch=steps_per_epoch,
     )
     _resume(trainer)
-    ddp_model = context.prepare_model(model)
-    trainer.step_model = torch.compile(ddp_model) if training.compile else ddp_model
+    _prepare_step_model(trainer, frozen=backbone_frozen(training, trainer.start_epoch))
     return trainer
+
+
+def _prepare_step_model(trainer: Trainer, *, frozen: bool) -> None:
+    """The model the step calls, DDP-wrapped (maybe compiled) with the backbone frozen or not. DDP reduces the
+    gradients of the parameters that required them when it was wrapped, so unfreezing wraps again."""
+    if trainer.config.training.freeze_backbone_epochs:
+        freeze_backbone(trainer.model, frozen)
+    trainer.backbone_frozen = frozen
+    trainer.step_model = None  # the previous wrapper (and its gradient hooks) goes before the new one comes
+    ddp_model = trainer.context.prepare_model(trainer.model)
+    trainer.step_model = torch.compile(ddp_model) if trainer.config.training.compile else ddp_model
 
 
 def _resume(trainer: Trainer) -> None:
     run_path = Path(trainer.job.run_path) if trainer.job.run_path else None
-    resume_from = find_resume_checkpoint(trainer.context.latest_checkpoint(), run_path)
-    if resume_from is None:
-        return
-    state = load_training_state(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema)
-    metadata = read_checkpoint_metadata(resume_from)
-    trainer.start_epoch, trainer.global_step = state["epoch"] + 1, state["global_step"]
-    trainer.history = state["history"]
-    trainer.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
-    trainer.best_epoch = metadata.get("best_epoch")
-    if (resume_from / BEST_WEIGHTS).is_file():
-        from safetensors.torch import load_file
+    # Everything is read inside the block: a checkpoint on object storage is a download that ends with it.
+    with trainer.context.latest_checkpoint() as latest:
+        resume_from = find_resume_checkpoint(latest, run_path)
+        if resume_from is None:
+            return
+        state = load_training_state(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema)
+        metadata = read_checkpoint_metadata(resume_from)
+        trainer.start_epoch, trainer.global_step = state["epoch"] + 1, state["global_step"]
+        trainer.history = state["history"]
+        trainer.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
+        trainer.best_epoch = metadata.get("best_epoch")
+        if (resume_from / BEST_WEIGHTS).is_file():
+            from safetensors.torch import load_file
 
-        trainer.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
-    if trainer.context.rank == 0:
-        log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
+            trainer.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
+        if trainer.context.rank == 0:
+            log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
 
 
 def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, sync_gradients: bool):
@@ -309,21 +330,30 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
     seed = epoch_seed(training.seed, epoch, context.rank)
     seed_everything(seed)
     trainer.train_stream.set_epoch(epoch)
-    augmenter = BatchAugmenter(config.data.augment, torch.Generator().manual_seed(seed)) \
-        if trainer.device_augment else None
+    data, generator = config.data, torch.Generator().manual_seed(seed)  # the host draws of both, in turn
+    augmenter = BatchAugmenter(data.augment, generator, image_size=data.image_size,
+                               interpolation=data.interpolation) if trainer.device_augment else None
+    eraser = BatchEraser(data.augment.random_erasing, data.augment.random_erasing_mode, generator) \
+        if data.augment.random_erasing > 0 else None
     mixer = build_mixer(config, trainer.num_classes, seed)
     accuracy_name = "train_acc_dominant_label" if mixer is not None else "train_acc"
     sums = DeviceSums(("loss", "correct", "samples", "base", "distillation", "nonfinite"), context.device)
     rows: list[tuple[dict, int]] = []
     num_batches = len(trainer.train_stream)
 
+    if backbone_frozen(training, epoch) != trainer.backbone_frozen:
+        _prepare_step_model(trainer, frozen=backbone_frozen(training, epoch))
     trainer.step_model.train()
+    if trainer.backbone_frozen:
+        backbone_to_eval(trainer.model)
     started = time.perf_counter()
     batches = device_batches(trainer.train_loader, context.device, trainer.normalizer, augmenter)
     for index, (images, labels) in enumerate(batches):
         # Under Mixup/CutMix the targets are soft; accuracy is then counted against each mixed target's
         # dominant label (the one holding the larger share), which is what the name says.
         targets = labels
+        if eraser is not None:
+            images = eraser(images)
         if mixer is not None:
             images, targets = mixer(images, labels)
             labels = targets.argmax(1)
@@ -347,7 +377,7 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
                 [loss, terms["base"].float(), terms["distillation"].float(), sums.values[-1].float()]
             ).tolist()
             _stop_if_nonfinite(trainer, nonfinite, epoch)
-            row = {"train/loss": loss_now, "train/lr": trainer.scheduler.get_last_lr()[0]}
+            row = {"train/loss": loss_now, "train/lr": max(trainer.scheduler.get_last_lr())}  # the heads' LR
             if distilling:
                 row |= {"train/loss_base": base_now, "train/loss_distillation": distillation_now}
             rows.append((row, trainer.global_step))
@@ -361,7 +391,7 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
         metrics |= {"train_loss_base": totals["base"] / samples,
                     "train_loss_distillation": totals["distillation"] / samples}
     local_samples = sums.values[2].item()
-    metrics |= {"lr": trainer.scheduler.get_last_lr()[0], "images_per_s_worker": local_samples / seconds,
+    metrics |= {"lr": max(trainer.scheduler.get_last_lr()), "images_per_s_worker": local_samples / seconds,
                 "images_per_s": samples / seconds, "epoch_seconds": seconds}
     return metrics, rows
 
@@ -382,7 +412,8 @@ def validate(trainer: Trainer) -> dict:
     device = trainer.context.device
     sums = DeviceSums(("loss", "correct", "samples"), device)
     with autocast_context(trainer.config, device):
-        for images, labels in device_batches(trainer.val_loader, device, trainer.normalizer):
+        for images, labels in device_batches(trainer.val_loader, device, trainer.normalizer,
+                                             EvalResize.from_config(trainer.config.data)):
             logits = model(images).float()
             sums.add(loss=nn.functional.cross_entropy(logits, labels, reduction="sum"),
                      correct=(logits.argmax(1) == labels).sum(), samples=labels.shape[0])

@@ -7,8 +7,11 @@ on one device and without Ray installed, for benchmarks, tests and single-GPU de
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +19,8 @@ import torch
 from torch import nn
 
 from tasks.checkpoints import checkpoint_dirs
+
+log = logging.getLogger(__name__)
 
 
 class WorkerContext(Protocol):
@@ -29,8 +34,9 @@ class WorkerContext(Protocol):
         """The model wrapped for data-parallel training (DDP across ranks), already on `device`."""
         ...
 
-    def latest_checkpoint(self) -> Path | None:
-        """The checkpoint directory this run last reported, to resume from; None on a fresh start."""
+    def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
+        """A context manager: the checkpoint directory this run last reported, to resume from, readable while
+        the block runs; None on a fresh start."""
         ...
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
@@ -56,11 +62,23 @@ class RayTrainContext:
 
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
-    def latest_checkpoint(self) -> Path | None:
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import pyarrow.fs
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return Path(checkpoint.path) if checkpoint is not None else None
+        if checkpoint is None:
+            yield None
+            return
+        # A local or shared file system: read in place. Object storage (s3://...): downloaded into a temporary
+        # directory, shared by the ranks of this node and deleted after the last leaves, so that no copy of
+        # the checkpoint is left on the node's disk.
+        if self.rank == 0 and not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            log.info("downloading checkpoint %s://%s to resume from it", checkpoint.filesystem.type_name,
+                     checkpoint.path)
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         import ray.train
@@ -86,9 +104,10 @@ class LocalContext:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
 
-    def latest_checkpoint(self) -> Path | None:
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         found = checkpoint_dirs(self.checkpoint_root) if self.checkpoint_root is not None else []
-        return found[0] if found else None
+        yield found[0] if found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         self.reports.append(metrics)

@@ -6,18 +6,24 @@ import pytest
 import timm.data.mixup
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 from tasks.augment import (
+    ERASING_AREA,
     NUM_MAGNITUDE_BINS,
     OP_NAMES,
     SIGNED_OPS,
     AugmentPlan,
     BatchAugmenter,
+    BatchEraser,
     BatchMixer,
+    EvalResize,
     MixDraw,
     OpRound,
+    draw_resized_crops,
     magnitude_bins,
+    resize_center_crop,
+    resized_crops,
     signed_magnitude,
 )
 from tasks.config import AugmentConfig
@@ -229,15 +235,25 @@ class _HostSyncDetector(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_augment_and_mix_on_a_device_without_reading_it_back(policy):
-    augmenter = BatchAugmenter(RECIPE.model_copy(update={"auto_augment": policy}), torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("geometry", ["pad-crop", "resize", "random-resized-crop"])
+def test_augment_erase_and_mix_on_a_device_without_reading_it_back(policy, geometry):
+    config = RECIPE.model_copy(update={"auto_augment": policy})
+    if geometry == "random-resized-crop":
+        config = config.model_copy(update={"random_resized_crop": True, "crop_padding": 0})
+    size = 32 if geometry == "pad-crop" else 48
+    augmenter = BatchAugmenter(config, torch.Generator().manual_seed(0), image_size=size)
+    eraser = BatchEraser(0.5, "pixel", torch.Generator().manual_seed(0))
     mixer = BatchMixer(RECIPE, num_classes=10, rng=np.random.default_rng(0))
     with _HostSyncDetector():
         for count in (1, 7, 64):
             images = augmenter(torch.empty(count, 3, 32, 32, dtype=torch.uint8, device="meta"))
-            assert images.device.type == "meta" and images.shape == (count, 3, 32, 32)
+            assert images.device.type == "meta" and images.shape == (count, 3, size, size)
+            assert EvalResize(size)(torch.empty(count, 3, 32, 32, dtype=torch.uint8, device="meta")).shape == \
+                images.shape
+            erased = eraser(images.float())
+            assert erased.shape == images.shape
             for _ in range(4):  # mixup, cutmix or neither, as drawn
-                mixed, targets = mixer(images.float(), torch.empty(count, dtype=torch.int64, device="meta"))
+                mixed, targets = mixer(erased, torch.empty(count, dtype=torch.int64, device="meta"))
                 assert mixed.shape == images.shape and targets.shape == (count, 10)
 
 
@@ -399,3 +415,130 @@ def test_mixer_bad_inputs_are_named():
         mixer(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="num_classes"):
         BatchMixer(RECIPE, num_classes=0, rng=np.random.default_rng(0))
+
+
+# RandomResizedCrop, resize, evaluation's resize and centre crop -----------------------------------------------
+
+RRC = AugmentConfig(random_resized_crop=True, crop_padding=0, hflip=True)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
+def test_resized_crop_boxes_follow_torchvisions_distribution(height, width):
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    boxes = draw_resized_crops(20_000, height, width, scale=scale, ratio=ratio,
+                               generator=torch.Generator().manual_seed(0))
+    top, left, box_height, box_width = boxes.unbind(1)
+    assert boxes.dtype == torch.int64 and (box_height >= 1).all() and (box_width >= 1).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + box_height <= height).all()
+    assert (left + box_width <= width).all()
+    # Rounded sides: the area share and aspect ratio are within the ranges up to half a pixel per side.
+    share = box_height * box_width / (height * width)
+    assert share.min() >= 0.08 * 0.5 and share.max() <= 1.0
+    aspect = box_width / box_height
+    assert aspect.min() > 3 / 4 * 0.6 and aspect.max() < 4 / 3 / 0.6
+    # torchvision's draws by reference, compared as distributions
+    torch.manual_seed(0)
+    reference = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
+                              for _ in range(20_000)])
+    for ours, theirs in zip(boxes.float().T, reference.float().T, strict=True):
+        assert ours.mean().item() == pytest.approx(theirs.mean().item(), rel=0.03, abs=0.3)
+        assert ours.std().item() == pytest.approx(theirs.std().item(), rel=0.05, abs=0.3)
+
+
+def test_resized_crops_of_fixed_boxes():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = torch.tensor([[0, 0, 32, 32]] * 4)
+    for interpolation in ("bilinear", "bicubic"):
+        assert torch.equal(resized_crops(images, whole, 32, interpolation=interpolation), images)
+    box = torch.tensor([[3, 5, 20, 20]] * 4)  # a box at the output size is a plain crop, flipped where asked
+    flips = torch.tensor([False, True, False, True])
+    cropped = resized_crops(images, box, 20, flips=flips)
+    for n in range(4):
+        window = images[n, :, 3:23, 5:25]
+        assert torch.equal(cropped[n], window.flip(-1) if flips[n] else window)
+    # the whole image resized is a bilinear resize (to rounding)
+    enlarged = resized_crops(images, whole, 64, interpolation="bilinear")
+    reference = v2.functional.resize(images, [64, 64], interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+    assert (enlarged.int() - reference.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize(("size", "crop_pct", "source"), [(48, 1.0, 32), (224, 0.875, 224), (16, 1.0, 32),
+                                                          (24, 0.9, (32, 40))])
+def test_eval_resize_is_timms_resize_and_centre_crop(size, crop_pct, source):
+    height, width = source if isinstance(source, tuple) else (source, source)
+    images = torch.randint(0, 256, (3, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ours = resize_center_crop(images, size, crop_pct=crop_pct)
+    reference = v2.Compose([v2.Resize(math.floor(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC,
+                                      antialias=True), v2.CenterCrop(size)])(images)
+    assert ours.shape == reference.shape == (3, 3, size, size) and ours.dtype == torch.uint8
+    assert torch.equal(ours, reference)  # torchvision's own resize (its uint8 kernel on CPU)
+    assert EvalResize(size, crop_pct).output_shape((3, height, width)) == (3, size, size)
+    assert EvalResize(None)(images) is images  # no training size: the batch as it is
+    if height == width:
+        assert resize_center_crop(images, height) is images
+
+
+@pytest.mark.parametrize("crop", ["pad-crop", "random-resized-crop"])
+def test_training_batches_come_out_at_the_training_size_seeded(crop):
+    config = RECIPE if crop == "pad-crop" else RECIPE.model_copy(update={"random_resized_crop": True,
+                                                                        "crop_padding": 0})
+    images = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    first, again, other = (BatchAugmenter(config, torch.Generator().manual_seed(seed), image_size=48)(images)
+                           for seed in (0, 0, 1))
+    assert first.shape == (9, 3, 48, 48) and first.dtype == torch.uint8 and first.is_contiguous()
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_random_resized_crop_needs_its_output_size():
+    with pytest.raises(ValueError, match="pass image_size"):
+        BatchAugmenter(RRC, torch.Generator())
+    with pytest.raises(ValueError, match="pass size"):
+        BatchAugmenter(RRC, torch.Generator(), image_size=8).draw(2)
+
+
+# Random erasing -----------------------------------------------------------------------------------------------
+
+
+def _erased_boxes(before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """The bounding box of what changed in each image, None where nothing did."""
+    boxes = []
+    for changed in (before != after).any(dim=1):
+        rows, columns = changed.any(dim=1).nonzero().flatten(), changed.any(dim=0).nonzero().flatten()
+        boxes.append(None if rows.numel() == 0 else
+                     (int(rows[0]), int(columns[0]), int(rows[-1] - rows[0] + 1), int(columns[-1] - columns[0] + 1)))
+    return boxes
+
+
+@pytest.mark.parametrize("mode", ["const", "rand", "pixel"])
+def test_random_erasing_replaces_one_box_per_erased_image(mode):
+    images = torch.full((400, 3, 32, 48), 7.0)
+    eraser = BatchEraser(0.25, mode, torch.Generator().manual_seed(0))
+    boxes = eraser.draw(400, 32, 48)
+    erased = eraser.apply(images, boxes)
+    assert erased.shape == images.shape and torch.equal(images, torch.full_like(images, 7.0))  # input untouched
+    found = _erased_boxes(images, erased)
+    assert 0.18 < sum(box is not None for box in found) / 400 < 0.32  # the probability
+    for n, box in enumerate(found):
+        top, left, height, width = boxes[n].tolist()
+        assert box == ((top, left, height, width) if height else None)
+        if box is None:
+            continue
+        assert height < 32 and width < 48 and ERASING_AREA[0] * 0.5 < height * width / (32 * 48) < ERASING_AREA[1] * 1.5
+        patch = erased[n, :, top : top + height, left : left + width]
+        if mode == "const":
+            assert (patch == 0).all()
+        elif mode == "rand":  # one value per channel
+            assert (patch == patch[:, :1, :1]).all() and patch[:, 0, 0].unique().numel() == 3
+        else:
+            assert patch.unique().numel() > 0.9 * patch.numel()
+
+
+def test_random_erasing_is_seeded_and_off_at_probability_zero():
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    first, again, other = (BatchEraser(1.0, "pixel", torch.Generator().manual_seed(seed))(images) for seed in (3, 3, 4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(BatchEraser(0.0, "pixel", torch.Generator().manual_seed(0))(images), images)
+    with pytest.raises(ValueError, match="float N x C x H x W images"):
+        BatchEraser(0.5, "pixel", torch.Generator())(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="erasing mode"):
+        BatchEraser(0.5, "noise", torch.Generator())

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,17 @@ def test_data_root_env_is_only_a_default(monkeypatch, tmp_path, data_root):
         ({"data": {"shard_dir": "pipe:curl x"}}, "data.shard_dir", "pipe:curl x"),
         ({"model": {"baseline": {"name": "resnet18_cifar", "channels_last": "nhwc"}}}, "model.baseline.channels_last",
          "'nhwc'"),
+        ({"data": {"augment": {"random_erasing": 1.5}}}, "data.augment.random_erasing", "1.5"),
+        ({"data": {"augment": {"random_erasing_mode": "noise"}}}, "data.augment.random_erasing_mode", "'noise'"),
+        ({"data": {"augment": {"repeated_augmentation": 0}}}, "data.augment.repeated_augmentation", "0"),
+        ({"data": {"augment": {"rrc_scale": [0.0, 1.0]}}}, "data.augment.rrc_scale.0", "0.0"),
+        ({"data": {"crop_pct": 1.2}}, "data.crop_pct", "1.2"),
+        ({"data": {"interpolation": "lanczos"}}, "data.interpolation", "'lanczos'"),
+        ({"training": {"layer_decay": 1.5}}, "training.layer_decay", "1.5"),
+        ({"training": {"backbone_lr_scale": 0}}, "training.backbone_lr_scale", "0"),
+        ({"training": {"freeze_backbone_epochs": -1}}, "training.freeze_backbone_epochs", "-1"),
+        ({"training": {"lr_reference_batch": 0}}, "training.lr_reference_batch", "0"),
+        ({"model": {"baseline": {"name": "resnet18_cifar", "layer_decay": 0}}}, "model.baseline.layer_decay", "0"),
     ],
 )
 def test_bad_values_name_field_and_value(tree, field, value, monkeypatch):
@@ -117,3 +129,46 @@ def test_ray_client_addresses_are_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"scaling.ray_address: Ray Client \(ray://\) is not used"):
         build_config({}, ["scaling.ray_address=ray://head:10001"])
     assert build_config({}, ["scaling.ray_address=http://head:8265"]).scaling.ray_address == "http://head:8265"
+
+
+@pytest.mark.parametrize("tree", [["data", "model"], "data: 1", 3])
+def test_a_top_level_that_is_not_a_mapping_is_named(tree):
+    with pytest.raises(ConfigError, match="the top level must be a mapping of sections"):
+        build_config(tree)
+
+
+def test_validation_split_size_is_a_count_or_a_fraction(monkeypatch):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    assert build_config({"data": {"val_size": 5000}}).data.val_size == 5000
+    assert build_config({"data": {"val_size": 0.2}}).data.val_size == 0.2
+    for bad in (0, -3, 1.5, "half"):
+        with pytest.raises(ConfigError, match="data.val_size"):
+            build_config({"data": {"val_size": bad}})
+
+
+def test_the_fine_tuning_and_deit_switches_are_off_in_the_smoke_config(monkeypatch, data_root):
+    monkeypatch.setenv("DATA_ROOT", str(data_root))
+    smoke = load_config(REPO_ROOT / "configs" / "smoke.yaml")
+    augment, training = smoke.data.augment, smoke.training
+    assert not augment.random_resized_crop and augment.random_erasing == 0 and augment.repeated_augmentation == 1
+    assert training.layer_decay is None and training.backbone_lr_scale == 1 and training.freeze_backbone_epochs == 0
+    assert training.lr_reference_batch is None and smoke.data.image_size is None and smoke.data.crop_pct == 1
+    assert not any(spec.is_pretrained for spec in smoke.model.all_specs())
+
+
+def test_cross_field_mistakes_fail_at_load_naming_the_fields(monkeypatch):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    cases = [
+        ({"data": {"image_size": 64, "augment": {"random_resized_crop": True}}}, "crop_padding must be 0"),
+        ({"data": {"augment": {"random_resized_crop": True, "crop_padding": 0}}}, "needs data.image_size"),
+        ({"data": {"crop_pct": 0.875}}, "needs data.image_size"),
+        ({"data": {"augment": {"repeated_augmentation": 3}}, "training": {"batch_size": 2}},
+         "data.augment.repeated_augmentation (3) is more than training.batch_size (2)"),
+        ({"training": {"epochs": 2, "freeze_backbone_epochs": 3}},
+         "freeze_backbone_epochs (3) is more than epochs (2)"),
+        ({"data": {"image_size": 64, "augment": {"random_resized_crop": True, "crop_padding": 0,
+                                                 "rrc_ratio": [1.5, 0.5]}}}, "rrc_ratio: the lower bound 1.5"),
+    ]
+    for tree, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_config(tree)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MODEL = "vit_tiny_patch4_32"
 TINY_VIT = {"name": MODEL, "drop_path_rate": 0.0, "model_kwargs": {"depth": 1}}
-STEPS_PER_EPOCH = 20  # 5085 train samples, batch 128, 2 ranks
+STEPS_PER_EPOCH = 18  # 4585 train samples (5085 less 500 for validation), batch 128, 2 ranks
 FLOW_TIMEOUT = 420
 
 
@@ -89,8 +89,8 @@ def _kill_once_at_step(epoch: int, step: int, rank: int, *, marker: str, at_step
         os._exit(1)
 
 
-def test_more_failures_than_allowed_name_the_last_good_checkpoint(tmp_path, data_root, subset_shards, ray_cluster):
-    config = _config(tmp_path, data_root, subset_shards, "exhausted", max_failures=1)
+def test_more_failures_than_allowed_name_the_last_good_checkpoint(tmp_path, data_root, val_shards, ray_cluster):
+    config = _config(tmp_path, data_root, val_shards, "exhausted", max_failures=1)
     kills = tmp_path / "kills"
     hook = functools.partial(_kill_every_attempt, kills=str(kills), from_epoch=1)
     with pytest.raises(TrainingError) as raised:
@@ -111,10 +111,10 @@ def test_more_failures_than_allowed_name_the_last_good_checkpoint(tmp_path, data
 
 
 def test_wandb_online_without_key_falls_back_offline_and_a_restart_resumes_the_same_run_exactly(
-    tmp_path, data_root, subset_shards, ray_cluster
+    tmp_path, data_root, val_shards, ray_cluster
 ):
     # tracking.mode online, but no WANDB_API_KEY and an unreachable WANDB_BASE_URL (ray_cluster fixture).
-    config = _config(tmp_path, data_root, subset_shards, "wandb-resume", tracking="online", epochs=3)
+    config = _config(tmp_path, data_root, val_shards, "wandb-resume", tracking="online", epochs=3)
     marker = tmp_path / "killed"
     # Mid-epoch 2: steps 25 and 30 had been reached when the worker died, and are replayed after the restart.
     hook = functools.partial(_kill_once_at_step, marker=str(marker), at_step=STEPS_PER_EPOCH + 13)
@@ -141,7 +141,7 @@ def test_wandb_online_without_key_falls_back_offline_and_a_restart_resumes_the_s
     train_steps = [row["_step"] for row in resumed if "train/loss" in row]
     assert train_steps == list(range(5, 3 * STEPS_PER_EPOCH + 1, 5)), train_steps
     epochs = [(row["epoch/epoch"], row["_step"]) for row in resumed if "epoch/epoch" in row]
-    assert epochs == [(1, 20), (2, 40), (3, 60)], epochs
+    assert epochs == [(epoch, epoch * STEPS_PER_EPOCH) for epoch in (1, 2, 3)], epochs
     logged = {row["epoch/epoch"]: row["epoch/train_loss"] for row in resumed if "epoch/epoch" in row}
     assert logged == {epoch["epoch"]: pytest.approx(epoch["train_loss"]) for epoch in outcome.history}
     # What the killed attempt got into its file is a prefix of that, and nothing of the epoch it did not finish.

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect import flow, task
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
 from flows.pipeline import (
     FLOW_NAME,
     _retry_transient,
+    publish_task,
     shard_cache_key,
     shard_task,
     train_cache_key,
@@ -26,6 +25,18 @@ from flows.pipeline import (
 from flows.sweep import vit_sweep
 from tasks.config import ConfigError, build_config, load_config
 from tests.conftest import REPO_ROOT
+from tests.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
+    BASELINE,
+    DEIT,
+    SWIN,
+    VIT,
+    fake_trainings_fixture,
+    flow_config,
+    intervals_overlap,
+    trainings,
+)
+from tests.test_publish import evaluated_run  # noqa: F401  (a fixture: a flow run's directory after evaluate)
+from tests.test_shard_s3 import s3_bucket  # noqa: F401  (a fixture: moto's S3 server on loopback)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,52 +189,14 @@ def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards)
 # ------------------------------------------------------------------ trainings: order, slots, reuse
 
 
-@pytest.fixture
-def fake_trainings(monkeypatch):
-    """train_model replaced by one that takes DURATIONS[model] seconds, records when it ran, and writes weights."""
-    import flows.pipeline
-    from tasks.recipe import trained_weights
-    from tasks.train import TrainOutcome
-
-    calls: list[dict] = []
-
-    def train_model(config, model_name, *, teacher_weights=None, group=None):
-        started = time.monotonic()
-        time.sleep(DURATIONS[model_name])
-        out = trained_weights(config, model_name).parent
-        out.mkdir(parents=True, exist_ok=True)
-        for which in ("best", "last"):
-            (out / f"{which}.safetensors").write_text(f"{model_name} of {config.tracking.flow_run}")
-        calls.append({"model": model_name, "start": started, "end": time.monotonic(), "teacher": teacher_weights,
-                      "group": group})
-        return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", [], best_epoch=1,
-                            best_val_acc=0.5, checkpoint_dir="", train_seconds=0.0)
-
-    monkeypatch.setattr(flows.pipeline, "train_model", train_model)
-    return calls
-
-
-BASELINE, VIT, DEIT, SWIN = ("resnet18_cifar", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32",
-                             "swin_tiny_patch2_window4_32")
-DURATIONS = {BASELINE: 2.0, VIT: 0.5, SWIN: 0.5, DEIT: 0.5}
-
-
-@flow(task_runner=ThreadPoolTaskRunner(max_workers=8))
-def _trainings(config, slots: int, reuse: bool):
-    from flows.pipeline import _train_models
-
-    return _train_models(config, "f" * 64, config.tracking.flow_run, slots, reuse)
-
-
 def _flow_config(tmp_path: Path, data_root: Path, flow_run: str):
     config = _config(tmp_path, data_root, storage={"results": str(tmp_path / "prefect-results")})
-    config.tracking.flow_run = flow_run
-    return config
+    return flow_config(config, flow_run)
 
 
 def test_each_training_waits_for_a_slot_and_a_deit_for_its_teacher_only(tmp_path, data_root, fake_trainings):
     config = _flow_config(tmp_path, data_root, "first")
-    outcomes, how = _trainings(config, slots=2, reuse=False)
+    outcomes, how = trainings(config, slots=2, reuse=False)
     calls = {call["model"]: call for call in fake_trainings}
     assert set(how.values()) == {"trained"} and set(outcomes) == set(calls) == {BASELINE, VIT, DEIT, SWIN}
     # ViT and Swin do not wait for the baseline: ViT starts beside it, Swin as soon as ViT frees its slot.
@@ -233,9 +206,7 @@ def test_each_training_waits_for_a_slot_and_a_deit_for_its_teacher_only(tmp_path
     assert calls[DEIT]["start"] >= calls[BASELINE]["end"]
     assert calls[DEIT]["teacher"] == str(outcomes[BASELINE].best_weights)
     assert {call["teacher"] for name, call in calls.items() if name != DEIT} == {None}
-    events = sorted([(call["start"], 1) for call in fake_trainings] + [(call["end"], -1) for call in fake_trainings])
-    running = [sum(step for _, step in events[:i + 1]) for i in range(len(events))]
-    assert max(running) == 2, "never more trainings at once than slots"
+    assert intervals_overlap(fake_trainings) == 2, "never more trainings at once than slots"
     assert {call["group"] for call in fake_trainings} == {"first"}
 
 
@@ -244,7 +215,7 @@ def test_the_flow_graph_shows_what_each_training_waits_for(tmp_path, data_root, 
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     config = _flow_config(tmp_path, data_root, "graph")
-    state = _trainings(config, slots=4, reuse=False, return_state=True)
+    state = trainings(config, slots=4, reuse=False, return_state=True)
     with get_client(sync_client=True) as client:
         this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         runs = client.read_task_runs(flow_run_filter=this_run)
@@ -256,13 +227,13 @@ def test_the_flow_graph_shows_what_each_training_waits_for(tmp_path, data_root, 
 
 def test_a_new_flow_run_trains_again_unless_asked_to_reuse(tmp_path, data_root, fake_trainings):
     first = _flow_config(tmp_path, data_root, "first")
-    _trainings(first, slots=4, reuse=False)
+    trainings(first, slots=4, reuse=False)
     again = _flow_config(tmp_path, data_root, "second")
-    _, how = _trainings(again, slots=4, reuse=False)
+    _, how = trainings(again, slots=4, reuse=False)
     assert set(how.values()) == {"trained"} and len(fake_trainings) == 8
 
     reusing = _flow_config(tmp_path, data_root, "third")
-    outcomes, how = _trainings(reusing, slots=4, reuse=True)
+    outcomes, how = trainings(reusing, slots=4, reuse=True)
     assert len(fake_trainings) == 8, "nothing trained"
     # Reused from the latest identical trainings: runs/<run>/second/models/<model>
     assert {Path(text.removeprefix("reused from ")).parts[-3] for text in how.values()} == {"second"}, how
@@ -273,7 +244,7 @@ def test_a_new_flow_run_trains_again_unless_asked_to_reuse(tmp_path, data_root, 
 
     (Path(again.run_dir) / "models" / VIT / "best.safetensors").unlink()
     fourth = _flow_config(tmp_path, data_root, "fourth")
-    _, how = _trainings(fourth, slots=4, reuse=True)
+    _, how = trainings(fourth, slots=4, reuse=True)
     assert how[VIT] == "trained" and how[BASELINE].startswith("reused from ")
 
 
@@ -318,3 +289,38 @@ def test_a_training_in_this_process_refuses_addresses_it_cannot_drive(monkeypatc
     with pytest.raises(TrainingError, match=says):
         ensure_ray(build_config({"tracking": {"mode": "disabled"}}))
     assert not ray.is_initialized()
+
+
+def test_cached_trainings_live_in_object_storage(tmp_path, data_root, fake_trainings, request):
+    """storage.results=s3://...: a flow run on another machine finds the cached trainings (moto's S3 here)."""
+    import fsspec
+
+    bucket = request.getfixturevalue("s3_bucket").rsplit("/", 1)[0]  # s3://shards
+    config = _config(tmp_path, data_root, storage={"results": f"{bucket}/prefect-results"})
+    trainings(flow_config(config, "first"), slots=4, reuse=False)
+    _, how = trainings(flow_config(config, "second"), slots=4, reuse=True)
+    assert len(fake_trainings) == 4 and all(text.startswith("reused from ") for text in how.values()), how
+    assert len(fsspec.filesystem("s3").ls(f"{bucket}/prefect-results")) >= 4
+
+
+def test_publish_always_without_wandb_online_fails_before_anything_trains(tmp_path, data_root, fake_trainings,
+                                                                          monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
+                                                    "publish": "always"})
+    state = vit_pipeline(config=config, return_state=True)
+    assert state.is_failed()
+    assert "tracking.publish is 'always', but WANDB_API_KEY is not set" in str(state.result(raise_on_failure=False))
+    assert fake_trainings == [] and not (tmp_path / "runs").exists()
+
+
+def test_the_publish_step_offline_leaves_the_plan_for_later(request):
+    config = request.getfixturevalue("evaluated_run")
+
+    @flow
+    def publish_only() -> dict:
+        return publish_task(config)
+
+    plan = Path(config.run_dir) / "registry.json"
+    assert publish_only() == {"registry_plan": str(plan), "linked": {}}
+    assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}

@@ -6,18 +6,15 @@ request), a server restart mid-run, a cancelled flow run whose training runs as 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.prefect_server import free_port, server_env, stop, wait_until
+from tests.prefect_server import start as start_server
 from tests.ray_head import ray_head
 from tests.test_sweep_run import SHRUNK as SWEEP_SHRUNK
 from tests.test_sweep_run import wandb_runs_by_job_type
@@ -27,7 +24,6 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SERVER_STARTUP_SECONDS = 120
 RUN_TIMEOUT_SECONDS = 900
-SHUTDOWN_SECONDS = 30
 # The smoke deployment with smaller models and one epoch; outputs under the test's directory.
 TINY = [
     "training.epochs=1",
@@ -41,24 +37,6 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until(check, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001  (not up yet: any failure means "try again")
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{what} not ready after {seconds}s")
-
-
 @pytest.fixture(scope="module")
 def cluster_head():
     with ray_head() as head:
@@ -68,53 +46,26 @@ def cluster_head():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, data_root, cluster_head):
     home = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DATA_ROOT": str(data_root),
-        "WANDB_MODE": "offline",
-        # The flow runs' credentials for the Ray head (trainings sent there as jobs); local Rays use it too.
-        **cluster_head.client_env,
-    }
+    # The flow runs' credentials for the Ray head (trainings sent there as jobs); local Rays use it too.
+    env = server_env(home, free_port(), DATA_ROOT=str(data_root), WANDB_MODE="offline", **cluster_head.client_env)
     env.pop("WANDB_API_KEY", None)
     logs = home / "logs"
     logs.mkdir()
-
-    def launch(name: str, *command: str) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "w")
-        return subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
-
-    server_command = (str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
-
-    def server_up() -> None:
-        _wait_until(lambda: urllib.request.urlopen(f"{api}/health").status == 200, SERVER_STARTUP_SECONDS, "server")
-
-    processes = [launch("server", *server_command)]  # the server stays first: it is stopped last
-    server_up()
+    servers = [start_server(env, logs / "server.log")]
 
     def restart_server() -> None:
-        processes[0].send_signal(signal.SIGINT)
-        processes[0].wait(timeout=SHUTDOWN_SECONDS)
-        processes[0] = launch("server-restarted", *server_command)
-        server_up()
+        stop(servers[0])
+        servers[0] = start_server(env, logs / "server-restarted.log")
 
-    processes.append(launch("serve", str(BIN / "python"), "-m", "flows.deployments"))
+    with open(logs / "serve.log", "w") as log:
+        serve = subprocess.Popen([str(BIN / "python"), "-m", "flows.deployments"], env=env, cwd=home, stdout=log,
+                                 stderr=subprocess.STDOUT)
     inspect = [str(BIN / "prefect"), "deployment", "inspect", "vit-pipeline/smoke"]
-    _wait_until(lambda: subprocess.run(inspect, env=env, capture_output=True).returncode == 0,
-                SERVER_STARTUP_SECONDS, "deployment vit-pipeline/smoke")
+    wait_until(lambda: subprocess.run(inspect, env=env, capture_output=True).returncode == 0,
+               SERVER_STARTUP_SECONDS, "deployment vit-pipeline/smoke")
     yield env, home, logs, restart_server
-    # Newest first, each with Ctrl-C: serve shuts down cleanly only while the server is still up.
-    for process in reversed(processes):
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=SHUTDOWN_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop(serve)  # first: serve shuts down cleanly only while the server is still up
+    stop(servers[0])
 
 
 def _smoke_params(output_dir: Path, *extra: str, reuse: bool = False) -> str:
@@ -135,8 +86,8 @@ def _run_smoke(env: dict, home: Path, reuse: bool = False) -> str:
 
 def _run_directory(run_root: Path, flow_run_name: str) -> Path:
     """The directory a flow run wrote: runs/<run>/<flow run name>-<id>/."""
-    (found,) = [path.parent for path in run_root.glob("*/flow-run.json")
-                if json.loads(path.read_text())["flow_run_name"] == flow_run_name]
+    (found,) = [path.parent for path in run_root.glob("*/flow-run.json") if not path.parent.is_symlink()
+                and json.loads(path.read_text())["flow_run_name"] == flow_run_name]
     return found
 
 
@@ -248,13 +199,13 @@ def test_a_flow_run_survives_a_prefect_server_restart(served):
         env=env, cwd=home, capture_output=True, text=True, check=True,
     )
     name = _created_flow_run(started.stdout)
-    _wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
+    wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
                 "the baseline's first checkpoint")
 
     restart_server()  # mid-training: the flow's API calls fail until the new server answers
 
     terminal = {"Completed", "Failed", "Crashed", "Cancelled"}
-    _wait_until(lambda: _flow_run_state(env, name) in terminal, RUN_TIMEOUT_SECONDS, f"flow run {name} to finish")
+    wait_until(lambda: _flow_run_state(env, name) in terminal, RUN_TIMEOUT_SECONDS, f"flow run {name} to finish")
     assert _flow_run_state(env, name) == "Completed"
     run_dir = _run_directory(output_dir / "smoke", name)
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
@@ -262,12 +213,12 @@ def test_a_flow_run_survives_a_prefect_server_restart(served):
     assert (run_dir / "report" / "report.html").is_file()
 
 
-def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, subset_shards):
+def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, val_shards):
     """Trainings sent to a Ray head as jobs (as from KubeRay's head pod) stop when Prefect cancels the flow run:
     the runner's SIGTERM reaches the flow, which stops the jobs it submitted."""
     env, home, logs, _ = served
     output_dir = home / "runs-cancelled"
-    params = _smoke_params(output_dir, "training.epochs=50", f"data.shard_dir={subset_shards}",
+    params = _smoke_params(output_dir, "training.epochs=50", f"data.shard_dir={val_shards}",
                            f"scaling.ray_address={cluster_head.jobs_api}")
     started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params", params],
                              env=env, cwd=home, capture_output=True, text=True, check=True)
@@ -277,15 +228,15 @@ def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, subset_sh
         return [job for job in cluster_head.jobs()
                 if (job.get("metadata") or {}).get("vit_pipeline_flow_run") == flow_run_id]
 
-    _wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
+    wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
                 "the baseline job's first checkpoint")
     (job,) = flow_run_jobs()
     assert job["status"] == "RUNNING" and job["metadata"]["model"] == "resnet18_cifar"
 
     subprocess.run([str(BIN / "prefect"), "flow-run", "cancel", flow_run_id], env=env, cwd=home, check=True,
                    capture_output=True)
-    _wait_until(lambda: _flow_run_state(env, name) == "Cancelled", 120, f"flow run {name} to be cancelled")
-    _wait_until(lambda: [job["status"] for job in flow_run_jobs()] == ["STOPPED"], 60, "its job to stop")
+    wait_until(lambda: _flow_run_state(env, name) == "Cancelled", 120, f"flow run {name} to be cancelled")
+    wait_until(lambda: [job["status"] for job in flow_run_jobs()] == ["STOPPED"], 60, "its job to stop")
 
 
 def _markdown_artifact(env: dict, flow_run_name: str, key: str) -> str:

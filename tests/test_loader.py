@@ -1,4 +1,5 @@
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -93,6 +94,37 @@ def test_shuffle_is_seeded_and_changes_per_epoch(subset_shards):
     assert epoch0 != epoch1 and sorted(epoch0[0]) == sorted(epoch1[0])
     evaluation, _ = _collect(subset_shards, "test", False, world_size=1, workers=0)
     assert evaluation == _collect(subset_shards, "test", False, world_size=1, workers=0, epoch=5)[0]
+
+
+@pytest.mark.parametrize(("world_size", "repeats"), [(3, 3), (2, 3), (1, 2)])
+def test_repeated_augmentation_shows_every_image_exactly_k_times_per_epoch_across_ranks(subset_shards, world_size,
+                                                                                         repeats):
+    batch_size, counts, batch_counts, copies_differ = 64, Counter(), [], []
+    for rank in range(world_size):
+        stream = ShardStream(subset_shards, "train", batch_size, train=True, rank=rank, world_size=world_size,
+                             seed=3, shuffle_buffer=500, repeats=repeats, image_size=48)
+        stream.set_epoch(1)
+        batches = 0
+        for images, labels, keys in make_loader(stream, 2):
+            distinct = len(keys) // repeats
+            assert len(keys) == distinct * repeats <= batch_size and images.shape[1:] == (3, 48, 48)
+            # tiled [a, b, ..., a, b, ...]: the copies of an image sit a whole block apart, with their labels
+            assert keys == keys[:distinct] * repeats and torch.equal(labels, labels[:distinct].repeat(repeats))
+            assert len(set(keys[:distinct])) == distinct
+            copies_differ.append(not torch.equal(images[0], images[distinct]))  # each copy augmented on its own
+            counts.update(keys)
+            batches += 1
+        assert batches == len(stream)
+        batch_counts.append(batches)
+    assert set(counts) == {f"train_{i:07d}" for i in range(SUBSET_TRAIN)}
+    assert set(counts.values()) == {repeats}
+    assert len(set(batch_counts)) == 1
+    assert sum(copies_differ) > 0.8 * len(copies_differ)
+
+
+def test_repeats_must_fit_the_batch(subset_shards):
+    with pytest.raises(ValueError, match="4 repeats of each image do not fit a batch of 3"):
+        ShardStream(subset_shards, "train", 3, train=True, repeats=4)
 
 
 def test_normalize_matches_reference():

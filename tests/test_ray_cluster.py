@@ -14,6 +14,7 @@ import pytest
 
 from tasks.config import build_config
 from tasks.train import train_model
+from tests.conftest import SUBSET_VAL
 from tests.ray_head import ray_head as start_ray_head
 
 pytestmark = pytest.mark.slow
@@ -56,13 +57,13 @@ def _tiny_config(tmp_path: Path, data_root: Path, shards: str, *, epochs: int = 
     })
 
 
-def test_training_places_one_worker_on_each_node(two_node_cluster, tmp_path, data_root, subset_shards):
+def test_training_places_one_worker_on_each_node(two_node_cluster, tmp_path, data_root, val_shards):
     import ray
 
-    config = _tiny_config(tmp_path, data_root, subset_shards)
+    config = _tiny_config(tmp_path, data_root, val_shards)
     hook = functools.partial(_record_node, directory=str(tmp_path))
     outcome = train_model(config, "vit_tiny_patch4_32", step_hook=hook)
-    assert outcome.history[0]["test_samples"] == 1017
+    assert outcome.history[0]["val_samples"] == SUBSET_VAL
     placed = {(tmp_path / f"rank-{rank}").read_text() for rank in (0, 1)}
     assert placed == {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(placed) == 2
@@ -108,20 +109,20 @@ def test_the_head_refuses_clients_without_its_token(ray_head):
         _use_token(token)
 
 
-def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root, subset_shards):
+def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root, val_shards):
     from ray.job_submission import JobSubmissionClient
 
     from tasks.ray_jobs import FLOW_RUN_KEY, job_slots, train_as_job
 
     address, _ = ray_head
     # Offline W&B: rank 0 then prints its epoch lines, which must reach the flow through the job's logs.
-    config = _tiny_config(tmp_path, data_root, subset_shards, tracking="offline", ray_address=address)
+    config = _tiny_config(tmp_path, data_root, val_shards, tracking="offline", ray_address=address)
     assert job_slots(config, address) == 1  # 2 CPUs hold one training of 2 one-CPU workers
     lines: list[str] = []
     outcome = train_as_job(address, config, "vit_tiny_patch4_32", teacher_weights=None, group="g",
                            flow_run_id="flow-1", emit=lines.append)
 
-    assert outcome.history[-1]["epoch"] == 1 and outcome.history[-1]["test_samples"] == 1017
+    assert outcome.history[-1]["epoch"] == 1 and outcome.history[-1]["val_samples"] == SUBSET_VAL
     assert outcome.best_weights == tmp_path / "runs" / "jobs" / "models" / "vit_tiny_patch4_32" / "best.safetensors"
     assert outcome.best_weights.is_file()
     assert lines[0].startswith("submitted Ray Job vit-pipeline-g-vit_tiny_patch4_32-")
@@ -131,7 +132,7 @@ def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root
     assert str(job.status) == "SUCCEEDED" and job.metadata["model"] == "vit_tiny_patch4_32"
 
 
-def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_path, data_root, subset_shards):
+def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_path, data_root, val_shards):
     from tasks.ray_jobs import train_as_job
     from tasks.train import TrainingError
 
@@ -142,7 +143,7 @@ def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_pat
                      flow_run_id="flow-2", emit=lambda line: None)
 
 
-def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, subset_shards):
+def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, val_shards):
     """A Prefect cancellation raises TerminationSignal in the flow: the flow run's jobs are stopped, and
     the training following one of them ends as cancelled."""
     from prefect.exceptions import TerminationSignal
@@ -152,7 +153,7 @@ def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, subset_s
     from tasks.ray_jobs import TrainingCancelled, flow_run_jobs, jobs_stopped_on_exit, train_as_job
 
     address, _ = ray_head
-    config = _tiny_config(tmp_path, data_root, subset_shards, epochs=50, ray_address=address)
+    config = _tiny_config(tmp_path, data_root, val_shards, epochs=50, ray_address=address)
     lines, raised = [], []
 
     def follow() -> None:

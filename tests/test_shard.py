@@ -395,3 +395,30 @@ def test_undecodable_image_keeps_the_previous_shards_and_manifest(tmp_path, caps
                             "--shard-size", "2"], out, [str(truncated), "not a readable image"], capsys, workers)
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
     assert verify_shards(str(out)).ok and not list(out.glob(".staging-*"))
+
+
+def test_validation_split_is_held_out_of_train_stratified_seeded_and_recorded(val_shards, cifar_source, tmp_path,
+                                                                              data_root):
+    from tasks.shard import stratified_holdout
+
+    from .conftest import SUBSET_VAL
+
+    manifest = read_manifest(val_shards)
+    val = manifest["splits"]["val"]
+    assert val["num_samples"] == SUBSET_VAL and val["held_out_from"] == "train"
+    assert all({"name", "num_samples", "sha256", "bytes"} <= set(s) for s in val["shards"])
+    train_keys, val_keys = set(_samples(val_shards, "train")), set(_samples(val_shards, "val"))
+    assert not train_keys & val_keys
+    assert train_keys | val_keys == {f"train_{i:07d}" for i in range(SUBSET_TRAIN)}
+    # Stratified: each class gives its proportional share, off by less than one image.
+    source_counts = np.bincount(cifar_source.splits["train"].labels, minlength=10)
+    assert all(abs(v - c * SUBSET_VAL / SUBSET_TRAIN) < 1 for v, c in zip(val["class_counts"], source_counts,
+                                                                          strict=True))
+    assert [a + b for a, b in zip(val["class_counts"], manifest["splits"]["train"]["class_counts"], strict=True)] \
+        == source_counts.tolist()
+    labels = cifar_source.splits["train"].labels
+    assert np.array_equal(stratified_holdout(labels, 500, seed=0), stratified_holdout(labels, 500, seed=0))
+    assert not np.array_equal(stratified_holdout(labels, 500, seed=0), stratified_holdout(labels, 500, seed=1))
+    with pytest.raises(SourceError, match="data.val_size asks for 5085 validation images"):
+        shard_dataset("cifar10", data_root, str(tmp_path / "all"), ShardOptions(shard_size=5000, val_size=5085),
+                      progress=False)

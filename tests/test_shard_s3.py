@@ -6,29 +6,13 @@ from tasks.loader import ShardStream
 from tasks.shard import ShardOptions, read_manifest, shard_dataset, verify_shards
 
 from .conftest import SUBSET_TEST
+from .s3_server import s3_server
 
 
 @pytest.fixture
 def s3_bucket(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(name, value)
-    import boto3
-    import fsspec
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
-    fsspec.filesystem("s3").invalidate_cache()
-    yield "s3://shards/cifar10"
-    fsspec.filesystem("s3").clear_instance_cache()
-    server.stop()
+    with s3_server(monkeypatch, "shards"):
+        yield "s3://shards/cifar10"
 
 
 def test_shard_verify_and_stream_on_s3(s3_bucket, data_root):

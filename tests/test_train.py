@@ -1,4 +1,5 @@
-"""Ray Train end to end on the subset: 2 CPU workers, checkpoints, distillation, a killed worker, a bug in a worker."""
+"""Ray Train end to end on the subset: 2 CPU workers, checkpoints, distillation, a killed worker, a bug in a worker,
+a NaN loss."""
 
 import functools
 import os
@@ -12,9 +13,12 @@ from safetensors.torch import load_file
 from tasks.checkpoints import checkpoint_dirs, read_checkpoint_metadata
 from tasks.config import build_config
 from tasks.recipe import build_model
+from tasks.tracking import wandb_run_id
 from tasks.train import TrainingError, train_model
+from tasks.train_loop import NonFiniteLossError
 
 from .conftest import SUBSET_VAL
+from .wandb_records import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +136,20 @@ def test_a_bug_in_a_worker_fails_at_once_without_retries(tmp_path, data_root, va
     assert not raised.value.retryable
     assert "AssertionError: Batch size should be even" in str(raised.value)
     assert "not retried" in str(raised.value)
+
+
+def test_a_nan_loss_fails_at_once_and_alerts_in_the_trainings_group(tmp_path, data_root, val_shards, ray_cluster):
+    config = _config(tmp_path, data_root, val_shards, "nan", [TINY_VIT], epochs=1, lr=1e30, grad_clip_norm=None,
+                     warmup_epochs=0, log_every_steps=2, max_failures=2)
+    with pytest.raises(TrainingError) as raised:
+        train_model(config, "vit_tiny_patch4_32")
+    assert not raised.value.retryable and isinstance(raised.value.cause, NonFiniteLossError)
+    assert "NaN or infinite" in str(raised.value) and "not retried" in str(raised.value)
+    # The driver alerts on a W&B run of the training's group: the alert waits in that offline run's file.
+    alerts = [(path.parent.name.split("-", 3)[3], record.alert)
+              for path in Path(config.run_dir).glob("wandb/offline-run-*/*.wandb")
+              for record in read_records(path) if record.WhichOneof("record_type") == "alert"]
+    [(run_id, alert)] = alerts
+    assert run_id == wandb_run_id(config.tracking.run_name, "alert", "vit_tiny_patch4_32")
+    assert (alert.title, alert.level) == ("vit_tiny_patch4_32: the training loss became NaN or infinite", "ERROR")
+    assert "NaN or infinite" in alert.text

@@ -64,19 +64,19 @@ def create_model(name: str, num_classes: int | None = None, pretrained_file: str
     pickled code runs) of any shape that fits: vitmodels.load_pretrained resamples position embeddings, patch
     embeddings and Swin's relative position tables, replaces heads of another class count and fills a DeiT's
     distillation token and head from a plain ViT checkpoint, and logs what it did. num_classes=None takes the
-    checkpoint's class count, so the trained head is kept. Without pretrained_file, pretrained=True asks the
-    hub.
+    checkpoint's class count, so the trained head is kept. Without pretrained_file, pretrained=True downloads
+    the hub's checkpoint (`hub_checkpoint`: a vp_ preset takes its timm twin's) and loads it the same way.
     """
-    if pretrained_file is None:
+    if pretrained_file is None and pretrained:
         try:
-            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-        except (OSError, RuntimeError) as err:
-            if not pretrained:
-                raise
+            pretrained_file = hub_checkpoint(name)
+        except Exception as err:  # no hub weights for the name, no network, no such file on the hub
             raise RuntimeError(
                 f"Could not get pretrained weights for {name!r} ({err}). The hub is unreachable or has none for "
                 "this name; pass pretrained_file= with a local .safetensors/.pth checkpoint instead."
             ) from err
+    if pretrained_file is None:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
     state_dict = read_state_dict(pretrained_file)
     model = timm.create_model(name, num_classes=num_classes, **kwargs)
     file_classes = checkpoint_num_classes(state_dict, classifier_names(model))
@@ -85,3 +85,40 @@ def create_model(name: str, num_classes: int | None = None, pretrained_file: str
     report = load_pretrained(model, state_dict)
     log.info("%s from %s: %s", name, pretrained_file, report.summary())
     return model
+
+
+# the files timm's Hugging Face repositories hold weights in, preferred first
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_weights_id(name: str) -> str | None:
+    """The Hugging Face repository of `name`'s default (or tagged) pretrained weights in timm's registry; for our
+    vp_ presets, which timm has no weights for, the repository of the timm architecture of the same name."""
+    architecture, _, tag = name.partition(".")
+    twin = architecture.removeprefix("vp_")
+    for candidate in dict.fromkeys([name, f"{twin}.{tag}" if tag else twin]):
+        try:
+            cfg = timm.models.get_pretrained_cfg(candidate, allow_unregistered=False)
+        except RuntimeError:  # an architecture or tag timm does not know
+            continue
+        if cfg is not None and cfg.hf_hub_id:
+            return cfg.hf_hub_id
+    return None
+
+
+def hub_checkpoint(name: str) -> Path:
+    """The local path of `name`'s hub checkpoint (hub_weights_id), downloaded once into Hugging Face's cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repository = hub_weights_id(name)
+    if repository is None:
+        raise LookupError(f"timm knows no hub weights for {name!r}")
+    for filename in HUB_WEIGHT_FILES:
+        try:
+            return Path(hf_hub_download(repository, filename=filename))
+        except EntryNotFoundError as err:
+            if isinstance(err, LocalEntryNotFoundError):  # offline and not in the cache: no other file helps
+                raise
+            continue  # the repository has no such file: try the next
+    raise LookupError(f"{repository} holds none of {', '.join(HUB_WEIGHT_FILES)}")
