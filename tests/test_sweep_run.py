@@ -157,8 +157,14 @@ def wandb_runs_by_job_type(run_dir: Path) -> dict[str, set[str]]:
     """The flow run's W&B run ids by job type, after checking what every sweep run must hold: the flow run's
     group; a trial's parameters in its config, as set in the configuration it trained; the summary's table."""
     runs: dict[str, set[str]] = {}
+    unwritten = set()
     for directory in (run_dir / "wandb").glob("offline-run-*"):
         records = read_records(next(directory.glob("*.wandb")))
+        if not records:
+            # W&B's writer had buffered everything when the kill took it; the run continued after the kill (same
+            # id) logs the trial's every epoch again.
+            unwritten.add(directory.name.split("-", 3)[3])
+            continue
         run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
         assert run.run_group == run_dir.name
         runs.setdefault(run.job_type, set()).add(run.run_id)
@@ -168,4 +174,5 @@ def wandb_runs_by_job_type(run_dir: Path) -> dict[str, set[str]]:
         if run.job_type == "sweep":
             artifacts = {r.artifact.type for r in records if r.WhichOneof("record_type") == "artifact"}
             assert {"run_table", "sweep"} <= artifacts
+    assert unwritten <= set().union(*runs.values()), unwritten
     return runs
