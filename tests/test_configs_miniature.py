@@ -1,5 +1,6 @@
 """Every shipped config, as shipped but shrunk, through the whole pipeline: shard -> train (2 Ray workers) ->
-evaluate -> attention maps -> report.
+evaluate -> attention maps -> report; a sweep config through its sweep: shard -> Ray Tune trials of that
+training, ASHA on -> results.json and best.yaml.
 
 Only sizes shrink (epochs, images, widths and depths, workers, the batch, so that odd batches occur, with
 gradient accumulation over two of them); every feature a config switches on stays on. A config that trains at
@@ -23,12 +24,14 @@ from safetensors.torch import save_file
 from timm.models.resnet import ResNet as TimmResNet
 
 from flows.pipeline import vit_pipeline
-from tasks.config import PipelineConfig, load_config
+from flows.sweep import vit_sweep
+from tasks.config import PipelineConfig, get_dotted, load_config
 from tasks.evaluate import read_evaluation
 from tasks.loader import ShardStream
 from tasks.recipe import effective_lr, global_batch, trained_weights
 from tasks.shard import read_manifest
 from tasks.sources import read_cifar10
+from tasks.sweep import BEST_CONFIG_FILE, RESULTS_FILE
 from tests.conftest import MINI_TEST_IMAGES, REPO_ROOT
 from vitmodels import ResNet, SwinTransformer, VisionTransformer
 
@@ -37,6 +40,7 @@ VAL_IMAGES = 80  # of MINI_TRAIN_IMAGES
 # 400 training images over 2 ranks in batches of at most 27: 8 batches of 25 per rank, odd-sized.
 BATCH_SIZE = 27
 EPOCHS = 3
+SWEEP_TRIALS = 2  # one after the other: two trainings of two workers each would share two cores
 MINIATURE_WORKERS = 2
 SOURCE_SIZE = 32  # CIFAR-10's images
 MINIATURE_RESIZED = 48  # the training resolution of a config that resizes (224 px as shipped)
@@ -108,9 +112,11 @@ def miniature(config: PipelineConfig, data_root: Path, output_dir: Path) -> Pipe
                         "gpus_per_worker": 0, "ray_address": None, "ray_num_cpus": 4}
     tree["tracking"] |= {"output_dir": str(output_dir), "mode": "offline"}
     tree["orchestration"] |= {"retries": 0, "max_concurrent_trainings": 2}
-    if tree.get("sweep"):  # the pipeline ignores it; it must still fit the shorter budget
+    if tree.get("sweep"):
+        # ASHA's first rung at the same share of the shorter budget, at least one epoch.
         scheduler = tree["sweep"]["scheduler"]
-        scheduler["grace_period"] = min(scheduler["grace_period"], EPOCHS)
+        scheduler["grace_period"] = max(1, round(scheduler["grace_period"] * EPOCHS / config.training.epochs))
+        tree["sweep"] |= {"num_trials": min(tree["sweep"]["num_trials"], SWEEP_TRIALS), "max_concurrent_trials": 1}
     return PipelineConfig.model_validate(tree)
 
 
@@ -133,6 +139,13 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
     monkeypatch.setenv("DATA_ROOT", str(mini_cifar))
     shipped = load_config(path)
     config = miniature(shipped, mini_cifar, tmp_path / "runs")
+    if config.sweep is not None:
+        try:
+            best = vit_sweep(config=config)
+        finally:
+            ray.shutdown()
+        check_sweep(config, best)
+        return
     try:
         result = vit_pipeline(config=config)
     finally:
@@ -174,6 +187,35 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
         {name: record["top1"] for name, record in evaluation.items()}
 
 
+def check_sweep(config: PipelineConfig, best: PipelineConfig) -> None:
+    """Every trial trained on the shards' own validation split and sampled the declared space; best.yaml is the
+    best trial's configuration, the flow's result, and loads."""
+    (run_dir,) = [path.parents[1] for path in Path(config.run_root).glob(f"*/sweep/{RESULTS_FILE}")
+                  if not path.parents[1].is_symlink()]  # not runs/<run>/latest
+    location = config.shard_location
+    assert not _keys(location, "val") & _keys(location, "train")
+    results = json.loads((run_dir / "sweep" / RESULTS_FILE).read_text())
+    trials = results["trials"]
+    assert len(trials) == SWEEP_TRIALS and results["metric"] == config.sweep.metric
+    scores = [trial[f"best_{config.sweep.metric}"] for trial in trials]
+    assert all(math.isfinite(score) for score in scores) and scores == sorted(scores, reverse=True)
+    for trial in trials:
+        assert trial["status"] in ("completed", "stopped early") and 1 <= trial["epochs"] <= EPOCHS, trial
+        assert Path(trial["checkpoint"]).is_dir()
+        assert set(trial["parameters"]) == set(config.sweep.parameters)
+        for parameter, value in trial["parameters"].items():
+            dimension = config.sweep.parameters[parameter]
+            if dimension.choice is not None:
+                assert value in dimension.choice, (parameter, value)
+            else:
+                low, high = dimension.uniform or dimension.loguniform
+                assert low <= value <= high, (parameter, value)
+    chosen = load_config(run_dir / "sweep" / BEST_CONFIG_FILE)
+    assert chosen == best and chosen.sweep is None
+    for parameter, value in trials[0]["parameters"].items():
+        assert get_dotted(chosen.model_dump(mode="json"), parameter) == value, parameter
+
+
 def record_history(config: PipelineConfig, name: str) -> list[dict]:
     return json.loads((trained_weights(config, name).parent / "metrics.json").read_text())["history"]
 
@@ -195,5 +237,10 @@ def test_miniature_keeps_every_switch(data_root, tmp_path, monkeypatch):
                       "layer_decay", "backbone_lr_scale", "freeze_backbone_epochs"):
             assert getattr(shrunk.training, field) == getattr(shipped.training, field), (path.name, field)
         assert (shrunk.training.lr_reference_batch is None) == (shipped.training.lr_reference_batch is None)
+        if shipped.sweep is not None:
+            shrunk_fields = {"num_trials", "max_concurrent_trials", "scheduler"}
+            assert shrunk.sweep.model_dump(exclude=shrunk_fields) == shipped.sweep.model_dump(exclude=shrunk_fields)
+            assert shrunk.sweep.scheduler.name == shipped.sweep.scheduler.name, path.name
+            assert shrunk.sweep.scheduler.reduction_factor == shipped.sweep.scheduler.reduction_factor, path.name
         assert effective_lr(shrunk.training, MINIATURE_WORKERS) == pytest.approx(
             effective_lr(shipped.training, shipped.scaling.num_workers), rel=0.01), path.name
