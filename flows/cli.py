@@ -118,6 +118,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The sweep flow in this process: Ray Tune over the config's sweep section. Started again after it was
+    killed, it continues the same sweep (same config) instead of starting over."""
+    from flows.run_owner import flow_run_directory
+    from flows.sweep import vit_sweep
+    from tasks.sweep import BEST_CONFIG_FILE, RESULTS_FILE, require_sweep
+
+    if args.flow_run:
+        raise ConfigError("--flow-run: each sweep writes a directory of its own, runs/<run name>/<flow run>/; "
+                          "a killed sweep is continued by running the same command again")
+    config = _load(args, {})
+    sweep = require_sweep(config, str(args.config or "the default configuration"))
+    state = vit_sweep(config=config, return_state=True)
+    state.result()  # the flow's error, if it failed
+    out = flow_run_directory(config.run_root, str(state.state_details.flow_run_id)) / "sweep"
+    results = json.loads((out / RESULTS_FILE).read_text())
+    for trial in results["trials"]:
+        chosen = ", ".join(f"{path}={value:.4g}" if isinstance(value, float) else f"{path}={value}"
+                           for path, value in trial["parameters"].items())
+        score = trial[f"best_{sweep.metric}"]
+        print(f"{trial['rank']}. {trial['trial']}: {sweep.metric} "
+              f"{'-' if score is None else f'{score:.4f}'} ({trial['status']} after {trial['epochs']}/"
+              f"{results['epochs']} epochs) {chosen}")
+    print(f"sweep finished in {out}; best config {out / BEST_CONFIG_FILE} "
+          f"(vit-pipeline run --config {out / BEST_CONFIG_FILE})")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.evaluate import evaluate_models, markdown_table
 
@@ -200,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reuse-trainings", action="store_true",
                      help="take a training from Prefect's cache when an identical one finished before")
     run.set_defaults(handler=cmd_run)
+
+    sweep = commands.add_parser("sweep", help="search the config's sweep section with Ray Tune (ASHA), tracked in W&B")
+    _config_arguments(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
 
     shards_help = "shard directory or URL (default: data.shard_dir or runs/<run>/shards)"
     evaluate = commands.add_parser("evaluate", help="evaluate the trained models on the test split")

@@ -3,7 +3,9 @@
 `smoke` runs configs/smoke.yaml (CPU, minutes); `cifar10` runs configs/cifar10.yaml and carries the
 weekly retraining schedule, created paused so that nothing trains until someone turns it on
 (`prefect deployment schedule resume vit-pipeline/cifar10 <schedule id>`, or the toggle in the UI).
-prefect.yaml declares the same two deployments for the GPU cluster's work pool, with what the cluster adds
+`sweep` searches hyperparameters with configs/sweep-smoke.yaml (CPU, minutes), `sweep-cifar10` with
+configs/sweep-cifar10.yaml (GPU cluster); both run flows/sweep.py.
+prefect.yaml declares the same deployments for the GPU cluster's work pool, with what the cluster adds
 (shared storage for runs, checkpoints and Prefect results); tests keep the two in step.
 """
 
@@ -13,13 +15,15 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from flows.pipeline import vit_pipeline
+from flows.sweep import vit_sweep
 
 RETRAIN_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
 DEPLOYMENT_CONFIGS = {"smoke": "configs/smoke.yaml", "cifar10": "configs/cifar10.yaml"}
+SWEEP_DEPLOYMENT_CONFIGS = {"sweep": "configs/sweep-smoke.yaml", "sweep-cifar10": "configs/sweep-cifar10.yaml"}
 
 
 def deployments():
-    return [
+    pipelines = [
         vit_pipeline.to_deployment(
             name=name,
             parameters={"config_file": config_file},
@@ -29,6 +33,16 @@ def deployments():
         )
         for name, config_file in DEPLOYMENT_CONFIGS.items()
     ]
+    sweeps = [
+        vit_sweep.to_deployment(
+            name=name,
+            parameters={"config_file": config_file},
+            description=f"hyperparameter sweep with {config_file}",
+            tags=["vit-pipeline", "sweep"],
+        )
+        for name, config_file in SWEEP_DEPLOYMENT_CONFIGS.items()
+    ]
+    return pipelines + sweeps
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Which flow run writes which run directory, and what became of flow runs that died.
 
 Each flow run writes its own directory, runs/<run>/<flow run name>-<id>/, recorded in its flow-run.json:
-the flow run, the host and process writing it, the configuration's digest, and whether it finished.
+the flow run, the host and process writing it, the configuration's digest, what the flow run does (the
+pipeline, a sweep), and whether it finished.
 When a flow run starts, the records of its run name say what happened before it on this host:
 
 - a flow run whose process is gone while Prefect still shows it Running was killed outright (SIGKILL,
   OOM killer, power loss) and never reported a final state: it is marked Crashed;
 - a directory whose flow run never finished and whose process is gone is continued by the next flow run
-  of the same configuration, so its trainings resume from their checkpoints instead of starting over.
+  of the same configuration and kind, so its trainings resume from their checkpoints instead of starting over.
 
 A directory whose process is alive, or that is on another host, is never written by a second flow run.
 Runs on other hosts are left to Prefect's heartbeats.
@@ -30,6 +31,7 @@ from tasks.config import PipelineConfig
 RUN_OWNER_FILE = "flow-run.json"
 LATEST_LINK = "latest"
 CLAIM_LOCK = ".claim.lock"
+PIPELINE_KIND = "pipeline"
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,12 @@ def _claim_lock(run_root: Path):
         yield
 
 
-def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name: str) -> Claim:
-    """Choose and claim this flow run's directory under runs/<run>/, after dealing with dead predecessors."""
+def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name: str,
+                        kind: str = PIPELINE_KIND) -> Claim:
+    """Choose and claim this flow run's directory under runs/<run>/, after dealing with dead predecessors.
+
+    `kind` says what the flow run does (the pipeline, a sweep): only a flow run of the same kind continues
+    a directory."""
     run_root = Path(config.run_root)
     host, digest = socket.gethostname(), config_digest(config)
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", flow_run_name).strip("-._")[:80] or "flow-run"
@@ -126,7 +132,7 @@ def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name:
                 continue
             if _mark_crashed(owner, flow_run_id):
                 crashed.append(owner["flow_run_id"])
-            if owner.get("config") == digest:
+            if owner.get("config") == digest and owner.get("kind", PIPELINE_KIND) == kind:
                 continuable.append((path.parent.name, owner["flow_run_id"]))
         # A retry of this very flow run finds its own directory; otherwise the newest continuable one.
         label, continued = own_label, None
@@ -136,7 +142,7 @@ def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name:
         claimed.tracking.flow_run = label
         _write(Path(claimed.run_dir) / RUN_OWNER_FILE,
                {"flow_run_id": flow_run_id, "flow_run_name": flow_run_name, "host": host, "pid": os.getpid(),
-                "start": process_start(os.getpid()), "config": digest, "finished": False})
+                "start": process_start(os.getpid()), "config": digest, "kind": kind, "finished": False})
     return Claim(claimed, continued, crashed)
 
 
@@ -149,3 +155,11 @@ def finish_run_directory(config: PipelineConfig) -> None:
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(config.tracking.flow_run, target_is_directory=True)
     os.replace(temporary, link)
+
+
+def flow_run_directory(run_root: Path, flow_run_id: str) -> Path | None:
+    """The directory a flow run of this run name wrote, found by its record (None if it claimed none here)."""
+    for path in Path(run_root).glob(f"*/{RUN_OWNER_FILE}"):
+        if not path.parent.is_symlink() and (_read(path) or {}).get("flow_run_id") == flow_run_id:  # not latest
+            return path.parent
+    return None

@@ -6,6 +6,7 @@ instead of being silently ignored halfway through a GPU run.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -390,6 +392,102 @@ class StorageConfig(_Section):
         return value
 
 
+# What every epoch reports about the validation split (tasks/train_loop.validate), and which way is better.
+# Trials are chosen on these alone: an epoch's training metrics are not measured on held-out data.
+VALIDATION_METRICS = {"val_acc": "max", "val_loss": "min"}
+# Where swept parameters may live: the recipe, the augmentation and the swept model's own fields. The shards
+# are made once for every trial, and scaling, tracking, orchestration and storage are not hyperparameters.
+SWEEPABLE_SECTIONS = ("training.", "data.augment.")
+
+
+class SearchDimension(_Section):
+    """The values one swept field takes: exactly one of `choice` (a list), `uniform` or `loguniform` ([low, high])."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> SearchDimension:
+        given = [name for name in ("choice", "uniform", "loguniform") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform (got {', '.join(given) or 'none'})")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"[low, high] needs low < high (got {list(bounds)})")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values standing for everything the dimension samples, checked against the config before any trial:
+        every choice, or both bounds and a fractional value between them (an integer field refuses that one)."""
+        if self.choice is not None:
+            return list(self.choice)
+        low, high = self.uniform or self.loguniform
+        inside = low + 0.37 * (high - low) if self.uniform else low * (high / low) ** 0.37
+        return [low, inside, high]
+
+
+class SweepSchedulerConfig(_Section):
+    """How trials are stopped early: ASHA (asynchronous successive halving) on the sweep's metric, or never (fifo)."""
+
+    name: Literal["asha", "fifo"] = "asha"
+    # Epochs every trial trains before ASHA may stop it; then at grace_period * reduction_factor^k epochs
+    # a trial continues only if it is in the best 1/reduction_factor of the trials that got that far.
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class SweepConfig(_Section):
+    """A hyperparameter search over one configured model with Ray Tune (`vit-pipeline sweep`); the pipeline
+    flow ignores this section.
+
+    parameters are keyed by their dotted path in this configuration, list items by index:
+    `training.lr`, `data.augment.mixup_alpha`, `model.transformers.0.drop_path_rate`,
+    `model.transformers.0.model_kwargs.depth`.
+    """
+
+    model: str
+    parameters: dict[str, SearchDimension]
+    metric: str = "val_acc"
+    # None: the metric's own direction (max for val_acc, min for val_loss).
+    mode: Literal["max", "min"] | None = None
+    num_trials: PositiveInt = 8
+    # None: as many trials at once as the Ray cluster holds trainings of this scaling config.
+    max_concurrent_trials: PositiveInt | None = None
+    scheduler: SweepSchedulerConfig = Field(default_factory=SweepSchedulerConfig)
+    # Seeds the sampling of parameters: the same config samples the same trials.
+    seed: int = 0
+
+    @field_validator("parameters")
+    @classmethod
+    def _not_empty(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        if not value:
+            raise ValueError("the search space is empty: give at least one parameter, e.g. "
+                             "training.lr: {loguniform: [1.0e-4, 3.0e-3]}")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _reported_by_every_epoch(cls, value: str) -> str:
+        if value not in VALIDATION_METRICS:
+            raise ValueError(f"no epoch reports {value!r} about the validation split; trials are chosen on one "
+                             f"of: {', '.join(VALIDATION_METRICS)}")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _the_metrics_direction(cls, value: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("metric")
+        if value is not None and metric in VALIDATION_METRICS and value != VALIDATION_METRICS[metric]:
+            raise ValueError(f"{metric} is better when {'higher' if VALIDATION_METRICS[metric] == 'max' else 'lower'}"
+                             f": mode {VALIDATION_METRICS[metric]} (or leave mode out)")
+        return value
+
+    @property
+    def direction(self) -> str:
+        return self.mode or VALIDATION_METRICS[self.metric]
+
+
 def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
@@ -402,6 +500,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
     def _repeats_fit_the_batch(self) -> PipelineConfig:
@@ -455,6 +554,40 @@ class PipelineConfig(_Section):
         )
 
 
+    @model_validator(mode="after")
+    def _sweep_fits_the_configuration(self) -> PipelineConfig:
+        """Every swept path is a field of this configuration that a trial may change, and every value the
+        search can sample is one the configuration accepts: found now, not when a trial starts."""
+        sweep = self.sweep
+        if sweep is None:
+            return self
+        problems = []
+        if (where := swept_model_path(self)) is None:
+            known = ", ".join(spec.name for spec in self.model.all_specs())
+            raise ValueError(f"sweep.model: {sweep.model!r} is not a configured model; configured: {known}")
+        spec = self.model.spec(sweep.model)
+        if spec.distillation != "none" and spec.teacher == "baseline":
+            problems.append(f"sweep.model: {sweep.model} distils from the pipeline's trained baseline, which a "
+                            "sweep does not train; sweep a model without teacher: baseline")
+        if sweep.scheduler.name == "asha" and sweep.scheduler.grace_period > self.training.epochs:
+            problems.append(f"sweep.scheduler.grace_period: {sweep.scheduler.grace_period} epochs is more than "
+                            f"training.epochs ({self.training.epochs})")
+        tree = self.model_dump(mode="json", exclude={"sweep"})
+        for path, dimension in list(sweep.parameters.items()):
+            problem = _sweep_path_problem(self, path, where)
+            if problem is None:
+                problem, values = _checked_values(tree, path, dimension)
+                if problem is None and dimension.choice is not None:
+                    # As the field holds them (YAML reads 1e-4 as a string, pydantic makes it a float): trials,
+                    # results and W&B see typed values.
+                    sweep.parameters[path] = dimension.model_copy(update={"choice": values})
+            if problem is not None:
+                problems.append(f"sweep.parameters.{path}: {problem}")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """A copy whose local paths are absolute, for processes that run elsewhere (Ray workers, flow runs)."""
     tree = config.model_dump()
@@ -473,6 +606,82 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
             if spec[key] is not None:
                 spec[key] = Path(spec[key]).absolute()
     return PipelineConfig.model_validate(tree)
+
+
+def swept_model_path(config: PipelineConfig) -> str | None:
+    """Where the sweep's model sits in the configuration: model.baseline or model.transformers.<index>."""
+    if config.model.baseline.name == config.sweep.model:
+        return "model.baseline"
+    indices = [i for i, spec in enumerate(config.model.transformers) if spec.name == config.sweep.model]
+    return f"model.transformers.{indices[0]}" if indices else None
+
+
+def _sweep_path_problem(config: PipelineConfig, path: str, model_path: str) -> str | None:
+    """Why `path` cannot be swept: not a field of this configuration, or one a trial must not change."""
+    parts, node = path.split("."), config
+    for index, part in enumerate(parts):
+        where = ".".join(parts[:index]) or "the configuration"
+        if isinstance(node, BaseModel):
+            fields = type(node).model_fields
+            if part not in fields:
+                return f"no field {part!r} in {where} (it has: {', '.join(fields)})"
+            node = getattr(node, part)
+        elif isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"{where} is a list of {len(node)}: address its items by index (0..{len(node) - 1})"
+            node = node[int(part)]
+        elif isinstance(node, dict) and index == len(parts) - 1:
+            node = None  # a keyword of model_kwargs: any the model's constructor takes
+        else:
+            return f"{where} is a value, not a section"
+    if isinstance(node, BaseModel | list):
+        return "is a section: sweep its fields one by one"
+    if path.startswith("model."):
+        if not path.startswith(f"{model_path}."):
+            return f"not a field of the swept model {config.sweep.model} ({model_path}.*)"
+        if path == f"{model_path}.name":
+            return "sweep.model names the model every trial trains"
+    elif not path.startswith(SWEEPABLE_SECTIONS):
+        return (f"only {', '.join(s + '*' for s in SWEEPABLE_SECTIONS)} and the swept model's fields ({model_path}.*) "
+                "can be swept: the shards are made once for every trial, and the other sections are not "
+                "hyperparameters")
+    if path == "training.epochs" and config.sweep.scheduler.name == "asha":
+        return "ASHA decides how many epochs each trial gets, up to training.epochs"
+    return None
+
+
+def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set the field at a dotted path (list items by index) in a configuration's tree."""
+    *parents, last = path.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[int(last) if isinstance(node, list) else last] = value
+
+
+def get_dotted(tree: dict[str, Any], path: str) -> Any:
+    """The field at a dotted path (list items by index) in a configuration's tree."""
+    node: Any = tree
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _checked_values(tree: dict[str, Any], path: str, dimension: SearchDimension) -> tuple[str | None, list[Any]]:
+    """Why a value the dimension can sample is refused at `path` (None if none is), and the candidate values as
+    the configuration holds them once validated."""
+    values = []
+    for value in dimension.candidates():
+        candidate = copy.deepcopy(tree)
+        set_dotted(candidate, path, value)
+        try:
+            values.append(get_dotted(PipelineConfig.model_validate(candidate).model_dump(mode="json"), path))
+        except ValidationError as error:
+            reasons = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
+            sampled = "" if dimension.choice is not None else " (uniform and loguniform sample any number between "\
+                "their bounds; choice lists whole numbers)"
+            return f"the value {value!r} is refused: {reasons}{sampled}", values
+    return None, values
 
 
 def with_pretrained_file(config: PipelineConfig, model_name: str, path: str | Path) -> PipelineConfig:

@@ -152,7 +152,17 @@ def concurrent_trainings(config: PipelineConfig, resources: dict[str, float] | N
     return max(1, int(fits))
 
 
-def train_model(
+@dataclass(frozen=True)
+class TrainingRun:
+    """One model's Ray Train run, built but not started: `trainer.fit()` (or fit_with_retries) starts it."""
+
+    trainer: object  # ray.train.torch.TorchTrainer
+    config: PipelineConfig  # with absolute paths, as the workers get it
+    model_name: str
+    path: str  # where its checkpoints go: <storage>/<name>
+
+
+def training_run(
     config: PipelineConfig,
     model_name: str,
     *,
@@ -160,12 +170,17 @@ def train_model(
     teacher_weights: str | None = None,
     group: str | None = None,
     step_hook: StepHook | None = None,
-) -> TrainOutcome:
-    """Train one configured model on the shards with Ray Train; resumes a run of the same name.
+    storage: str | None = None,
+    name: str | None = None,
+    callbacks: tuple = (),
+) -> TrainingRun:
+    """The pipeline's TorchTrainer for one configured model, after every check that can fail before a worker
+    starts. train_model runs it for the pipeline; a sweep runs one per trial (tasks/sweep.py).
 
-    A worker that dies, a lost node or a transient I/O error restarts the worker group from the last
-    checkpoint, up to training.max_failures times; a deterministic error (see DETERMINISTIC_ERRORS) fails at
-    once with its message, as a TrainingError that is not retryable.
+    Args:
+        storage: Ray Train's storage_path; default config.checkpoint_location.
+        name: the run's name under storage (a run of the same name resumes); default the model's name.
+        callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep's trial.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -181,7 +196,8 @@ def train_model(
     location = shard_location or config.shard_location
     _check_before_start(config, location)
     ensure_ray(config)
-    storage = config.checkpoint_location  # absolute or a URL: with_absolute_paths above
+    storage = storage or config.checkpoint_location  # absolute or a URL: with_absolute_paths above
+    name = name or model_name
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -191,7 +207,7 @@ def train_model(
         shard_location=location if "://" in location else str(Path(location).absolute()),
         teacher_weights=str(Path(teacher_weights).absolute()) if teacher_weights else None,
         # A local run directory is scanned for the furthest valid checkpoint; object storage is Ray's alone.
-        group=group, run_path=None if is_url(storage) else f"{storage}/{model_name}", step_hook=step_hook,
+        group=group, run_path=None if is_url(storage) else f"{storage}/{name}", step_hook=step_hook,
     )
     trainer = TorchTrainer(
         train_worker,
@@ -200,7 +216,7 @@ def train_model(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=model_name,
+            name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.training.checkpoints_to_keep,
@@ -210,16 +226,37 @@ def train_model(
             # Retries are decided here (fit_with_retries), where the error's kind is known; Ray alone would
             # retry an AssertionError as readily as a lost node.
             failure_config=FailureConfig(max_failures=0),
+            callbacks=list(callbacks),
         ),
     )
+    return TrainingRun(trainer, config, model_name, f"{storage}/{name}")
+
+
+def train_model(
+    config: PipelineConfig,
+    model_name: str,
+    *,
+    shard_location: str | None = None,
+    teacher_weights: str | None = None,
+    group: str | None = None,
+    step_hook: StepHook | None = None,
+) -> TrainOutcome:
+    """Train one configured model on the shards with Ray Train; resumes a run of the same name.
+
+    A worker that dies, a lost node or a transient I/O error restarts the worker group from the last
+    checkpoint, up to training.max_failures times; a deterministic error (see DETERMINISTIC_ERRORS) fails at
+    once with its message, as a TrainingError that is not retryable.
+    """
+    run = training_run(config, model_name, shard_location=shard_location, teacher_weights=teacher_weights,
+                       group=group, step_hook=step_hook)
     started = time.perf_counter()
     try:
-        result = fit_with_retries(trainer, model_name, f"{storage}/{model_name}", config.training.max_failures)
+        result = fit_with_retries(run.trainer, model_name, run.path, run.config.training.max_failures)
     except TrainingError as error:
         if isinstance(error.cause, NonFiniteLossError):
-            alert_nonfinite_loss(config, model_name, error, group=group)
+            alert_nonfinite_loss(run.config, model_name, error, group=group)
         raise
-    return _export(config, model_name, result, time.perf_counter() - started)
+    return _export(run.config, model_name, result, time.perf_counter() - started)
 
 
 def alert_nonfinite_loss(config: PipelineConfig, model_name: str, error: TrainingError, *,

@@ -1,5 +1,6 @@
 """Every shipped config, as shipped but shrunk, through the whole pipeline: shard -> train (2 Ray workers) ->
-evaluate -> attention maps -> report.
+evaluate -> attention maps -> report; a sweep config through its sweep: shard -> Ray Tune trials of that
+training, ASHA on -> results.json and best.yaml.
 
 Only sizes shrink (epochs, images, widths and depths, workers, the batch, so that odd batches occur, with
 gradient accumulation over two of them); every feature a config switches on stays on. A config that trains at
@@ -13,10 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -25,21 +24,23 @@ from safetensors.torch import save_file
 from timm.models.resnet import ResNet as TimmResNet
 
 from flows.pipeline import vit_pipeline
-from tasks.config import PipelineConfig, load_config
+from flows.sweep import vit_sweep
+from tasks.config import PipelineConfig, get_dotted, load_config
 from tasks.evaluate import read_evaluation
 from tasks.loader import ShardStream
 from tasks.recipe import effective_lr, global_batch, trained_weights
 from tasks.shard import read_manifest
-from tasks.sources import CIFAR10_DIRNAME, read_cifar10
-from tests.conftest import REPO_ROOT
+from tasks.sources import read_cifar10
+from tasks.sweep import BEST_CONFIG_FILE, RESULTS_FILE
+from tests.conftest import MINI_TEST_IMAGES, REPO_ROOT
 from vitmodels import ResNet, SwinTransformer, VisionTransformer
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-TRAIN_PER_BATCH_FILE, TEST_IMAGES = 96, 200  # 480 training images (80 of them validation), 200 test images
-VAL_IMAGES = 80
+VAL_IMAGES = 80  # of MINI_TRAIN_IMAGES
 # 400 training images over 2 ranks in batches of at most 27: 8 batches of 25 per rank, odd-sized.
 BATCH_SIZE = 27
 EPOCHS = 3
+SWEEP_TRIALS = 2  # one after the other: two trainings of two workers each would share two cores
 MINIATURE_WORKERS = 2
 SOURCE_SIZE = 32  # CIFAR-10's images
 MINIATURE_RESIZED = 48  # the training resolution of a config that resizes (224 px as shipped)
@@ -51,26 +52,6 @@ SHRUNK = [
     (ResNet, {"channels": [8, 16, 32, 64], "layers": [1, 1, 1, 1]}),
     (TimmResNet, {"channels": [8, 16, 32, 64], "layers": [1, 1, 1, 1], "stem_width": 8}),
 ]
-
-
-@pytest.fixture(scope="module")
-def mini_cifar(tmp_path_factory, cifar_source) -> Path:
-    """A few hundred real CIFAR-10 images in the original python-batch layout (written for this run only)."""
-    root = tmp_path_factory.mktemp("mini-cifar")
-    batches = root / CIFAR10_DIRNAME
-    batches.mkdir()
-    train, test = cifar_source.splits["train"], cifar_source.splits["test"]
-
-    def write(name: str, pixels: np.ndarray, labels: np.ndarray) -> None:
-        data = pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1)
-        (batches / name).write_bytes(pickle.dumps({"data": data, "labels": labels.tolist()}, protocol=2))
-
-    for index in range(5):
-        chosen = slice(index * TRAIN_PER_BATCH_FILE, (index + 1) * TRAIN_PER_BATCH_FILE)
-        write(f"data_batch_{index + 1}", train.pixels[chosen], train.labels[chosen])
-    write("test_batch", test.pixels[:TEST_IMAGES], test.labels[:TEST_IMAGES])
-    (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": list(cifar_source.classes)}, protocol=2))
-    return root
 
 
 def shrunk_model_kwargs(name: str, image_size: int) -> dict:
@@ -131,6 +112,11 @@ def miniature(config: PipelineConfig, data_root: Path, output_dir: Path) -> Pipe
                         "gpus_per_worker": 0, "ray_address": None, "ray_num_cpus": 4}
     tree["tracking"] |= {"output_dir": str(output_dir), "mode": "offline"}
     tree["orchestration"] |= {"retries": 0, "max_concurrent_trainings": 2}
+    if tree.get("sweep"):
+        # ASHA's first rung at the same share of the shorter budget, at least one epoch.
+        scheduler = tree["sweep"]["scheduler"]
+        scheduler["grace_period"] = max(1, round(scheduler["grace_period"] * EPOCHS / config.training.epochs))
+        tree["sweep"] |= {"num_trials": min(tree["sweep"]["num_trials"], SWEEP_TRIALS), "max_concurrent_trials": 1}
     return PipelineConfig.model_validate(tree)
 
 
@@ -153,6 +139,13 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
     monkeypatch.setenv("DATA_ROOT", str(mini_cifar))
     shipped = load_config(path)
     config = miniature(shipped, mini_cifar, tmp_path / "runs")
+    if config.sweep is not None:
+        try:
+            best = vit_sweep(config=config)
+        finally:
+            ray.shutdown()
+        check_sweep(config, best)
+        return
     try:
         result = vit_pipeline(config=config)
     finally:
@@ -180,7 +173,7 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
         # The weights evaluate scores are the ones training selected, and score the same on validation.
         assert record["train_val_top1"] == history[record["best_epoch"] - 1]["val_acc"]
         assert record["val_top1"] == pytest.approx(record["train_val_top1"], abs=1.5 / VAL_IMAGES), name
-        assert record["test_samples"] == TEST_IMAGES
+        assert record["test_samples"] == MINI_TEST_IMAGES
     assert (Path(config.run_dir) / "report" / "report.html").is_file()
     transformers = {spec.name for spec in config.model.transformers}
     assert {p.stem for p in (Path(config.run_dir) / "attention").glob("*.png")} == transformers
@@ -192,6 +185,35 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
     assert result["published"] == {"registry_plan": str(Path(config.run_dir) / "registry.json"), "linked": {}}
     assert {entry["model"]: entry["metadata"]["test_top1"] for entry in plan["models"]} == \
         {name: record["top1"] for name, record in evaluation.items()}
+
+
+def check_sweep(config: PipelineConfig, best: PipelineConfig) -> None:
+    """Every trial trained on the shards' own validation split and sampled the declared space; best.yaml is the
+    best trial's configuration, the flow's result, and loads."""
+    (run_dir,) = [path.parents[1] for path in Path(config.run_root).glob(f"*/sweep/{RESULTS_FILE}")
+                  if not path.parents[1].is_symlink()]  # not runs/<run>/latest
+    location = config.shard_location
+    assert not _keys(location, "val") & _keys(location, "train")
+    results = json.loads((run_dir / "sweep" / RESULTS_FILE).read_text())
+    trials = results["trials"]
+    assert len(trials) == SWEEP_TRIALS and results["metric"] == config.sweep.metric
+    scores = [trial[f"best_{config.sweep.metric}"] for trial in trials]
+    assert all(math.isfinite(score) for score in scores) and scores == sorted(scores, reverse=True)
+    for trial in trials:
+        assert trial["status"] in ("completed", "stopped early") and 1 <= trial["epochs"] <= EPOCHS, trial
+        assert Path(trial["checkpoint"]).is_dir()
+        assert set(trial["parameters"]) == set(config.sweep.parameters)
+        for parameter, value in trial["parameters"].items():
+            dimension = config.sweep.parameters[parameter]
+            if dimension.choice is not None:
+                assert value in dimension.choice, (parameter, value)
+            else:
+                low, high = dimension.uniform or dimension.loguniform
+                assert low <= value <= high, (parameter, value)
+    chosen = load_config(run_dir / "sweep" / BEST_CONFIG_FILE)
+    assert chosen == best and chosen.sweep is None
+    for parameter, value in trials[0]["parameters"].items():
+        assert get_dotted(chosen.model_dump(mode="json"), parameter) == value, parameter
 
 
 def record_history(config: PipelineConfig, name: str) -> list[dict]:
@@ -215,5 +237,10 @@ def test_miniature_keeps_every_switch(data_root, tmp_path, monkeypatch):
                       "layer_decay", "backbone_lr_scale", "freeze_backbone_epochs"):
             assert getattr(shrunk.training, field) == getattr(shipped.training, field), (path.name, field)
         assert (shrunk.training.lr_reference_batch is None) == (shipped.training.lr_reference_batch is None)
+        if shipped.sweep is not None:
+            shrunk_fields = {"num_trials", "max_concurrent_trials", "scheduler"}
+            assert shrunk.sweep.model_dump(exclude=shrunk_fields) == shipped.sweep.model_dump(exclude=shrunk_fields)
+            assert shrunk.sweep.scheduler.name == shipped.sweep.scheduler.name, path.name
+            assert shrunk.sweep.scheduler.reduction_factor == shipped.sweep.scheduler.reduction_factor, path.name
         assert effective_lr(shrunk.training, MINIATURE_WORKERS) == pytest.approx(
             effective_lr(shipped.training, shipped.scaling.num_workers), rel=0.01), path.name

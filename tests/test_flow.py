@@ -11,7 +11,7 @@ import yaml
 from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, deployments
+from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
 from flows.pipeline import (
     FLOW_NAME,
     _retry_transient,
@@ -22,6 +22,7 @@ from flows.pipeline import (
     verify_task,
     vit_pipeline,
 )
+from flows.sweep import vit_sweep
 from tasks.config import ConfigError, build_config, load_config
 from tests.conftest import REPO_ROOT
 from tests.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
@@ -150,19 +151,24 @@ def test_flow_takes_the_typed_config_as_its_form():
 def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
     declared = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
     served = {deployment.name: deployment for deployment in deployments()}
-    assert {d["name"] for d in declared} == set(served) == set(DEPLOYMENT_CONFIGS) == {"cifar10", "smoke"}
+    assert {d["name"] for d in declared} == set(served) == set(DEPLOYMENT_CONFIGS) | set(SWEEP_DEPLOYMENT_CONFIGS)
+    assert set(DEPLOYMENT_CONFIGS) == {"cifar10", "smoke"}
+    assert set(SWEEP_DEPLOYMENT_CONFIGS) == {"sweep", "sweep-cifar10"}
     for entry in declared:
+        flow_of = vit_sweep if entry["name"] in SWEEP_DEPLOYMENT_CONFIGS else vit_pipeline
         module, function = entry["entrypoint"].split(":")
-        assert (REPO_ROOT / module).is_file() and function == vit_pipeline.fn.__name__
+        assert (REPO_ROOT / module).is_file() and function == flow_of.fn.__name__
+        assert served[entry["name"]].entrypoint == entry["entrypoint"]
         # The cluster's deployments add shared storage (tests/test_infra.py) to what is served locally.
         assert served[entry["name"]].parameters.items() <= entry["parameters"].items()
-        assert set(entry["parameters"]) <= set(vit_pipeline.parameters.properties)
-        load_config(REPO_ROOT / entry["parameters"]["config_file"])
+        assert set(entry["parameters"]) <= set(flow_of.parameters.properties)
+        config = load_config(REPO_ROOT / entry["parameters"]["config_file"])
+        assert (config.sweep is not None) == (flow_of is vit_sweep), entry["name"]
     cifar10 = next(d for d in declared if d["name"] == "cifar10")
     assert [(s["cron"], s["active"]) for s in cifar10["schedules"]] == [(RETRAIN_CRON, False)]
     served_schedule = served["cifar10"].schedules[0]
     assert served_schedule.schedule.cron == RETRAIN_CRON and served_schedule.active is False
-    assert vit_pipeline.name == FLOW_NAME
+    assert vit_pipeline.name == vit_sweep.name == FLOW_NAME  # deployments vit-pipeline/<name>, the sweeps' too
 
 
 def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):

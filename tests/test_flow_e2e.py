@@ -1,7 +1,7 @@
 """End to end with real components: `prefect server start`, the deployments served by
 `python -m flows.deployments`, `prefect deployment run vit-pipeline/smoke` (trained, then reused on
-request), a server restart mid-run, and a cancelled flow run whose training runs as a job on a
-`ray start --head`."""
+request), a server restart mid-run, a cancelled flow run whose training runs as a job on a
+`ray start --head`, and the sweep deployment `vit-pipeline/sweep`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from tests.conftest import REPO_ROOT
 from tests.prefect_server import free_port, server_env, stop, wait_until
 from tests.prefect_server import start as start_server
 from tests.ray_head import ray_head
+from tests.test_sweep_run import SHRUNK as SWEEP_SHRUNK
+from tests.test_sweep_run import wandb_runs_by_job_type
 
 pytestmark = pytest.mark.slow
 
@@ -235,3 +237,49 @@ def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, val_shard
                    capture_output=True)
     wait_until(lambda: _flow_run_state(env, name) == "Cancelled", 120, f"flow run {name} to be cancelled")
     wait_until(lambda: [job["status"] for job in flow_run_jobs()] == ["STOPPED"], 60, "its job to stop")
+
+
+def _markdown_artifact(env: dict, flow_run_name: str, key: str) -> str:
+    script = (
+        "import sys\n"
+        "from prefect import get_client\n"
+        "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, "
+        "FlowRunFilterName\n"
+        "with get_client(sync_client=True) as client:\n"
+        "    (artifact,) = client.read_artifacts(\n"
+        "        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[sys.argv[2]])),\n"
+        "        flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[sys.argv[1]])))\n"
+        "    print(artifact.data)\n"
+    )
+    return subprocess.run([str(BIN / "python"), "-c", script, flow_run_name, key], env=env, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_the_sweep_deployment_ranks_its_trials_and_returns_the_best_config(served, mini_cifar):
+    """vit-pipeline/sweep, two trials of a one-block ViT at once on a few hundred images: shard, verify, Tune."""
+    env, home, logs, _ = served
+    output_dir = home / "runs-sweep"
+    overrides = [*SWEEP_SHRUNK, "sweep.num_trials=2", "sweep.max_concurrent_trials=2",
+                 f"data.data_root={mini_cifar}", f"tracking.output_dir={output_dir}"]
+    params = json.dumps({"config_file": str(REPO_ROOT / "configs" / "sweep-smoke.yaml"), "overrides": overrides})
+    command = [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/sweep", "--params", params, "--watch"]
+    result = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = _created_flow_run(result.stdout)
+    assert _flow_run_state(env, name) == "Completed"
+    states = _task_states(env, name)
+    for step in ("shard", "verify-shards", "sweep"):
+        assert list(_states_of(states, step).values()) == ["Completed"], states
+
+    run_dir = _run_directory(output_dir / "sweep-smoke", name)
+    results = json.loads((run_dir / "sweep" / "results.json").read_text())
+    assert [trial["rank"] for trial in results["trials"]] == [1, 2] and results["metric"] == "val_acc"
+    best = results["trials"][0]
+    from tasks.config import load_config
+
+    best_config = load_config(run_dir / "sweep" / "best.yaml")
+    assert best_config.sweep is None and best_config.training.lr == best["parameters"]["training.lr"]
+    ranked = _markdown_artifact(env, name, "sweep-trials")
+    assert f"| 1 | {best['trial']} |" in ranked and str(run_dir / "sweep" / "best.yaml") in ranked
+    runs = wandb_runs_by_job_type(run_dir)
+    assert {job: len(ids) for job, ids in runs.items()} == {"shard": 1, "sweep-trial": 2, "sweep": 1}

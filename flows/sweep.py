@@ -1,0 +1,100 @@
+"""The `sweep` deployments of the `vit-pipeline` flow: a hyperparameter search over one model.
+
+    shard (cached, the pipeline's own task) -> verify -> sweep: Ray Tune trials of the pipeline's Ray Train
+    training, ASHA stopping the ones behind -> results.json, best.yaml, the ranked trials as an artifact
+
+Like the pipeline, each flow run writes its own directory, runs/<run>/<flow run>/, and its W&B runs form one
+group of that name: a run per trial (job type sweep-trial) and the sweep's summary. A flow run that died is
+continued by the next sweep of the same configuration: its directory, and Tune's experiment in it, are
+restored; finished trials are not run again. The flow's result is the best configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.pipeline import (
+    FLOW_NAME,
+    MAX_TASK_THREADS,
+    _links,
+    _result_storage,
+    _retry_transient,
+    shard_task,
+    verify_task,
+)
+from flows.run_owner import claim_run_directory, finish_run_directory
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.ray_jobs import jobs_api
+from tasks.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
+from tasks.tracking import sync_command
+from tasks.train import ensure_ray
+
+DEFAULT_SWEEP_CONFIG_FILE = "configs/sweep-smoke.yaml"
+SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never by the pipeline
+
+
+@task(name="sweep", retry_condition_fn=_retry_transient)
+def sweep_task(config: PipelineConfig, group: str) -> SweepOutcome:
+    """Ray Tune over the sweep's space; a retry restores the experiment instead of starting it again."""
+    outcome = run_sweep(config, group=group)
+    sweep = config.sweep
+    create_markdown_artifact(
+        key="sweep-trials",
+        markdown=f"# Sweep of {sweep.model} on {sweep.metric} ({sweep.direction})\n\n"
+                 + markdown_table(outcome.trials, sweep, config.training.epochs)
+                 + f"\nBest configuration: `{outcome.best_config_file.absolute()}`\n",
+        description=f"The sweep's trials, best {sweep.metric} first",
+    )
+    return outcome
+
+
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=MAX_TASK_THREADS))
+def vit_sweep(
+    config: PipelineConfig | None = None,
+    config_file: str = DEFAULT_SWEEP_CONFIG_FILE,
+    overrides: list[str] | None = None,
+) -> PipelineConfig:
+    """Shard, verify, then search the config's sweep section with Ray Tune; returns the best configuration
+    (also written as best.yaml beside results.json in the flow run's sweep/ directory).
+
+    `config` (the form in the Prefect UI) wins; otherwise `config_file` plus `section.field=value` overrides.
+    """
+    logger = get_run_logger()
+    source = "the flow's config" if config is not None else config_file
+    config = config or load_config(config_file, overrides or [])
+    require_sweep(config, source)
+    if jobs_api(config):
+        raise ConfigError(f"RAY_ADDRESS={jobs_api(config)}: a sweep drives Ray Tune from this process, which must "
+                          "join the cluster as a driver ('auto' on its head node, or <head>:6379), not reach it "
+                          "through the Jobs API")
+    options = config.orchestration
+    claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name(), kind=SWEEP_KIND)
+    config = claim.config
+    for crashed in claim.crashed:
+        logger.warning("flow run %s of %s had died without a final state: marked Crashed", crashed,
+                       config.run_root)
+    if claim.continued:
+        logger.warning("continuing %s, left unfinished by flow run %s: its sweep resumes where it stopped",
+                       config.run_dir, claim.continued)
+    group = config.tracking.flow_run
+    limits = dict(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds)
+    shard_limits = dict(timeout_seconds=options.shard_timeout_minutes * 60, **limits)
+    shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
+    verify_task.with_options(**shard_limits)(config)
+
+    _links(config, ensure_ray(config))
+    outcome = sweep_task.with_options(**limits)(config, group)
+    finish_run_directory(config)
+    best = outcome.trials[0]
+    logger.info("best of %d trials: %s, %s %.4f at epoch %d, with %s", len(outcome.trials), best.trial,
+                config.sweep.metric, best.best_value, best.best_epoch, best.parameters)
+    logger.info("results: %s; best configuration: %s", Path(outcome.results_file).absolute(),
+                Path(outcome.best_config_file).absolute())
+    logger.info("W&B runs are offline unless tracking.mode is online with WANDB_API_KEY set; upload with: %s",
+                sync_command(config))
+    return outcome.best_config
