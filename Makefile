@@ -23,14 +23,17 @@ DEPLOYMENT ?= smoke
 demo: setup
 	DATA_ROOT=$(DATA_ROOT) BIN=$(BIN) DEPLOYMENT=$(DEPLOYMENT) bash infra/local/demo.sh
 
-test: setup
+# CI runs this: lint first, so a type or style error fails in seconds rather than after the suite.
+test: setup lint
 	DATA_ROOT=$(DATA_ROOT) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	DATA_ROOT=$(DATA_ROOT) $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# mypy checks the paths in pyproject.toml's [tool.mypy] (vitmodels/ and tasks/).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs .pytest_cache

@@ -62,7 +62,7 @@ def _wandb_alert(title: str, text: str, level: Level, run) -> bool:
     run = run if run is not None else wandb.run
     if run is None or run.disabled:
         return False
-    run.alert(title=title, text=text, level=wandb.AlertLevel(level))
+    run.alert(title=title, text=text, level=level)  # W&B takes the level's name as well as its AlertLevel
     return True
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
+from typing import TypeGuard
 
 import matplotlib
 import numpy as np
@@ -26,7 +27,7 @@ from tasks.config import PipelineConfig
 from tasks.evaluate import evaluation_device, load_trained_model
 from tasks.loader import ShardStream, normalize
 from tasks.recipe import trained_weights
-from tasks.shard import read_manifest
+from tasks.shard import require_manifest
 from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
 from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer, capture_attention
 from vitmodels.swin import window_merge
@@ -138,7 +139,7 @@ def swin_panels(maps: list[SwinAttentionMap]) -> list[Panel]:
     return panels
 
 
-def model_panels(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, list[Panel]]:
+def model_panels(model: VisionTransformer | SwinTransformer, inputs: torch.Tensor) -> tuple[torch.Tensor, list[Panel]]:
     """Logits and attention panels of a vitmodels ViT/DeiT/Swin for a normalised batch."""
     with torch.inference_mode(), capture_attention(model) as maps:
         logits = model(inputs)
@@ -147,7 +148,7 @@ def model_panels(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, 
     return logits, vit_panels(maps, model.num_prefix_tokens, model.patch_embed.grid_size)
 
 
-def supports_attention(model: nn.Module) -> bool:
+def supports_attention(model: nn.Module) -> TypeGuard[VisionTransformer | SwinTransformer]:
     return isinstance(model, (VisionTransformer, SwinTransformer))
 
 
@@ -204,7 +205,7 @@ def attention_maps(config: PipelineConfig, models: dict[str, Path] | None = None
     location = shard_location or config.shard_location
     images, labels, keys = select_images(location)
     images = EvalResize.from_config(config.data)(images)  # what the models were validated on
-    classes = read_manifest(location)["classes"]
+    classes = require_manifest(location)["classes"]
     device = evaluation_device()
     inputs = normalize(images, config.data.mean, config.data.std, device)
     tracker = _start_tracking(config, group)
@@ -241,8 +242,7 @@ def _log_table(tracker, name: str, images: torch.Tensor, labels: torch.Tensor, k
     probabilities = logits.float().softmax(1).cpu()
     confidence, predicted = probabilities.max(1)
     overlays = [overlay(images, panel.maps) for panel in panels]
-    columns = ["key", "true", "predicted", "confidence", "image", *(panel.title for panel in panels)]
-    table = wandb.Table(columns=columns)
+    table = wandb.Table(columns=["key", "true", "predicted", "confidence", "image", *(panel.title for panel in panels)])
     for i, key in enumerate(keys):
         table.add_data(key, classes[labels[i]], classes[predicted[i]], confidence[i].item(),
                        wandb.Image(images[i].permute(1, 2, 0).cpu().numpy()),

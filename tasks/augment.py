@@ -463,7 +463,7 @@ class BatchAugmenter:
         return AugmentPlan(offsets, flips, rounds, crops)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.draw(images.shape[0], tuple(images.shape[-2:])))
+        return self.apply(images, self.draw(images.shape[0], (images.shape[-2], images.shape[-1])))
 
     def apply(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
         """Carry out `plan` on uint8 N x C x H x W `images` on their own device; uint8 of the same shape."""
@@ -476,6 +476,8 @@ class BatchAugmenter:
         if plan.rounds and images.shape[1] not in (1, 3):
             raise ValueError(f"{self.config.auto_augment} needs 1 or 3 channels, got {images.shape[1]}")
         if plan.crops is not None:
+            if self.image_size is None:  # a plan drawn by another augmenter, one with RandomResizedCrop
+                raise ValueError("a plan with RandomResizedCrop boxes needs the output size: pass image_size")
             images = resized_crops(images, plan.crops, self.image_size, flips=plan.flips,
                                    interpolation=self.interpolation)
         elif plan.crop_offsets is not None or plan.flips is not None:

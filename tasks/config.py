@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -744,7 +745,7 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def build_config(
-    tree: dict[str, Any] | None = None, overrides: list[str] = (), source: str = "<defaults>"
+    tree: dict[str, Any] | None = None, overrides: Sequence[str] = (), source: str = "<defaults>"
 ) -> PipelineConfig:
     """Validate a raw mapping plus `a.b=value` overrides; $DATA_ROOT fills an unset data root."""
     if tree is not None and not isinstance(tree, dict):
@@ -762,7 +763,7 @@ def build_config(
         raise ConfigError(_describe_errors(error, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     if path is None:
         return build_config(None, overrides)
     path = Path(path)

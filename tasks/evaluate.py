@@ -24,7 +24,7 @@ from tasks.augment import EvalResize
 from tasks.config import PipelineConfig
 from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.recipe import autocast_context, build_model, trained_weights, uses_channels_last
-from tasks.shard import VAL_SPLIT, read_manifest
+from tasks.shard import VAL_SPLIT, require_manifest
 from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,8 @@ def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: s
 def _image_shape(stream: ShardStream) -> tuple[int, int, int]:
     """C x H x W of the split's images (the manifest does not record it), from its first batch."""
     images, _, _ = next(iter(stream))
-    return tuple(images.shape[1:])
+    _, channels, height, width = images.shape
+    return channels, height, width
 
 
 def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = None,
@@ -256,9 +257,7 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
         config.model.spec(name)  # fail on an unknown name or missing file before evaluating anything
         _require_weights(name, weights)
     location = shard_location or config.shard_location
-    manifest = read_manifest(location)
-    if manifest is None:
-        raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
+    manifest = require_manifest(location)
     classes = manifest["classes"]
     device = evaluation_device()
     records = [evaluate_model(config, name, Path(weights), location, manifest, device)

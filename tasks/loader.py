@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tasks.augment import BatchAugmenter
 from tasks.config import AugmentConfig
 from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
-from tasks.shard import read_manifest
+from tasks.shard import require_manifest
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -127,9 +127,7 @@ class ShardStream(IterableDataset):
     ):
         if location.startswith("pipe:"):
             raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
-        manifest = read_manifest(location)
-        if manifest is None:
-            raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
+        manifest = require_manifest(location)
         if split not in manifest["splits"]:
             raise KeyError(f"{location}: no split {split!r}; the manifest has {sorted(manifest['splits'])}")
         if not 0 <= rank < world_size:

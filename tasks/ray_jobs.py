@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tasks.config import PipelineConfig, is_url
 from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
@@ -140,7 +141,8 @@ def outcome_to_json(outcome: TrainOutcome) -> str:
 def outcome_from_json(text: str) -> TrainOutcome:
     fields = json.loads(text)
     paths = {field.name for field in dataclasses.fields(TrainOutcome) if field.type in ("Path", Path)}
-    return TrainOutcome(**{key: Path(value) if key in paths else value for key, value in fields.items()})
+    arguments: dict[str, Any] = {key: Path(value) if key in paths else value for key, value in fields.items()}
+    return TrainOutcome(**arguments)
 
 
 def train_as_job(address: str, config: PipelineConfig, model_name: str, *, teacher_weights: str | None,

@@ -12,12 +12,18 @@ import math
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from tasks.config import ModelSpec, PipelineConfig, TrainingConfig
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
+    from vitmodels import DistillationLoss
 
 # With warm-up, the EMA decay at step t is min(ema_decay, 1 - (1 + t) ** -EMA_WARMUP_POWER) (timm's ModelEmaV3).
 EMA_WARMUP_POWER = 2 / 3
@@ -47,7 +53,11 @@ def build_teacher(config: PipelineConfig, spec: ModelSpec, num_classes: int, tea
     """The distillation teacher: the pipeline's trained baseline, or any timm name plus a weights file."""
     from safetensors.torch import load_file
 
+    if spec.teacher is None:
+        raise ValueError(f"{spec.name}: distillation {spec.distillation!r} has no teacher to build")
     if spec.teacher == "baseline":
+        if teacher_weights is None:
+            raise ValueError(f"{spec.name}: the baseline teacher needs its trained weights (teacher_weights)")
         # The trained weights replace whatever the baseline was fine-tuned from: do not fetch that again.
         teacher = build_model(config.model.baseline.model_copy(update={"pretrained": False, "pretrained_file": None}),
                               num_classes)
@@ -90,9 +100,10 @@ def layer_ids(model: nn.Module) -> dict[str, int]:
     grouping: the stem 0, then each block (the final norm joins the last), and last what no rule matches: the heads)."""
     from timm.models import group_parameters
 
-    if not hasattr(model, "group_matcher"):
+    group_matcher = getattr(model, "group_matcher", None)
+    if group_matcher is None:
         raise ValueError(f"{type(model).__name__} has no group_matcher, so its layers for layer_decay are unknown")
-    return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    return group_parameters(model, group_matcher(coarse=False), reverse=True)
 
 
 def lr_scales(model: nn.Module, *, layer_decay: float | None, backbone_lr_scale: float) -> dict[str, float]:
@@ -170,7 +181,7 @@ def uses_mixing(config: PipelineConfig) -> bool:
     return augment.mixup_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0)
 
 
-def build_criterion(config: PipelineConfig, spec: ModelSpec, teacher: nn.Module | None) -> nn.Module:
+def build_criterion(config: PipelineConfig, spec: ModelSpec, teacher: nn.Module | None) -> DistillationLoss:
     from timm.loss import SoftTargetCrossEntropy
 
     import vitmodels
@@ -184,7 +195,7 @@ def build_criterion(config: PipelineConfig, spec: ModelSpec, teacher: nn.Module 
     )
 
 
-def build_ema(model: nn.Module, training: TrainingConfig):
+def build_ema(model: nn.Module, training: TrainingConfig) -> ModelEmaV3 | None:
     """timm's ModelEmaV3 of `model` as training.ema_decay / ema_warmup ask, or None when EMA is off."""
     from timm.utils import ModelEmaV3
 

@@ -255,7 +255,8 @@ def _log_to_wandb(config: PipelineConfig, rows: list[list[str]], plots: dict[str
 
     record_input(run, EVALUATION_ARTIFACT, "evaluation", Path(config.run_dir) / EVALUATION_FILE)
     run.log({
-        "report/table": wandb.Table(columns=REPORT_COLUMNS, data=rows),
+        # a copy: a Table keeps the list it is given and add_column extends it
+        "report/table": wandb.Table(columns=list(REPORT_COLUMNS), data=rows),
         "report/page": wandb.Html(files["html"].read_text()),
         **{f"report/{key}": wandb.Image(str(path)) for key, path in plots.items()},
     })

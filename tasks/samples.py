@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ IMAGE_EXTENSIONS = ("npy", "png")
 # Payloads that deserialise into code; a shard carrying one is refused, never loaded.
 UNSAFE_EXTENSIONS = {"pth", "pt", "pkl", "pickle", "pyd", "joblib", "ckpt"}
 LABEL_EXTENSION = "cls"
+# A sample as read from a shard: "__key__" -> the sample's key (str), every extension -> its member's bytes.
+Sample = dict[str, Any]
 TAR_BLOCK = 512
 ZERO_BLOCK = bytes(TAR_BLOCK)
 NPY_MAGIC = b"\x93NUMPY"
@@ -41,7 +43,7 @@ def encode_sample(key: str, pixels: np.ndarray, label: int, image_format: str) -
     return {"__key__": key, image_format: image, LABEL_EXTENSION: str(int(label)).encode()}
 
 
-def decode_image(sample: dict[str, bytes]) -> np.ndarray:
+def decode_image(sample: Sample) -> np.ndarray:
     if "npy" in sample:
         return decode_npy(sample["npy"])
     if "png" in sample:
@@ -60,7 +62,7 @@ def decode_png_rgb(payload: bytes, key: str | None) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def decode_label(sample: dict[str, bytes]) -> int:
+def decode_label(sample: Sample) -> int:
     try:
         return int(sample[LABEL_EXTENSION])
     except (KeyError, ValueError):
@@ -168,9 +170,9 @@ def iter_tar_files(stream: BinaryIO, shard_name: str) -> Iterator[tuple[str, byt
             long_name = None
 
 
-def iter_samples(stream: BinaryIO, shard_name: str) -> Iterator[dict[str, bytes]]:
+def iter_samples(stream: BinaryIO, shard_name: str) -> Iterator[Sample]:
     """Yield samples of a tar stream in order, refusing unsafe payloads and malformed archives."""
-    current: dict[str, bytes] = {}
+    current: Sample = {}
     for member_name, payload in iter_tar_files(stream, shard_name):
         key, extension = _split_member_name(member_name)
         if extension in UNSAFE_EXTENSIONS:

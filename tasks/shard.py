@@ -199,8 +199,10 @@ def _write_shard(job: ShardJob) -> dict:
         for position, (key, label) in enumerate(zip(job.keys, job.labels, strict=True)):
             if job.pixels is not None:
                 pixels = job.pixels[position]
-            else:
+            elif job.files is not None:
                 pixels = load_image_file(job.files[position], job.image_size, job.expected_size)
+            else:
+                raise ValueError(f"{job.name}: the job carries neither pixels nor image files")
             writer.write(encode_sample(key, pixels, label, job.image_format))
             class_counts[label] += 1
     partial = pattern % job.index
@@ -260,6 +262,14 @@ def read_manifest(location: str) -> dict | None:
         return json.loads(fs.cat_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ShardFormatError(f"{_join(location, MANIFEST_NAME)}: not valid JSON ({error})") from None
+
+
+def require_manifest(location: str) -> dict:
+    """The manifest of shards that must exist; FileNotFoundError when `location` has none."""
+    manifest = read_manifest(location)
+    if manifest is None:
+        raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
+    return manifest
 
 
 def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> bool:

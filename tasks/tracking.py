@@ -12,14 +12,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tasks.config import PipelineConfig
 
 WANDB_ID_LIMIT = 64
+WandbMode = Literal["offline", "online", "disabled"]
 
 
-def wandb_mode(config: PipelineConfig) -> str:
+def wandb_mode(config: PipelineConfig) -> WandbMode:
     mode = config.tracking.mode
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         return "offline"
@@ -60,7 +61,7 @@ def start_wandb_run(
                           directory=Path(config.run_dir), config={**config_for_logging(config), **(extra or {})})
 
 
-def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: str, name: str, mode: str,
+def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: str, name: str, mode: WandbMode,
                    directory: Path, config: dict):
     """The W&B run of one step of a group, resumed if it exists: its id follows from group, step and name."""
     import wandb

@@ -37,7 +37,7 @@ from tasks.config import (
 from tasks.loader import batches_per_rank
 from tasks.recipe import check_ema_horizon, trained_weights
 from tasks.samples import ShardFormatError
-from tasks.shard import read_manifest, verify_shards
+from tasks.shard import require_manifest, verify_shards
 from tasks.tracking import start_wandb_run
 from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
@@ -282,7 +282,7 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
     if not report.ok:
         raise TrainingError(f"refusing to train on bad shards in {location}:\n  " + "\n  ".join(report.problems),
                             retryable=False)
-    splits = read_manifest(location)["splits"]
+    splits = require_manifest(location)["splits"]
     if VAL_SPLIT not in splits:
         raise TrainingError(f"{location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; shard "
                             f"again with data.val_size > 0", retryable=False)

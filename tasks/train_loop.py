@@ -29,6 +29,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -74,6 +75,11 @@ from tasks.tracking import (
     start_wandb_run,
 )
 from tasks.worker_context import RayTrainContext, WorkerContext
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
+    from vitmodels import DistillationLoss
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +147,10 @@ class Trainer:
     context: WorkerContext
     model: nn.Module  # the plain model: its weights are what checkpoints hold
     step_model: nn.Module  # the model the step calls: DDP-wrapped, maybe compiled
-    ema: nn.Module | None
+    ema: ModelEmaV3 | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    criterion: nn.Module
+    criterion: DistillationLoss
     num_classes: int
     train_stream: ShardStream
     val_stream: ShardStream
@@ -234,10 +240,11 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
 
     channels_last = uses_channels_last(training, spec)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(spec, num_classes).to(device, memory_format=memory_format)
+    model = build_model(spec, num_classes).to(device).to(memory_format=memory_format)
     teacher = None
     if spec.distillation != "none":
-        teacher = build_teacher(config, spec, num_classes, job.teacher_weights).to(device, memory_format=memory_format)
+        teacher = build_teacher(config, spec, num_classes, job.teacher_weights)
+        teacher = teacher.to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(model, training, spec, context.world_size)
     steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
     total_steps = steps_per_epoch * training.epochs
@@ -268,9 +275,10 @@ def _prepare_step_model(trainer: Trainer, *, frozen: bool) -> None:
     if trainer.config.training.freeze_backbone_epochs:
         freeze_backbone(trainer.model, frozen)
     trainer.backbone_frozen = frozen
-    trainer.step_model = None  # the previous wrapper (and its gradient hooks) goes before the new one comes
+    trainer.step_model = trainer.model  # the previous wrapper (and its gradient hooks) goes before the new one comes
     ddp_model = trainer.context.prepare_model(trainer.model)
-    trainer.step_model = torch.compile(ddp_model) if trainer.config.training.compile else ddp_model
+    # torch.compile of a module is an nn.Module (OptimizedModule); torch types its result as a plain callable
+    trainer.step_model = cast(nn.Module, torch.compile(ddp_model)) if trainer.config.training.compile else ddp_model
 
 
 def _resume(trainer: Trainer) -> None:
@@ -301,8 +309,10 @@ def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tens
     if training.compile:
         torch._dynamo.mark_dynamic(images, 0)  # one graph for every batch size the loader plans
     no_sync = not sync_gradients and trainer.context.world_size > 1
-    with (trainer.step_model.no_sync() if no_sync else nullcontext()), \
-            autocast_context(trainer.config, trainer.context.device):
+    # With several ranks the step model is DDP (compiled, it passes no_sync on to DDP); nn.Module types
+    # attributes it does not declare as Tensor | Module.
+    gradient_sync = trainer.step_model.no_sync() if no_sync else nullcontext()  # type: ignore[operator]
+    with gradient_sync, autocast_context(trainer.config, trainer.context.device):
         outputs = trainer.step_model(images)
         loss = trainer.criterion(images, outputs, targets)
         (loss / training.grad_accum_steps).backward()
@@ -391,7 +401,7 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
         metrics |= {"train_loss_base": totals["base"] / samples,
                     "train_loss_distillation": totals["distillation"] / samples}
     local_samples = sums.values[2].item()
-    metrics |= {"lr": max(trainer.scheduler.get_last_lr()), "images_per_s_worker": local_samples / seconds,
+    metrics |= {"lr": float(max(trainer.scheduler.get_last_lr())), "images_per_s_worker": local_samples / seconds,
                 "images_per_s": samples / seconds, "epoch_seconds": seconds}
     return metrics, rows
 
@@ -518,6 +528,8 @@ def _log_best_weights_artifact(tracker, trainer: Trainer) -> None:
     import wandb
     from safetensors.torch import save_file
 
+    if trainer.best_weights is None:
+        raise RuntimeError(f"{trainer.job.model_name}: no epoch was scored, so there are no best weights to log")
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / BEST_WEIGHTS
         save_file(trainer.best_weights, str(path))

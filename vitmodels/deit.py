@@ -44,7 +44,9 @@ class DistilledVisionTransformer(VisionTransformer):
     def set_distilled_training(self, enable: bool = True) -> None:
         self.distilled_training = enable
 
-    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+    # ignore[override] on get_classifier, forward_head and forward: they return two heads or two logits where a
+    # ViT's return one, as timm's DeiT does; DistillationLoss, the train loop and classifier_names take both.
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:  # type: ignore[override]
         return self.head, self.head_dist
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -62,7 +64,7 @@ class DistilledVisionTransformer(VisionTransformer):
     def prefix_tokens(self) -> torch.Tensor:
         return torch.cat([self.cls_token, self.dist_token], dim=1)
 
-    def forward_head(self, x: torch.Tensor,
+    def forward_head(self, x: torch.Tensor,  # type: ignore[override]
                      pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tokens -> (cls_logits, dist_logits) in distilled training, else their average; with pre_logits the
         average of the two dropped-out tokens, [B, embed_dim]."""
@@ -74,7 +76,7 @@ class DistilledVisionTransformer(VisionTransformer):
             return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return self.forward_head(self.forward_features(x))
 
 

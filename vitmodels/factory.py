@@ -81,7 +81,8 @@ def create_model(name: str, num_classes: int | None = None, pretrained_file: str
     model = timm.create_model(name, num_classes=num_classes, **kwargs)
     file_classes = checkpoint_num_classes(state_dict, classifier_names(model))
     if num_classes is None and file_classes is not None and file_classes != model.num_classes:
-        model.reset_classifier(file_classes)
+        # timm types its models as plain nn.Modules, so not this method of its model API that every one has
+        model.reset_classifier(file_classes)  # type: ignore[operator]
     report = load_pretrained(model, state_dict)
     log.info("%s from %s: %s", name, pretrained_file, report.summary())
     return model

@@ -2,6 +2,7 @@
 
 Module and parameter names follow timm so that state_dicts move between the two without conversion.
 """
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 
 def to_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, Sequence):
         first, second = value
         return int(first), int(second)
     return int(value), int(value)
@@ -62,13 +63,21 @@ def take_indices(num_features: int, indices: int | Sequence[int] | None) -> tupl
     return taken, max(taken)
 
 
-class TimmClassifier(nn.Module):
+class TimmClassifier(nn.Module, ABC):
     """What every vitmodels family shares with timm's models: forward is forward_head after forward_features.
 
     Each family implements timm's model API around it: forward_features, forward_head(x, pre_logits),
     get_classifier, reset_classifier(num_classes, global_pool), num_features, head_hidden_size, feature_info,
     forward_intermediates, prune_intermediate_layers, group_matcher, no_weight_decay, set_grad_checkpointing.
     """
+
+    @abstractmethod
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the backbone's output tokens or feature map."""
+
+    @abstractmethod
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_features' output -> logits, or with pre_logits the pooled features."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -137,7 +146,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = to_pair(img_size)
         self.patch_size = to_pair(patch_size)
-        self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
@@ -228,12 +237,11 @@ class GlobalPool2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.pool_type:
             return x
-        avg = x.mean(dim=self.spatial_dims) if "avg" in self.pool_type else None
-        peak = x.amax(dim=self.spatial_dims) if "max" in self.pool_type else None
         if self.pool_type == "avg":
-            return avg
+            return x.mean(dim=self.spatial_dims)
         if self.pool_type == "max":
-            return peak
+            return x.amax(dim=self.spatial_dims)
+        avg, peak = x.mean(dim=self.spatial_dims), x.amax(dim=self.spatial_dims)
         if self.pool_type == "avgmax":
             return 0.5 * (avg + peak)
         return torch.cat([avg, peak], dim=1)

@@ -46,12 +46,15 @@ class DistillationLoss(nn.Module):
             self.last_terms = {"base": loss.detach(), "distillation": torch.zeros_like(loss.detach())}
             return loss
 
+        teacher = self.teacher
+        if teacher is None:  # the constructor checked; this catches a teacher removed since
+            raise ValueError(f"distillation_type={self.distillation_type!r} needs a teacher_model")
         cls_logits, dist_logits = outputs if two_heads else (outputs, outputs)
         base = self.base_criterion(cls_logits, labels)
         # eval on every call: a model.train() on a parent module must not switch on teacher dropout/BN
-        self.teacher.eval()
+        teacher.eval()
         with torch.no_grad():
-            teacher_logits = self.teacher(inputs)
+            teacher_logits = teacher(inputs)
         if self.distillation_type == "soft":
             # kl_div(input=log q, target=log p) = sum p (log p - log q) = KL(teacher || student); batchmean
             # divides the sum by the batch size only (dividing by numel would also divide by the class count).

@@ -71,6 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch checkpoint (weights_only: no pickled code runs), unwrapped from
     {'state_dict': ...}-style wrappers and DDP / torch.compile prefixes."""
     path = Path(path)
+    checkpoint: object  # a torch checkpoint can hold anything; the checks below find the state dict
     if path.suffix == ".safetensors":
         checkpoint = load_file(str(path))
     else:
@@ -81,7 +82,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(checkpoint, dict):
         raise CheckpointMismatchError(f"{path}: not a state dict (a {type(checkpoint).__name__})")
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for key, value in checkpoint.items():
         for prefix in WRAPPER_PREFIXES:
             key = key.removeprefix(prefix)
@@ -97,7 +98,8 @@ def classifier_names(model: nn.Module) -> tuple[str, ...]:
     names = cfg.get("classifier")
     if names:
         return (names,) if isinstance(names, str) else tuple(names)
-    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    get_classifier = getattr(model, "get_classifier", None)
+    heads = get_classifier() if get_classifier is not None else ()
     heads = heads if isinstance(heads, tuple) else (heads,)
     return tuple(name for name, module in model.named_modules() if any(module is head for head in heads))
 
@@ -183,7 +185,10 @@ def _adapt_pos_embed(model: nn.Module, checkpoint: Mapping[str, torch.Tensor],
     kinds, model_kinds = _prefix_kinds(checkpoint), _prefix_kinds(target_state)
     if source.shape == target.shape and kinds == model_kinds:
         return source  # the same layout (whatever the grid's shape): nothing to resample
-    new_grid = tuple(model.patch_embed.grid_size)
+    grid_size = getattr(model.get_submodule("patch_embed"), "grid_size", None)
+    if grid_size is None:
+        raise CheckpointMismatchError(f"pos_embed: {type(model).__name__}.patch_embed has no grid_size to resample to")
+    new_grid: tuple[int, int] = tuple(grid_size)
     model_kinds = model_kinds[:target.shape[1] - new_grid[0] * new_grid[1]]  # none with no_embed_class
     # a checkpoint's position embedding covers its prefix tokens or none of them (timm's no_embed_class)
     patches = source.shape[1] - len(kinds)
@@ -217,7 +222,7 @@ def _adapt(model: nn.Module, key: str, checkpoint: Mapping[str, torch.Tensor],
     if value.shape == target.shape:
         return value
     if key.endswith("patch_embed.proj.weight") and value.shape[:2] == target.shape[:2]:
-        adapted = resample_patch_embed(value, tuple(target.shape[-2:]))
+        adapted = resample_patch_embed(value, (target.shape[-2], target.shape[-1]))
     elif key.endswith("relative_position_bias_table") and value.shape[1] == target.shape[1]:
         window = getattr(model.get_submodule(key.rsplit(".", 1)[0]), "window_size", None)
         new_window = tuple(window) if window is not None else (
@@ -261,7 +266,7 @@ def adapt_state_dict(model: nn.Module, checkpoint: Mapping[str, torch.Tensor]
             continue
         source = _copy_source(key, checkpoint, adapted)
         if source is not None:
-            adapted[key] = adapted.get(source, checkpoint.get(source, target.get(source)))
+            adapted[key] = adapted[source] if source in adapted else checkpoint[source]
             report.initialised[key] = source
         elif key in report.replaced or (is_head(key) and key not in checkpoint):
             adapted[key] = value

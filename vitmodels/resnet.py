@@ -6,6 +6,7 @@ Parameter names are timm's ResNet names, so a timm resnet18/50 whose conv1 is sw
 and whose maxpool is removed shares the state_dict.
 """
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.models import build_model_with_cfg, register_model
@@ -115,7 +116,8 @@ class ResNet(TimmClassifier):
         self.grad_checkpointing = False
         self.conv1, self.bn1 = conv_bn(in_chans, out_chs=channels[0], kernel_size=3)
         self.act1 = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=channels[0], reduction=1, module="act1")]
+        # timm's feature_info: per feature, its channels, stride and module name
+        self.feature_info: list[dict[str, Any]] = [dict(num_chs=channels[0], reduction=1, module="act1")]
         in_chs = channels[0]
         block_drop_paths = iter(drop_path_rates(drop_path_rate, sum(layers)))
         for i, (num_blocks, width) in enumerate(zip(layers, channels, strict=True)):
@@ -161,12 +163,12 @@ class ResNet(TimmClassifier):
             raise ValueError("global_pool='' leaves a feature map that a linear classifier cannot take; "
                              "use num_classes=0 for the unpooled features")
         self.num_classes = num_classes
-        self.global_pool = GlobalPool2d(pool_type, input_fmt="NCHW")
+        self.global_pool: GlobalPool2d = GlobalPool2d(pool_type, input_fmt="NCHW")
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.fc.train(self.training)
 
-    def stages(self) -> list[nn.Sequential]:
+    def stages(self) -> list[nn.Module]:
         return [module for name, module in self.named_children() if name.startswith("layer")]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

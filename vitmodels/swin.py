@@ -5,7 +5,7 @@ resolutions divide into whole windows. relative_position_index and attn_mask are
 hyper-parameters, so like timm they are non-persistent buffers and state_dicts load strictly both ways.
 """
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from timm.models import build_model_with_cfg, register_model
@@ -98,6 +98,8 @@ class WindowAttention(Attention):
         proj_drop: dropout after the output projection.
     """
 
+    relative_position_index: torch.Tensor  # a buffer, registered in __init__
+
     def __init__(self, dim: int, *, num_heads: int, window_size: tuple[int, int], qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -141,9 +143,9 @@ class SwinTransformerBlock(nn.Module):
         self.input_resolution = input_resolution
         # as in timm: a window never exceeds the feature map, and shifting a single window along an axis
         # would only wrap the map onto itself
-        self.window_size = tuple(min(r, w) for r, w in zip(input_resolution, window_size, strict=True))
-        self.shift_size = tuple(
-            w // 2 if shift and r > w else 0 for r, w in zip(input_resolution, self.window_size, strict=True))
+        self.window_size = to_pair([min(r, w) for r, w in zip(input_resolution, window_size, strict=True)])
+        self.shift_size = to_pair(
+            [w // 2 if shift and r > w else 0 for r, w in zip(input_resolution, self.window_size, strict=True)])
         if any(r % w for r, w in zip(input_resolution, self.window_size, strict=True)):
             raise ValueError(f"resolution {input_resolution} must split into whole {self.window_size} windows")
 
@@ -217,7 +219,8 @@ class SwinTransformerStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = PatchMerging(dim, out_dim=out_dim) if downsample else nn.Identity()
-        self.output_resolution = tuple(r // 2 for r in input_resolution) if downsample else input_resolution
+        self.output_resolution = (
+            (input_resolution[0] // 2, input_resolution[1] // 2) if downsample else input_resolution)
         self.blocks = nn.Sequential(*[
             SwinTransformerBlock(out_dim, input_resolution=self.output_resolution, num_heads=num_heads,
                                  window_size=window_size, shift=i % 2 == 1, drop_path=drop_path[i], **block_args)
@@ -326,7 +329,7 @@ class SwinTransformer(TimmClassifier):
             self.feature_info.append(dict(num_chs=out_dim, reduction=max(to_pair(patch_size)) * 2 ** i,
                                           module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm: nn.Module = nn.LayerNorm(self.num_features)  # pruning may replace it with nn.Identity
         self.head = SwinHead(self.num_features, num_classes=num_classes, pool_type=global_pool,
                              drop_rate=drop_rate)
         self.head_hidden_size = self.head.num_features
@@ -347,7 +350,8 @@ class SwinTransformer(TimmClassifier):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
-            stage.grad_checkpointing = enable
+            # nn.Sequential is not generic: its items are typed as plain modules
+            cast(SwinTransformerStage, stage).grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
