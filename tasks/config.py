@@ -418,12 +418,20 @@ class SearchDimension(_Section):
             raise ValueError(f"[low, high] needs low < high (got {list(bounds)})")
         return self
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """[low, high] of a uniform or loguniform dimension."""
+        bounds = self.uniform or self.loguniform
+        if bounds is None:
+            raise ValueError("a choice has no bounds")
+        return bounds
+
     def candidates(self) -> list[Any]:
         """Values standing for everything the dimension samples, checked against the config before any trial:
         every choice, or both bounds and a fractional value between them (an integer field refuses that one)."""
         if self.choice is not None:
             return list(self.choice)
-        low, high = self.uniform or self.loguniform
+        low, high = self.bounds
         inside = low + 0.37 * (high - low) if self.uniform else low * (high / low) ** 0.37
         return [low, inside, high]
 
@@ -580,7 +588,7 @@ class PipelineConfig(_Section):
         if sweep is None:
             return self
         problems = []
-        if (where := swept_model_path(self)) is None:
+        if (where := swept_model_path(self, sweep)) is None:
             known = ", ".join(spec.name for spec in self.model.all_specs())
             raise ValueError(f"sweep.model: {sweep.model!r} is not a configured model; configured: {known}")
         spec = self.model.spec(sweep.model)
@@ -592,7 +600,7 @@ class PipelineConfig(_Section):
                             f"training.epochs ({self.training.epochs})")
         tree = self.model_dump(mode="json", exclude={"sweep"})
         for path, dimension in list(sweep.parameters.items()):
-            problem = _sweep_path_problem(self, path, where)
+            problem = _sweep_path_problem(self, sweep, path, where)
             if problem is None:
                 problem, values = _checked_values(tree, path, dimension)
                 if problem is None and dimension.choice is not None:
@@ -626,15 +634,15 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     return PipelineConfig.model_validate(tree)
 
 
-def swept_model_path(config: PipelineConfig) -> str | None:
+def swept_model_path(config: PipelineConfig, sweep: SweepConfig) -> str | None:
     """Where the sweep's model sits in the configuration: model.baseline or model.transformers.<index>."""
-    if config.model.baseline.name == config.sweep.model:
+    if config.model.baseline.name == sweep.model:
         return "model.baseline"
-    indices = [i for i, spec in enumerate(config.model.transformers) if spec.name == config.sweep.model]
+    indices = [i for i, spec in enumerate(config.model.transformers) if spec.name == sweep.model]
     return f"model.transformers.{indices[0]}" if indices else None
 
 
-def _sweep_path_problem(config: PipelineConfig, path: str, model_path: str) -> str | None:
+def _sweep_path_problem(config: PipelineConfig, sweep: SweepConfig, path: str, model_path: str) -> str | None:
     """Why `path` cannot be swept: not a field of this configuration, or one a trial must not change."""
     parts, node = path.split("."), config
     for index, part in enumerate(parts):
@@ -656,14 +664,14 @@ def _sweep_path_problem(config: PipelineConfig, path: str, model_path: str) -> s
         return "is a section: sweep its fields one by one"
     if path.startswith("model."):
         if not path.startswith(f"{model_path}."):
-            return f"not a field of the swept model {config.sweep.model} ({model_path}.*)"
+            return f"not a field of the swept model {sweep.model} ({model_path}.*)"
         if path == f"{model_path}.name":
             return "sweep.model names the model every trial trains"
     elif not path.startswith(SWEEPABLE_SECTIONS):
         return (f"only {', '.join(s + '*' for s in SWEEPABLE_SECTIONS)} and the swept model's fields ({model_path}.*) "
                 "can be swept: the shards are made once for every trial, and the other sections are not "
                 "hyperparameters")
-    if path == "training.epochs" and config.sweep.scheduler.name == "asha":
+    if path == "training.epochs" and sweep.scheduler.name == "asha":
         return "ASHA decides how many epochs each trial gets, up to training.epochs"
     return None
 

@@ -119,9 +119,9 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
         if dimension.choice is not None:
             space[path] = tune.choice(dimension.choice)
         elif dimension.uniform is not None:
-            space[path] = tune.uniform(*dimension.uniform)
+            space[path] = tune.uniform(*dimension.bounds)
         else:
-            space[path] = tune.loguniform(*dimension.loguniform)
+            space[path] = tune.loguniform(*dimension.bounds)
     return space
 
 
@@ -194,7 +194,8 @@ def run_trial(parameters: dict[str, Any], *, job: SweepJob) -> None:
     if _TRAIN_RUN.get("stopping"):
         return  # the epochs reported again were enough for ASHA to stop the trial
     _TRAIN_RUN["mailbox"] = mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    run = training_run(config, job.config.sweep.model, shard_location=job.shard_location,
+    model = require_sweep(job.config, "the sweep's configuration").model
+    run = training_run(config, model, shard_location=job.shard_location,
                        storage=job.trials_storage, name=name,
                        # The handle first: once Tune has an epoch's metrics, it may stop the trial at once.
                        callbacks=(_SendsItsController(mailbox), TuneReportCallback()))
@@ -226,7 +227,8 @@ def _report_epochs_done(run_path: str) -> None:
         ray.tune.report({**epoch, **({CHECKPOINT_PATH_KEY: str(latest)} if index == len(history) - 1 else {})})
 
 
-run_trial.__mixins__ = (_AbortsItsTrainRun,)  # Tune builds the trial's trainable class with this mixin
+# Tune builds the trial's trainable class with this mixin (ray.tune's wrap_function reads __mixins__).
+run_trial.__mixins__ = (_AbortsItsTrainRun,)  # type: ignore[attr-defined]  # an attribute Tune defines, not Python
 
 
 def _trial_dirname(trial) -> str:
@@ -296,7 +298,7 @@ def _tuner(config: PipelineConfig, job: SweepJob, group: str):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    sweep = config.sweep
+    sweep = require_sweep(config, "the configuration")
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), TRIAL_DRIVER_RESOURCES)
     experiment = f"{sweep_storage(config)}/tune"
     if tune.Tuner.can_restore(experiment):
@@ -356,7 +358,8 @@ def ranked(records: list[TrialRecord], direction: str) -> list[TrialRecord]:
 
 
 def results_document(config: PipelineConfig, records: list[TrialRecord], seconds: float) -> dict:
-    sweep, metric = config.sweep, config.sweep.metric
+    sweep = require_sweep(config, "the configuration")
+    metric = sweep.metric
     trials = []
     for rank, record in enumerate(records, start=1):
         entry = {key: value for key, value in asdict(record).items() if key not in ("best_value", "history")}
@@ -410,12 +413,13 @@ def log_summary(config: PipelineConfig, records: list[TrialRecord], group: str, 
     coordinates panel plots, with results.json and best.yaml as an artifact."""
     import wandb
 
-    sweep = config.sweep
+    sweep = require_sweep(config, "the configuration")
     run = start_wandb_run(config, SUMMARY_JOB_TYPE, sweep.model, group)
     if run is None:
         return
     paths = list(sweep.parameters)
-    columns = ["trial", *paths, f"best_{sweep.metric}", "best_epoch", "epochs", "stopped_early", "status"]
+    columns: list[str | int] = ["trial", *paths, f"best_{sweep.metric}", "best_epoch", "epochs", "stopped_early",
+                               "status"]
     swept = [_table_column([r.parameters.get(path) for r in records]) for path in paths]
     table = wandb.Table(columns=columns, data=[
         [r.trial, *[column[i] for column in swept], r.best_value, r.best_epoch, r.epochs, r.stopped_early, r.status]
