@@ -73,3 +73,18 @@ def prefect_server(home: Path, **extra: str) -> Iterator[dict[str, str]]:
         yield env
     finally:
         stop(server)
+
+
+def drain_this_process_clients() -> None:
+    """Send what this process's Prefect clients still hold and forget them, before their server stops.
+
+    Prefect keeps one events worker (and one log worker) per process, keyed by client type and not by API URL:
+    left running after its server is gone, the next server in this process (prefect_test_harness in a later
+    test) would get a worker still sending to the old one, and its events would never arrive. The test harness
+    drains them on exit; a test that points this process at a server of its own must do the same."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all()
+    APILogWorker.drain_all()
+

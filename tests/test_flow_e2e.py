@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SERVER_STARTUP_SECONDS = 120
 RUN_TIMEOUT_SECONDS = 900
+MINI_VAL_IMAGES = 80  # of mini_cifar's 480 training images
 # The smoke deployment with smaller models and one epoch; outputs under the test's directory.
 TINY = [
     "training.epochs=1",
@@ -76,9 +77,9 @@ def _smoke_params(output_dir: Path, *extra: str, reuse: bool = False) -> str:
     })
 
 
-def _run_smoke(env: dict, home: Path, reuse: bool = False) -> str:
+def _run_smoke(env: dict, home: Path, *extra: str, reuse: bool = False) -> str:
     command = [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params",
-               _smoke_params(home / "runs", reuse=reuse), "--watch"]
+               _smoke_params(home / "runs", *extra, reuse=reuse), "--watch"]
     result = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
     return _created_flow_run(result.stdout)
@@ -160,15 +161,33 @@ def _assert_wandb_runs(wandb_dir: Path, group: str) -> None:
 MODELS = {"resnet18_cifar", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32", "swin_tiny_patch2_window4_32"}
 
 
-def test_smoke_deployment_completes_in_its_own_directory_and_a_rerun_reuses_only_when_asked(served):
-    env, home, logs, _ = served
-    first = _run_smoke(env, home)
+def test_smoke_deployment_survives_a_server_restart_in_its_own_directory_and_a_rerun_reuses_only_when_asked(
+        served, mini_cifar):
+    """One real training flow run serves both checks (each costs minutes on two cores), on a few hundred images:
+    the Prefect server is restarted while it trains, and it completes in a directory of its own; a second run
+    reuses it on request."""
+    env, home, logs, restart_server = served
+    few_images = [f"data.data_root={mini_cifar}", f"data.val_size={MINI_VAL_IMAGES}"]
+    started = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params",
+         _smoke_params(home / "runs", *few_images)],
+        env=env, cwd=home, capture_output=True, text=True, check=True,
+    )
+    first = _created_flow_run(started.stdout)
+    run_root = home / "runs" / "smoke"
+    wait_until(lambda: any(run_root.glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
+               "the baseline's first checkpoint")
+
+    restart_server()  # mid-training: the flow's API calls fail until the new server answers
+
+    terminal = {"Completed", "Failed", "Crashed", "Cancelled"}
+    wait_until(lambda: _flow_run_state(env, first) in terminal, RUN_TIMEOUT_SECONDS, f"flow run {first} to finish")
+    assert _flow_run_state(env, first) == "Completed"
     states = _task_states(env, first)
     assert list(_states_of(states, "shard").values()) == ["Completed"], states
     assert set(_states_of(states, "train-")) == {f"train-{name}" for name in MODELS}, states
     assert set(_states_of(states, "train-").values()) == {"Completed"}, states
 
-    run_root = home / "runs" / "smoke"
     run_dir = _run_directory(run_root, first)
     assert run_dir.name.startswith(f"{first}-") and (run_root / "shards" / "manifest.json").is_file()
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
@@ -178,7 +197,7 @@ def test_smoke_deployment_completes_in_its_own_directory_and_a_rerun_reuses_only
     _assert_wandb_runs(run_dir / "wandb", run_dir.name)  # the W&B group is the flow run's directory
 
     # (That a rerun trains again by default is tests/test_flow.py's, on the same cache; here: reuse on request.)
-    second = _run_smoke(env, home, reuse=True)
+    second = _run_smoke(env, home, *few_images, reuse=True)
     states = _task_states(env, second)
     assert list(_states_of(states, "shard").values()) == ["Cached"], states
     assert len(_states_of(states, "train-")) == 4, states
@@ -189,28 +208,6 @@ def test_smoke_deployment_completes_in_its_own_directory_and_a_rerun_reuses_only
         assert (second_dir / "models" / name / "best.safetensors").read_bytes() == (
             run_dir / "models" / name / "best.safetensors").read_bytes()
     assert json.loads((second_dir / "evaluation.json").read_text())["models"]
-
-
-def test_a_flow_run_survives_a_prefect_server_restart(served):
-    env, home, logs, restart_server = served
-    output_dir = home / "runs-restart"  # not the cached run's: this one really trains
-    started = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "vit-pipeline/smoke", "--params", _smoke_params(output_dir)],
-        env=env, cwd=home, capture_output=True, text=True, check=True,
-    )
-    name = _created_flow_run(started.stdout)
-    wait_until(lambda: any((output_dir / "smoke").glob("*/ray/resnet18_cifar/checkpoint_*")), RUN_TIMEOUT_SECONDS,
-                "the baseline's first checkpoint")
-
-    restart_server()  # mid-training: the flow's API calls fail until the new server answers
-
-    terminal = {"Completed", "Failed", "Crashed", "Cancelled"}
-    wait_until(lambda: _flow_run_state(env, name) in terminal, RUN_TIMEOUT_SECONDS, f"flow run {name} to finish")
-    assert _flow_run_state(env, name) == "Completed"
-    run_dir = _run_directory(output_dir / "smoke", name)
-    evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    assert len(evaluation["models"]) == 4
-    assert (run_dir / "report" / "report.html").is_file()
 
 
 def test_cancelling_a_flow_run_stops_its_ray_job(served, cluster_head, val_shards):

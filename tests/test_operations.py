@@ -24,7 +24,7 @@ from tests.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the f
     intervals_overlap,
     trainings,
 )
-from tests.prefect_server import prefect_server, wait_until
+from tests.prefect_server import drain_this_process_clients, prefect_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,7 @@ def server(tmp_path_factory):
     with prefect_server(home, PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="1") as env:
         with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
             yield env
+            drain_this_process_clients()
 
 
 @pytest.fixture
