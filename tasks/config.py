@@ -677,12 +677,25 @@ def _sweep_path_problem(config: PipelineConfig, sweep: SweepConfig, path: str, m
 
 
 def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
-    """Set the field at a dotted path (list items by index) in a configuration's tree."""
+    """Set the field at a dotted path in a configuration's tree: list items by index, a missing section created
+    (an override of a YAML file that leaves the section out), a value where a section is named refused."""
     *parents, last = path.split(".")
     node: Any = tree
     for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    node[int(last) if isinstance(node, list) else last] = value
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            node = None
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override {path}: {part} is not a section")
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"override {path}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def get_dotted(tree: dict[str, Any], path: str) -> Any:
@@ -742,16 +755,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return dotted.strip().split("."), yaml.safe_load(raw)
 
 
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
 def build_config(
     tree: dict[str, Any] | None = None, overrides: Sequence[str] = (), source: str = "<defaults>"
 ) -> PipelineConfig:
@@ -760,7 +763,8 @@ def build_config(
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     tree = dict(tree or {})
     for override in overrides:
-        _apply_override(tree, *parse_override(override))
+        path, value = parse_override(override)
+        set_dotted(tree, ".".join(path), value)
     env_root = os.environ.get(DATA_ROOT_ENV)
     data = tree.setdefault("data", {})
     if isinstance(data, dict) and data.get("data_root") is None and env_root:
