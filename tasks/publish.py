@@ -4,9 +4,10 @@ A model family is one configured model (its timm name); its best model is the we
 validation and evaluate scored once on the test split (runs/<run>/<flow run>/models/<model>/best.safetensors).
 Each is linked to the collection `<project>-<model>` of the registry `tracking.registry`
 (`wandb-registry-model/vit-pipeline-vit_tiny_patch4_32` by default) with the alias `latest`, and `best` when
-its test top-1 beats the model aliased `best` there on the same test split (same sha256 over the test split's
-shards; numbers from another split are not comparable, and `best` then stays where it is). One that falls more
-than `tracking.regression_margin` below that best raises an alert (tasks/alerts.py).
+its validation top-1 beats the model aliased `best` there on the same validation split (same sha256 over the
+validation split's shards; numbers from another split are not comparable, and `best` then stays where it is).
+The registry chooses on validation, as training does; the test top-1 is reported on the card, never compared.
+One that falls more than `tracking.regression_margin` below that best raises an alert (tasks/alerts.py).
 
 The plan, what is linked where with which card, is always written first to <run directory>/registry.json.
 Online it is carried out at once; offline (or without network) it waits there until `wandb sync` has uploaded
@@ -42,6 +43,7 @@ BEST_ALIAS = "best"
 LATEST_ALIAS = "latest"
 REGISTRY_PREFIX = "wandb-registry-"
 TEST_SPLIT = "test"
+VAL_SPLIT = "val"
 # How long publishing waits for the W&B server to answer a connection before saying it cannot reach it.
 CONNECT_SECONDS = 10.0
 
@@ -96,23 +98,26 @@ def split_sha256(manifest: dict, split: str = TEST_SPLIT) -> str:
 
 
 def decide(card: dict, registered: dict | None, margin: float) -> Decision:
-    """The aliases of a newly published model, given the card of the model registered as `best` (or None)."""
+    """The aliases of a newly published model, given the card of the model registered as `best` (or None).
+
+    Chosen on validation top-1 over the same validation split: a registry that moved `best` by test top-1 would
+    select weekly retrainings on the test split, which then no longer measures them honestly."""
     if registered is None:
         return Decision([LATEST_ALIAS, BEST_ALIAS], "no model is registered as best yet")
-    split, top1 = card["test_split_sha256"], card["test_top1"]
-    best_split, best_top1 = registered.get("test_split_sha256"), registered.get("test_top1")
+    split, top1 = card["val_split_sha256"], card["val_top1"]
+    best_split, best_top1 = registered.get("val_split_sha256"), registered.get("val_top1")
     if best_split != split or best_top1 is None:
-        return Decision([LATEST_ALIAS], f"the registered best was scored on another test split "
+        return Decision([LATEST_ALIAS], f"the registered best was validated on another split "
                                         f"({str(best_split)[:12]}, this one {split[:12]}): not comparable, "
                                         f"'{BEST_ALIAS}' stays (move it in the W&B Registry if that is meant)")
     if top1 > best_top1:
         return Decision([LATEST_ALIAS, BEST_ALIAS],
-                        f"test top-1 {top1:.4f} beats the registered best's {best_top1:.4f}")
-    reason = f"test top-1 {top1:.4f} does not beat the registered best's {best_top1:.4f}"
+                        f"validation top-1 {top1:.4f} beats the registered best's {best_top1:.4f}")
+    reason = f"validation top-1 {top1:.4f} does not beat the registered best's {best_top1:.4f}"
     if top1 < best_top1 - margin:
-        regression = (f"{card['model']} retrained (flow run {card['flow_run']}): test top-1 {top1:.4f} is "
-                      f"{best_top1 - top1:.4f} below the registered best's {best_top1:.4f} on the same test split "
-                      f"(tracking.regression_margin {margin}); it is linked as '{LATEST_ALIAS}' only")
+        regression = (f"{card['model']} retrained (flow run {card['flow_run']}): validation top-1 {top1:.4f} is "
+                      f"{best_top1 - top1:.4f} below the registered best's {best_top1:.4f} on the same validation "
+                      f"split (tracking.regression_margin {margin}); it is linked as '{LATEST_ALIAS}' only")
         return Decision([LATEST_ALIAS], reason, regression)
     return Decision([LATEST_ALIAS], reason)
 
@@ -129,6 +134,7 @@ def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Pa
         "dataset": manifest["dataset"],
         "data_fingerprint": manifest["fingerprint"],
         "test_split_sha256": split_sha256(manifest),
+        "val_split_sha256": split_sha256(manifest, VAL_SPLIT),
         "test_samples": record["test_samples"],
         "test_top1": record["top1"],
         "test_top5": record["top5"],
@@ -178,8 +184,9 @@ def describe(card: dict) -> str:
         f"- **Test top-1 {number('test_top1')}** (top-5 {number('test_top5')}, loss {number('test_loss')}, "
         f"ECE {number('test_ece')}) on the {card['test_samples']} images of the {card['dataset']} test split "
         f"`{card['test_split_sha256'][:12]}`, scored once.",
-        f"- Validation top-1 {number('val_top1')} ({card.get('val_samples')} images); these weights are epoch "
-        f"{card.get('best_epoch')} of {card.get('epochs')}, chosen on validation.",
+        f"- Validation top-1 {number('val_top1')} ({card.get('val_samples')} images of the validation split "
+        f"`{card['val_split_sha256'][:12]}`); these weights are epoch {card.get('best_epoch')} of "
+        f"{card.get('epochs')}, chosen on validation, and the registry's `{BEST_ALIAS}` moves on it too.",
         f"- Data fingerprint `{card['data_fingerprint'][:12]}`; weights sha256 `{card['weights_sha256'][:12]}`.",
         f"- {card['params'] / 1e6:.2f} M parameters, {number('gflops', '{:.3f}')} GFLOPs per image; trained in "
         f"{number('train_seconds', '{:.0f}')} s ({number('device_hours', '{:.3f}')} device hours).",
@@ -283,7 +290,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
         decision = decide(card, registry.registered_best(entry["target"]), plan["regression_margin"])
         if decision.regression:
             alert(f"{entry['model']} below the registered best", decision.regression, "WARN", run=run,
-                  details={"model": entry["model"], "test_top1": card["test_top1"], "collection": entry["target"]})
+                  details={"model": entry["model"], "val_top1": card["val_top1"], "collection": entry["target"]})
         version = registry.link(entry, weights, decision.aliases)
         entry["linked"] = {"version": version, "aliases": decision.aliases, "reason": decision.reason,
                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

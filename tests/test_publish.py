@@ -32,12 +32,15 @@ MANIFEST = {
     "dataset": "cifar10", "classes": [str(c) for c in range(10)], "fingerprint": "f" * 64, "version": 1,
     "splits": {"test": {"num_samples": 200, "shards": [
         {"name": "test-000001.tar", "num_samples": 100, "sha256": "2" * 64, "bytes": 1},
-        {"name": "test-000000.tar", "num_samples": 100, "sha256": "1" * 64, "bytes": 1}]}},
+        {"name": "test-000000.tar", "num_samples": 100, "sha256": "1" * 64, "bytes": 1}]},
+               "val": {"num_samples": 80, "shards": [
+        {"name": "val-000000.tar", "num_samples": 80, "sha256": "4" * 64, "bytes": 1}]}},
 }
 
 
-def _card(top1: float, split: str = SPLIT) -> dict:
-    return {"model": VIT, "flow_run": "weekly-2", "test_split_sha256": split, "test_top1": top1}
+def _card(top1: float, split: str = SPLIT, *, test_top1: float = 0.5) -> dict:
+    return {"model": VIT, "flow_run": "weekly-2", "val_split_sha256": split, "val_top1": top1,
+            "test_split_sha256": "t" * 64, "test_top1": test_top1}
 
 
 @pytest.mark.parametrize(("registered", "aliases", "alerted"), [
@@ -46,18 +49,20 @@ def _card(top1: float, split: str = SPLIT) -> dict:
     (_card(0.75), [LATEST_ALIAS], False),  # a tie does not beat it
     (_card(0.76), [LATEST_ALIAS], False),  # worse, within the margin
     (_card(0.80), [LATEST_ALIAS], True),  # worse by more than the margin
-    (_card(0.90, split="b" * 64), [LATEST_ALIAS], False),  # another test split: not comparable either way
+    (_card(0.90, split="b" * 64), [LATEST_ALIAS], False),  # another validation split: not comparable either way
     (_card(0.10, split="b" * 64), [LATEST_ALIAS], False),
     ({"model": VIT}, [LATEST_ALIAS], False),  # linked by hand, without a card
+    (_card(0.80, test_top1=0.1), [LATEST_ALIAS], True),  # a far better test top-1 is not what moves `best`
+    (_card(0.70, test_top1=0.99), [LATEST_ALIAS, BEST_ALIAS], False),
 ])
-def test_best_moves_only_for_a_better_model_on_the_same_test_split(registered, aliases, alerted):
+def test_best_moves_only_for_a_better_validation_top1_on_the_same_validation_split(registered, aliases, alerted):
     decision = decide(_card(0.75), registered, margin=0.02)
     assert decision.aliases == aliases
     assert (decision.regression is not None) == alerted
     if alerted:
-        assert "0.7500 is 0.0500 below the registered best's 0.8000" in decision.regression
-    if registered is not None and registered.get("test_split_sha256") != SPLIT:
-        assert "another test split" in decision.reason
+        assert "validation top-1 0.7500 is 0.0500 below the registered best's 0.8000" in decision.regression
+    if registered is not None and registered.get("val_split_sha256") != SPLIT:
+        assert "validated on another split" in decision.reason
 
 
 def test_the_test_splits_identity_is_its_shards_in_any_order():
@@ -126,6 +131,7 @@ def test_offline_the_plan_is_written_with_each_models_card(evaluated_run, capsys
     assert vit["weights"] == f"models/{VIT}/best.safetensors"
     card = vit["metadata"]
     assert card["test_split_sha256"] == split_sha256(MANIFEST) and card["data_fingerprint"] == "f" * 64
+    assert card["val_split_sha256"] == split_sha256(MANIFEST, "val") != card["test_split_sha256"]
     assert (card["test_top1"], card["val_top1"], card["best_epoch"], card["flow_run"]) == (0.75, 0.76, 2, "weekly-2")
     assert card["config"]["model"]["name"] == VIT and card["config"]["training"]["epochs"] == config.training.epochs
     assert card["report"]["file"] == "report/report.html" and card["report"]["wandb_run"].startswith("weekly-2-report")
@@ -161,8 +167,8 @@ def test_a_plan_is_carried_out_once_and_a_model_far_below_the_best_alerts(evalua
     plan = _plan_offline(config)
     run_dir = Path(config.run_dir)
     vit_target = f"wandb-registry-model/vit-pipeline-{VIT}"
-    # The registered ViT scored 0.80 on this test split: the retrained one (0.75) is 0.05 below it.
-    registry = FakeRegistry(best={vit_target: _card(0.80, split=split_sha256(MANIFEST))})
+    # The registered ViT scored 0.81 on this validation split: the retrained one (0.76) is 0.05 below it.
+    registry = FakeRegistry(best={vit_target: _card(0.81, split=split_sha256(MANIFEST, "val"))})
     run = wandb.init(project="publish", mode="offline", dir=str(tmp_path),
                      settings=wandb.Settings(silent=True, console="off"))
     # What publish asks of the run, recorded here: W&B's offline writer once lost the alert record in a full
@@ -175,7 +181,7 @@ def test_a_plan_is_carried_out_once_and_a_model_far_below_the_best_alerts(evalua
     finally:
         run.finish()
     assert [(a["title"], a["level"]) for a in asked] == [(f"{VIT} below the registered best", "WARN")]
-    assert "0.0500 below the registered best's 0.8000" in asked[0]["text"]
+    assert "0.0500 below the registered best's 0.8100" in asked[0]["text"]
     assert sorted(registry.links) == [(BASELINE, f"wandb-registry-model/vit-pipeline-{BASELINE}",
                                        [LATEST_ALIAS, BEST_ALIAS]), (VIT, vit_target, [LATEST_ALIAS])]
     stored = {entry["model"]: entry["linked"] for entry in read_plan(run_dir)["models"]}
@@ -257,7 +263,8 @@ def test_the_regression_and_nan_alerts_are_prefect_events(evaluated_run, monkeyp
     config = evaluated_run.model_copy(deep=True)
     config.tracking.mode = "disabled"  # no W&B run for the NaN alert: the event alone is looked at here
     plan = _plan_offline(evaluated_run)
-    registry = FakeRegistry(best={f"wandb-registry-model/vit-pipeline-{VIT}": _card(0.90, split_sha256(MANIFEST))})
+    val_split = split_sha256(MANIFEST, "val")
+    registry = FakeRegistry(best={f"wandb-registry-model/vit-pipeline-{VIT}": _card(0.90, val_split)})
 
     @flow
     def retrain() -> list[str]:
