@@ -183,3 +183,21 @@ def test_cross_field_mistakes_fail_at_load_naming_the_fields(monkeypatch):
     for tree, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             build_config(tree)
+
+
+# Full CIFAR-10: 50,000 training images, of which data.val_size holds out 10% for validation.
+CIFAR10_TRAIN_IMAGES = 45_000
+
+
+def test_the_cifar10_recipe_takes_the_steps_the_public_vit_recipes_take(monkeypatch):
+    """Public CIFAR-10 ViT recipes that reach 90%+ train 35,000-70,000 steps at a global batch of 128-256 with
+    AdamW at 1e-3; the LR follows the worker count (DeiT's linear rule), so more GPUs keep the LR per sample."""
+    from tasks.recipe import effective_lr, global_batch
+
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    training = load_config(REPO_ROOT / "configs" / "cifar10.yaml").training
+    batch = global_batch(training, 2)
+    steps = -(-CIFAR10_TRAIN_IMAGES // batch) * training.epochs
+    assert batch <= 256 and steps >= 35_000, f"{steps} optimizer steps at a global batch of {batch}"
+    assert effective_lr(training, 2) == pytest.approx(1e-3)
+    assert effective_lr(training, 4) == pytest.approx(2e-3)
