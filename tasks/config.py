@@ -511,23 +511,6 @@ class PipelineConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     sweep: SweepConfig | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _training_storage_path_is_storage_checkpoints(cls, data: Any) -> Any:
-        """`training.storage_path`, the name Ray Train's RunConfig gives it, is accepted for
-        `storage.checkpoints`, where the configuration keeps it beside the other storage."""
-        if not isinstance(data, dict) or not isinstance(data.get("training"), dict) \
-                or "storage_path" not in data["training"]:
-            return data
-        training = dict(data["training"])
-        location = training.pop("storage_path")
-        storage = dict(data.get("storage") or {})
-        if storage.get("checkpoints") not in (None, location):
-            raise ValueError(f"training.storage_path ({location}) and storage.checkpoints "
-                             f"({storage['checkpoints']}) name the same place differently: give one of them")
-        storage["checkpoints"] = location
-        return {**data, "training": training, "storage": storage}
-
     @model_validator(mode="after")
     def _repeats_fit_the_batch(self) -> PipelineConfig:
         repeats = self.data.augment.repeated_augmentation

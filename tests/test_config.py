@@ -124,17 +124,6 @@ def test_multi_node_checkpoints_on_shared_storage_load(monkeypatch, overrides):
     assert build_config({}, ["scaling.multi_node=true", *overrides]).scaling.multi_node
 
 
-def test_training_storage_path_is_the_checkpoints_location(monkeypatch):
-    monkeypatch.delenv("DATA_ROOT", raising=False)
-    config = build_config({"training": {"storage_path": "s3://bucket/ckpt"}}, ["scaling.multi_node=true"])
-    assert config.storage.checkpoints == "s3://bucket/ckpt" and "storage_path" not in config.training.model_dump()
-    assert config.checkpoint_location == f"s3://bucket/ckpt/{config.tracking.run_name}"
-    overridden = build_config({}, ["training.storage_path=s3://bucket/other"])
-    assert overridden.storage.checkpoints == "s3://bucket/other"
-    with pytest.raises(ConfigError, match=r"training.storage_path \(s3://a\) and storage.checkpoints \(s3://b\)"):
-        build_config({"training": {"storage_path": "s3://a"}, "storage": {"checkpoints": "s3://b"}})
-
-
 def test_ray_client_addresses_are_refused(monkeypatch):
     monkeypatch.delenv("DATA_ROOT", raising=False)
     with pytest.raises(ConfigError, match=r"scaling.ray_address: Ray Client \(ray://\) is not used"):

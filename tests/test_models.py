@@ -42,8 +42,6 @@ IMAGENET_PRESETS = {
     "vp_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224",
     "vp_swin_base_patch4_window7_224": "swin_base_patch4_window7_224",
 }
-# the distilled 224 preset's name before it said "distilled": users may have it in configs
-OLD_NAMES = {"vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224"}
 
 
 def image(*size: int) -> torch.Tensor:
@@ -154,17 +152,6 @@ def test_cifar_presets_build_through_timm_and_forward(name):
     assert cfg["mean"] == (0.4914, 0.4822, 0.4465) and cfg["std"] == (0.2470, 0.2435, 0.2616)
     with torch.no_grad():
         assert model(image(2, 3, 32, 32)).shape == (2, 10)
-
-
-@pytest.mark.parametrize("old_name,name", OLD_NAMES.items())
-def test_old_names_still_build_the_same_architecture(old_name, name):
-    with torch.device("meta"), pytest.warns(UserWarning, match=name):
-        old = timm.create_model(old_name, num_classes=7)
-    with torch.device("meta"):
-        new = timm.create_model(name, num_classes=7)
-    assert type(old) is type(new) and old.pretrained_cfg == new.pretrained_cfg
-    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
-    assert old_name not in our_model_names()  # one entry per architecture in listings
 
 
 def test_vp_marks_exactly_the_presets_whose_name_timm_also_registers_and_names_say_what_they_are():

@@ -23,7 +23,7 @@ def test_pareto_front_lower_and_higher_cost():
 
 def test_deit_pairs_with_the_vit_of_its_size():
     assert distillation_partner("deit_tiny_distilled_patch4_32") == "vit_tiny_patch4_32"
-    assert distillation_partner("vp_deit_small_patch16_224") == "vp_vit_small_patch16_224"
+    assert distillation_partner("vp_deit_small_distilled_patch16_224") == "vp_vit_small_patch16_224"
     records = [{"model": "vit_tiny_patch4_32", "top1": 0.70}, {"model": "deit_tiny_distilled_patch4_32", "top1": 0.75},
                {"model": "deit_small_distilled_patch4_32", "top1": 0.8}]
     gains = distillation_gains(records)

@@ -3,7 +3,7 @@
 Matches timm.models.deit.VisionTransformerDistilled parameter for parameter.
 """
 import torch
-from timm.models import build_model_with_cfg, register_model, register_model_deprecations
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from .factory import CIFAR10_CFG, IMAGENET_DEFAULT_CFG, make_default_cfgs
@@ -112,7 +112,3 @@ def vp_deit_small_distilled_patch16_224(pretrained: bool = False, **kwargs) -> D
     """DeiT-S/16 distilled at 224 (timm's deit_small_distilled_patch16_224 architecture)."""
     args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _create("vp_deit_small_distilled_patch16_224", pretrained, **{**args, **kwargs})
-
-
-# the distilled 224 preset's earlier name, without "distilled"; it builds the same model
-register_model_deprecations(__name__, {"vp_deit_small_patch16_224": "vp_deit_small_distilled_patch16_224"})
