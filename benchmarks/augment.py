@@ -1,4 +1,4 @@
-"""Augmented images/s per core: torchvision's per-image RandAugment against the batched one (tasks/augment.py).
+"""Augmented images/s per core: torchvision's per-image RandAugment against the batched one (tasks/data/augment.py).
 
 Times the image augmentation of a config's recipe (default configs/cifar10.yaml: pad-and-crop 4, horizontal
 flip, RandAugment with 2 ops at magnitude 9) on batches of real CIFAR-10 images, uint8 in and out, with one
@@ -25,9 +25,9 @@ import torch
 from timm.data import Mixup
 from torchvision.transforms import v2
 
-from tasks import augment
 from tasks.config import AugmentConfig, load_config
-from tasks.sources import read_cifar10
+from tasks.data import augment
+from tasks.data.sources import read_cifar10
 
 from harness import sync
 
@@ -50,7 +50,7 @@ def images_per_second(step: Callable, batches: list, images: int, rounds: int, d
 
 
 def per_image_reference(recipe: AugmentConfig, generator: torch.Generator) -> Callable:
-    """How the loader augmented before tasks/augment.py: batched crop and flip, then torchvision's
+    """How the loader augmented before tasks/data/augment.py: batched crop and flip, then torchvision's
     RandAugment / TrivialAugmentWide one image at a time (each image picks its own ops)."""
     crop_flip = augment.BatchAugmenter(recipe.model_copy(update={"auto_augment": "none"}), generator)
     policy = (v2.RandAugment(num_ops=recipe.randaugment_ops, magnitude=recipe.randaugment_magnitude)
@@ -97,9 +97,9 @@ def main() -> None:
         cases.append((f"crop+flip+{recipe.auto_augment}", "torchvision, per image",
                       per_image_reference(recipe, torch.Generator().manual_seed(0)), batches))
     cases += [
-        ("crop+flip", "tasks/augment.py", augment.BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
+        ("crop+flip", "tasks/data/augment.py", augment.BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
          batches),
-        (f"crop+flip+{recipe.auto_augment}", "tasks/augment.py (batched)",
+        (f"crop+flip+{recipe.auto_augment}", "tasks/data/augment.py (batched)",
          augment.BatchAugmenter(recipe, torch.Generator().manual_seed(0)), batches),
     ]
     mixer = augment.BatchMixer(recipe, num_classes=10, rng=np.random.default_rng(0))
@@ -127,7 +127,7 @@ def main() -> None:
         cores = f"{math.ceil(args.target / rate)}" if device.type == "cpu" else ""
         print(f"| {name} | {implementation} | {rate:,.0f} | {1e6 / rate:.1f} | {cores} |", flush=True)
     if device.type == "cpu":
-        ratio = rates["tasks/augment.py (batched)"] / rates["torchvision, per image"]
+        ratio = rates["tasks/data/augment.py (batched)"] / rates["torchvision, per image"]
         print(f"\nbatched/per-image = {ratio:.2f}")
 
 

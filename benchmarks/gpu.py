@@ -4,7 +4,7 @@ torch.compile and channels-last memory format, switched on one at a time.
 For every model and variant: images/s of a training step (forward, backward, AdamW step) on synthetic data
 already on the GPU (so the loader is out of the picture), the warm-up time (where torch.compile's compilation
 lands), peak memory, and MFU = model FLOPs per step / step time / peak FLOPS. Model FLOPs per step are the
-forward FLOPs per image (tasks.evaluate.count_gflops, as the evaluate step counts them, on the meta device)
+forward FLOPs per image (tasks.judging.evaluate.count_gflops, as the evaluate step counts them, on the meta device)
 times the batch and 3 for forward + backward; every variant, fp32 included, is held against the bf16 dense
 peak (--peak-tflops, default H100 SXM). On CUDA, fp32 matmuls and convolutions run in TF32 (--no-tf32: IEEE fp32).
 
@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vitmodels  # noqa: F401  (registers our presets with timm)
-from tasks.evaluate import count_gflops
+from tasks.judging.evaluate import count_gflops
 
 from harness import classification_loss, sync
 

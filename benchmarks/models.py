@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import vitmodels  # noqa: F401  (registers our presets with timm)
-from tasks.evaluate import count_gflops
+from tasks.judging.evaluate import count_gflops
 
 from harness import classification_loss, sync
 

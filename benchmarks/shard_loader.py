@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tasks.shard import ShardOptions, shard_dataset
+from tasks.data.shard import ShardOptions, shard_dataset
 
 # shard_dataset(workers=2) spawns processes that re-run this file as __mp_main__; they need none of the
 # loader side, and importing it there (torchvision, timm via tasks.config) would be charged to the shard step.
@@ -31,7 +31,7 @@ if __name__ != "__mp_main__":
     from torchvision.datasets import CIFAR10
 
     from tasks.config import AugmentConfig
-    from tasks.loader import ShardStream, make_loader, normalize
+    from tasks.data.loader import ShardStream, make_loader, normalize
     from vitmodels import CIFAR10_MEAN, CIFAR10_STD
 
 

@@ -2,7 +2,7 @@
 
 Two measurements of one model, in one process, with the recipe's settings (--config: precision, compile,
 channels-last, augmentation, Mixup/CutMix, EMA, loader processes):
-  1. loop: tasks.train_loop.run_training in an in-process LocalContext on real shards of --data-root, as a Ray
+  1. loop: tasks.training.train_loop.run_training in an in-process LocalContext on real shards of --data-root, as a Ray
      worker runs it (the loader, augmentation, device transfer, mixing, bookkeeping); the last epoch counts, so
      compilation and loader start-up stay out;
   2. step: the loop's own forward_backward + optimizer_step on synthetic data already on the device, same
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from tasks.config import PipelineConfig, load_config
-from tasks.shard import ShardOptions, shard_dataset
-from tasks.train_loop import TrainingJob, build_mixer, forward_backward, optimizer_step, run_training, setup
-from tasks.worker_context import LocalContext
+from tasks.data.shard import ShardOptions, shard_dataset
+from tasks.training.train_loop import TrainingJob, build_mixer, forward_backward, optimizer_step, run_training, setup
+from tasks.training.worker_context import LocalContext
 
 from harness import sync
 

@@ -2,7 +2,7 @@
 
 Two measurements on the same model, shards, global batch, loss and optimizer:
   1. overhead: train_model (TorchTrainer, --compare-workers DDP workers x 1 torch thread, 1 CPU each) against the
-     same training loop in one process without Ray (tasks.train_loop with a LocalContext) and as many torch
+     same training loop in one process without Ray (tasks.training.train_loop with a LocalContext) and as many torch
      threads, as the ratio ray/plain (goal >= 0.95);
   2. scaling: train_model with each of --workers (1 thread each), efficiency = rate(N) / (N * rate(1)).
 
@@ -26,10 +26,10 @@ import ray
 import torch
 
 from tasks.config import PipelineConfig, build_config
-from tasks.shard import ShardOptions, shard_dataset
-from tasks.train import train_model
-from tasks.train_loop import TrainingJob, run_training
-from tasks.worker_context import LocalContext
+from tasks.data.shard import ShardOptions, shard_dataset
+from tasks.training.train import train_model
+from tasks.training.train_loop import TrainingJob, run_training
+from tasks.training.worker_context import LocalContext
 
 VAL_SIZE = 500
 SHARD_SIZE = 1000  # 5 train shards for the 5k-image subset, so up to 4 ranks each read whole shards

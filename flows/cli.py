@@ -12,13 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, load_config, with_pretrained_file
-from tasks.publish import PublishError
-from tasks.samples import ShardFormatError
-from tasks.shard import shard_from_config, verify_shards
-from tasks.sources import SourceError
-from tasks.train import TrainingError
+from tasks.data.samples import ShardFormatError
+from tasks.data.shard import shard_from_config, verify_shards
+from tasks.data.sources import SourceError
+from tasks.operations.publish import PublishError
+from tasks.training.checkpoints import CheckpointError
+from tasks.training.train import TrainingError
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
@@ -88,7 +88,7 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tasks.train import default_teacher_weights, train_model
+    from tasks.training.train import default_teacher_weights, train_model
 
     config = _load(args, {"shards": "data.shard_dir"})
     model = args.model or config.model.baseline.name
@@ -123,7 +123,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     killed, it continues the same sweep (same config) instead of starting over."""
     from flows.run_owner import flow_run_directory
     from flows.sweep import vit_sweep
-    from tasks.sweep import BEST_CONFIG_FILE, RESULTS_FILE, require_sweep
+    from tasks.operations.sweep import BEST_CONFIG_FILE, RESULTS_FILE, require_sweep
 
     if args.flow_run:
         raise ConfigError("--flow-run: each sweep writes a directory of its own, runs/<run name>/<flow run>/; "
@@ -147,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tasks.evaluate import evaluate_models, markdown_table
+    from tasks.judging.evaluate import evaluate_models, markdown_table
 
     config = _load(args, {"shards": "data.shard_dir"})
     print(markdown_table(evaluate_models(config)), end="")
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from tasks.attention import attention_maps
+    from tasks.judging.attention import attention_maps
 
     config = _load(args, {"shards": "data.shard_dir"})
     for model, path in attention_maps(config).items():
@@ -165,7 +165,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.report import write_report
+    from tasks.judging.report import write_report
 
     config = _load(args, {})
     files = write_report(config)
@@ -176,8 +176,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     """Link the run's best models in the W&B Registry: plan then link (online), or plan only (offline), or carry
     out a run directory's registry.json (--run-dir, after `wandb sync`)."""
-    from tasks.publish import publish, publish_run_command, publish_run_dir
-    from tasks.tracking import sync_command
+    from tasks.operations.publish import publish, publish_run_command, publish_run_dir
+    from tasks.operations.tracking import sync_command
 
     if args.run_dir is not None:
         if args.flow_run or args.run_name or args.config or args.overrides:

@@ -32,15 +32,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
-from tasks.checkpoints import CheckpointError
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config
-from tasks.publish import PublishError, publish_refused
-from tasks.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
-from tasks.recipe import trained_weights
-from tasks.samples import ShardFormatError
-from tasks.shard import shard_from_config, verify_shards
-from tasks.sources import SourceError
-from tasks.tracking import (
+from tasks.data.samples import ShardFormatError
+from tasks.data.shard import shard_from_config, verify_shards
+from tasks.data.sources import SourceError
+from tasks.operations.publish import PublishError, publish_refused
+from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
+from tasks.operations.tracking import (
     dataset_artifact_name,
     file_digest,
     files_artifact,
@@ -48,7 +46,9 @@ from tasks.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.train import (
+from tasks.training.checkpoints import CheckpointError
+from tasks.training.recipe import trained_weights
+from tasks.training.train import (
     TrainingError,
     TrainOutcome,
     concurrent_trainings,
@@ -150,7 +150,7 @@ def train_task(
 
 @task(name="evaluate", retry_condition_fn=_retry_transient)
 def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[dict]:
-    from tasks.evaluate import evaluate_models, markdown_table
+    from tasks.judging.evaluate import evaluate_models, markdown_table
 
     # On a GPU node when training ran on GPUs, so the speed measured is the training hardware's.
     records = on_training_device(config, evaluate_models, config, {name: Path(path) for name, path in trained.items()},
@@ -163,7 +163,7 @@ def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -
 
 @task(name="attention-maps", retry_condition_fn=_retry_transient)
 def attention_task(config: PipelineConfig, trained: dict[str, str], group: str) -> dict[str, str]:
-    from tasks.attention import attention_maps
+    from tasks.judging.attention import attention_maps
 
     transformers = {spec.name for spec in config.model.transformers}
     grids = on_training_device(config, attention_maps, config,
@@ -178,7 +178,7 @@ def attention_task(config: PipelineConfig, trained: dict[str, str], group: str) 
 @task(name="publish", retry_condition_fn=_retry_transient)
 def publish_task(config: PipelineConfig) -> dict:
     """The best model of each family into the W&B Registry online; offline, the plan in registry.json."""
-    from tasks.publish import publish, publish_run_command
+    from tasks.operations.publish import publish, publish_run_command
 
     path, linked = publish(config)
     if linked is None:
@@ -195,7 +195,7 @@ def publish_task(config: PipelineConfig) -> dict:
 
 @task(name="report", retry_condition_fn=_retry_transient)
 def report_task(config: PipelineConfig, records: list[dict], group: str) -> dict[str, str]:
-    from tasks.report import write_report
+    from tasks.judging.report import write_report
 
     paths = write_report(config, records, group=group)
     markdown = Path(paths["markdown"])

@@ -29,10 +29,10 @@ from flows.pipeline import (
 )
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.ray_jobs import jobs_api
-from tasks.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
-from tasks.tracking import sync_command
-from tasks.train import ensure_ray
+from tasks.operations.ray_jobs import jobs_api
+from tasks.operations.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
+from tasks.operations.tracking import sync_command
+from tasks.training.train import ensure_ray
 
 DEFAULT_SWEEP_CONFIG_FILE = "configs/sweep-smoke.yaml"
 SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never by the pipeline

@@ -77,7 +77,7 @@ class AugmentConfig(_Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     random_erasing_mode: Literal["const", "rand", "pixel"] = "pixel"
     # Repeated augmentation (Hoffer et al.; DeiT: 3): every training image appears this many times per epoch,
-    # each copy augmented on its own, the copies in one batch (tasks/loader.py). An epoch is then this many
+    # each copy augmented on its own, the copies in one batch (tasks/data/loader.py). An epoch is then this many
     # passes over the images; 1 is off.
     repeated_augmentation: PositiveInt = 1
 
@@ -250,7 +250,7 @@ class TrainingConfig(_Section):
     # EMA of the weights; when on, the EMA is what is validated, selected, exported, evaluated and taught from.
     # ema_decay is the ceiling; with ema_warmup the decay grows as 1 - (1 + step)^(-2/3) up to it (timm's
     # ModelEmaV3), so short runs do not keep their random initialisation in the average. Without warm-up,
-    # a run too short for its decay is refused before it starts (tasks.train.check_ema_horizon).
+    # a run too short for its decay is refused before it starts (tasks.training.train.check_ema_horizon).
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     ema_warmup: bool = True
     bf16: bool = True
@@ -311,7 +311,8 @@ class TrackingConfig(_Section):
     # One flow run's directory under runs/<run_name>/, set by the flow (its flow run's name and id);
     # None (the step commands' default) means runs/<run_name>/ itself.
     flow_run: str | None = None
-    # The flow's last step links the best model of each model family into the W&B Registry (tasks/publish.py).
+    # The flow's last step links the best model of each model family into the W&B Registry
+    # (tasks/operations/publish.py).
     # "auto": when W&B is online; offline it writes what it would link to <run directory>/registry.json for
     # `vit-pipeline publish --run-dir` after `wandb sync`. "always": the same, but the flow refuses to start
     # unless W&B is online. "never": no publish step.

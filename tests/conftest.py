@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.shard import ShardOptions, shard_dataset
-from tasks.sources import CIFAR10_DIRNAME, read_cifar10
+from tasks.data.shard import ShardOptions, shard_dataset
+from tasks.data.sources import CIFAR10_DIRNAME, read_cifar10
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10-subset"

@@ -17,8 +17,8 @@ DURATIONS = {BASELINE: 2.0, VIT: 0.5, SWIN: 0.5, DEIT: 0.5}
 def fake_trainings_fixture(monkeypatch):
     """train_model replaced by one that takes DURATIONS[model] seconds, records when it ran, and writes weights."""
     import flows.pipeline
-    from tasks.recipe import trained_weights
-    from tasks.train import TrainOutcome
+    from tasks.training.recipe import trained_weights
+    from tasks.training.train import TrainOutcome
 
     calls: list[dict] = []
 

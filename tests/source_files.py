@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources import CIFAR10_DIRNAME, CIFAR10_SPLIT_FILES
+from tasks.data.sources import CIFAR10_DIRNAME, CIFAR10_SPLIT_FILES
 
 CLASS_NAMES = [b"cat", b"dog", b"ship"]
 ROWS_PER_BATCH = 2

@@ -1,4 +1,5 @@
-"""tasks/alerts.py: the W&B alert as recorded in an offline run's file, the Prefect event as the server stores it."""
+"""tasks/operations/alerts.py: the W&B alert as recorded in an offline run's file, the Prefect event as the
+server stores it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import time
 
 import pytest
 
-from tasks.alerts import alert
+from tasks.operations.alerts import alert
 from tests.conftest import REPO_ROOT
 from tests.wandb_records import read_records
 
 RAISE_ALERT = """
 import json, sys
 import wandb
-from tasks.alerts import alert
+from tasks.operations.alerts import alert
 run = wandb.init(project="alerts", mode="offline", dir=sys.argv[1], settings=wandb.Settings(silent=True, console="off"))
 sent = alert("loss is NaN", "vit stopped at epoch 3; its last good checkpoint is kept", "ERROR",
              details={"model": "vit", "epoch": 3})

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.attention import (
+from tasks.config import ModelSpec
+from tasks.judging.attention import (
     ATTENTION_IMAGES,
     attention_maps,
     attention_rollout,
@@ -15,8 +16,7 @@ from tasks.attention import (
     stitch_windows,
     swin_received_attention,
 )
-from tasks.config import ModelSpec
-from tasks.recipe import build_model
+from tasks.training.recipe import build_model
 from tests.helpers_eval import NUM_CLASSES, SCRAMBLE_STD, TINY_TRANSFORMERS, save_random_weights, tiny_config
 from vitmodels import SwinAttentionMap
 from vitmodels.swin import window_partition

@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import RandomResizedCrop, v2
 
-from tasks.augment import (
+from tasks.config import AugmentConfig
+from tasks.data.augment import (
     ERASING_AREA,
     NUM_MAGNITUDE_BINS,
     OP_NAMES,
@@ -26,7 +27,6 @@ from tasks.augment import (
     resized_crops,
     signed_magnitude,
 )
-from tasks.config import AugmentConfig
 
 POLICIES = ("randaugment", "trivialaugment")
 RECIPE = AugmentConfig(auto_augment="randaugment", randaugment_ops=2, randaugment_magnitude=9,

@@ -54,8 +54,8 @@ def test_augment_benchmark_compares_per_image_and_batched_on_an_odd_batch(data_r
                         "--batch-size", "7", "--batches", "2", "--rounds", "1")
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
-    assert [row[1] for row in rows] == ["torchvision, per image", "tasks/augment.py", "tasks/augment.py (batched)",
-                                        "BatchMixer"]  # timm's refuses odd batches
+    assert [row[1] for row in rows] == ["torchvision, per image", "tasks/data/augment.py",
+                                        "tasks/data/augment.py (batched)", "BatchMixer"]  # timm's refuses odd batches
     assert all(float(row[2].replace(",", "")) > 0 and int(row[4]) >= 1 for row in rows)
     assert float(result.stdout.strip().splitlines()[-1].split("= ")[1]) > 0
 
@@ -106,7 +106,8 @@ def test_models_compile_as_if_alone_in_one_process(gpu_script, monkeypatch, caps
         torch.compiler.reset()
     assert symbolic == [False] * len(cases)
     rows = table_rows("| header |\n" + capsys.readouterr().out)
-    assert [row[0] for row in rows] == [case.name for case in cases] and all(float(row[4]) > 0 for row in rows)
+    # images/s is printed to 0 decimals: on a loaded 2-core machine a tiny step can read 0, but never "failed"
+    assert [row[0] for row in rows] == [case.name for case in cases] and all(float(row[4]) >= 0 for row in rows)
 
 
 def test_tf32_is_set_so_both_torch_interfaces_read_it(gpu_script):

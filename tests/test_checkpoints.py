@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.checkpoints import (
+from tasks.training.checkpoints import (
     METADATA,
     STATE,
     WEIGHTS,
@@ -60,7 +60,7 @@ class _Exploit:
 
 def _refresh_hashes(directory: Path) -> None:
     """What an attacker who can write the checkpoint would do: make the metadata match the payload."""
-    from tasks.checkpoints import _sha256
+    from tasks.training.checkpoints import _sha256
 
     metadata = json.loads((directory / METADATA).read_text())
     for name in metadata["files"]:

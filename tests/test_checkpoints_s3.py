@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tasks.checkpoints import BEST_WEIGHTS, METADATA
 from tasks.config import build_config
-from tasks.evaluate import evaluate_models
-from tasks.recipe import build_model
-from tasks.train import train_model
+from tasks.judging.evaluate import evaluate_models
+from tasks.training.checkpoints import BEST_WEIGHTS, METADATA
+from tasks.training.recipe import build_model
+from tasks.training.train import train_model
 
 from .conftest import SUBSET_VAL
 from .s3_server import s3_server

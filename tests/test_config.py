@@ -181,7 +181,7 @@ CIFAR10_TRAIN_IMAGES = 45_000
 def test_the_cifar10_recipe_takes_the_steps_the_public_vit_recipes_take(monkeypatch):
     """Public CIFAR-10 ViT recipes that reach 90%+ train 35,000-70,000 steps at a global batch of 128-256 with
     AdamW at 1e-3; the LR follows the worker count (DeiT's linear rule), so more GPUs keep the LR per sample."""
-    from tasks.recipe import effective_lr, global_batch
+    from tasks.training.recipe import effective_lr, global_batch
 
     monkeypatch.delenv("DATA_ROOT", raising=False)
     training = load_config(REPO_ROOT / "configs" / "cifar10.yaml").training

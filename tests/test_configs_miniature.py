@@ -25,13 +25,13 @@ from timm.models.resnet import ResNet as TimmResNet
 
 from flows.pipeline import vit_pipeline
 from flows.sweep import vit_sweep
-from tasks.config import PipelineConfig, get_dotted, load_config
-from tasks.evaluate import read_evaluation
-from tasks.loader import ShardStream
-from tasks.recipe import effective_lr, global_batch, trained_weights
-from tasks.shard import read_manifest
-from tasks.sources import read_cifar10
-from tasks.sweep import BEST_CONFIG_FILE, RESULTS_FILE
+from tasks.config import PipelineConfig, TrainingConfig, get_dotted, load_config
+from tasks.data.loader import ShardStream
+from tasks.data.shard import read_manifest
+from tasks.data.sources import read_cifar10
+from tasks.judging.evaluate import read_evaluation
+from tasks.operations.sweep import BEST_CONFIG_FILE, RESULTS_FILE
+from tasks.training.recipe import effective_lr, global_batch, trained_weights
 from tests.conftest import MINI_TEST_IMAGES, REPO_ROOT
 from vitmodels import ResNet, SwinTransformer, VisionTransformer
 
@@ -105,7 +105,7 @@ def miniature(config: PipelineConfig, data_root: Path, output_dir: Path) -> Pipe
         # DeiT's scaling by the global batch would lower the LR with the miniature's batch, a size; the reference
         # shrinks with it instead, so the miniature trains at the shipped run's LR.
         shipped_batch = global_batch(config.training, config.scaling.num_workers)
-        miniature_batch = global_batch(PipelineConfig.model_validate(tree).training, MINIATURE_WORKERS)
+        miniature_batch = global_batch(TrainingConfig.model_validate(tree["training"]), MINIATURE_WORKERS)
         tree["training"]["lr_reference_batch"] = max(
             1, round(config.training.lr_reference_batch * miniature_batch / shipped_batch))
     tree["scaling"] |= {"num_workers": MINIATURE_WORKERS, "use_gpu": False, "cpus_per_worker": 1,

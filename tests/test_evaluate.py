@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.evaluate import (
+from tasks.data.loader import ShardStream
+from tasks.judging.evaluate import (
     ECE_BINS,
     classification_metrics,
     count_gflops,
@@ -17,7 +18,6 @@ from tasks.evaluate import (
     markdown_table,
     predict,
 )
-from tasks.loader import ShardStream
 from tests.conftest import SUBSET_VAL
 from tests.helpers_eval import save_random_weights, tiny_config
 

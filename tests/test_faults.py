@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tasks.checkpoints import checkpoint_dirs, read_checkpoint_metadata
 from tasks.config import build_config
-from tasks.recipe import build_model
-from tasks.shard import MANIFEST_NAME, read_manifest, verify_shards
-from tasks.tracking import wandb_run_id
-from tasks.train import TrainingError, train_model
+from tasks.data.shard import MANIFEST_NAME, read_manifest, verify_shards
+from tasks.operations.tracking import wandb_run_id
+from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata
+from tasks.training.recipe import build_model
+from tasks.training.train import TrainingError, train_model
 from tests.conftest import REPO_ROOT
 from tests.wandb_records import history_rows, read_records
 

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flows.cli import EXIT_BAD_INPUT, main
-from tasks.checkpoints import checkpoint_dirs
 from tasks.config import ConfigError, build_config, load_config, with_pretrained_file
-from tasks.recipe import build_optimizer, effective_lr, layer_ids, warmup_cosine
-from tasks.train_loop import TrainingJob, run_training, setup
-from tasks.worker_context import LocalContext
+from tasks.training.checkpoints import checkpoint_dirs
+from tasks.training.recipe import build_optimizer, effective_lr, layer_ids, warmup_cosine
+from tasks.training.train_loop import TrainingJob, run_training, setup
+from tasks.training.worker_context import LocalContext
 from vitmodels import create_model
 from vitmodels.factory import hub_weights_id
 from vitmodels.pretrained import resample_pos_embed

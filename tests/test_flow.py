@@ -174,7 +174,7 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
 def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):
     import ray
 
-    from tasks.train import TrainingError, train_model
+    from tasks.training.train import TrainingError, train_model
 
     broken = tmp_path / "shards"
     shutil.copytree(subset_shards, broken)
@@ -283,7 +283,7 @@ def test_bad_run_directories_are_refused_by_the_cli(capsys):
 def test_a_training_in_this_process_refuses_addresses_it_cannot_drive(monkeypatch, address, says):
     import ray
 
-    from tasks.train import TrainingError, ensure_ray
+    from tasks.training.train import TrainingError, ensure_ray
 
     monkeypatch.setenv("RAY_ADDRESS", address)
     with pytest.raises(TrainingError, match=says):

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tasks.loader import ShardStream, batches_per_rank, make_loader, normalize, plan_worker
+from tasks.data.loader import ShardStream, batches_per_rank, make_loader, normalize, plan_worker
 
 from .conftest import SUBSET_TEST, SUBSET_TRAIN
 
@@ -76,7 +76,7 @@ def test_two_ranks_two_workers_train_and_eval_exact_coverage(subset_shards):
 
 
 def test_fewer_shards_than_ranks_times_workers(tmp_path, data_root):
-    from tasks.shard import ShardOptions, shard_dataset
+    from tasks.data.shard import ShardOptions, shard_dataset
 
     location = str(tmp_path / "two")
     shard_dataset("cifar10", data_root, location, ShardOptions(shard_size=3000), progress=False)

@@ -1,5 +1,5 @@
-"""tasks/publish.py: the alias decision, the offline plan (registry.json), carrying a plan out against a stand-in
-for the W&B Registry (the regression alert read back from an offline W&B run's file), `vit-pipeline publish`'s
+"""tasks/operations/publish.py: the alias decision, the offline plan (registry.json), carrying a plan out against a
+stand-in for the W&B Registry (the regression alert read back from an offline W&B run's file), `vit-pipeline publish`'s
 errors without W&B; and, against a Prefect server, the regression and NaN alerts as Prefect events."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from flows.cli import main
 from tasks.config import ConfigError, build_config
-from tasks.publish import (
+from tasks.operations.publish import (
     BEST_ALIAS,
     LATEST_ALIAS,
     REGISTRY_FILE,
@@ -23,7 +23,7 @@ from tasks.publish import (
     read_plan,
     split_sha256,
 )
-from tasks.recipe import trained_weights
+from tasks.training.recipe import trained_weights
 from tests.wandb_records import read_records
 
 BASELINE, VIT = "resnet18_cifar", "vit_tiny_patch4_32"
@@ -243,7 +243,7 @@ def test_publish_always_is_refused_without_wandb_online(monkeypatch):
         build_config({"tracking": {"publish": "always"}})
     with pytest.raises(ConfigError, match="tracking.registry: must be a W&B registry name"):
         build_config({"tracking": {"registry": "wandb-registry-model"}})
-    from tasks.publish import publish_refused
+    from tasks.operations.publish import publish_refused
 
     online = build_config({"tracking": {"publish": "always", "mode": "online"}})
     assert "WANDB_API_KEY is not set" in publish_refused(online)
@@ -257,8 +257,8 @@ def test_the_regression_and_nan_alerts_are_prefect_events(evaluated_run, monkeyp
     from prefect import flow, get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.train import TrainingError, alert_nonfinite_loss
-    from tasks.train_loop import NonFiniteLossError
+    from tasks.training.train import TrainingError, alert_nonfinite_loss
+    from tasks.training.train_loop import NonFiniteLossError
 
     config = evaluated_run.model_copy(deep=True)
     config.tracking.mode = "disabled"  # no W&B run for the NaN alert: the event alone is looked at here

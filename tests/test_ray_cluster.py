@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import build_config
-from tasks.train import train_model
+from tasks.training.train import train_model
 from tests.conftest import SUBSET_VAL
 from tests.ray_head import ray_head as start_ray_head
 
@@ -112,7 +112,7 @@ def test_the_head_refuses_clients_without_its_token(ray_head):
 def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root, val_shards):
     from ray.job_submission import JobSubmissionClient
 
-    from tasks.ray_jobs import FLOW_RUN_KEY, job_slots, train_as_job
+    from tasks.operations.ray_jobs import FLOW_RUN_KEY, job_slots, train_as_job
 
     address, _ = ray_head
     # Offline W&B: rank 0 then prints its epoch lines, which must reach the flow through the job's logs.
@@ -133,8 +133,8 @@ def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root
 
 
 def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_path, data_root, val_shards):
-    from tasks.ray_jobs import train_as_job
-    from tasks.train import TrainingError
+    from tasks.operations.ray_jobs import train_as_job
+    from tasks.training.train import TrainingError
 
     address, _ = ray_head
     config = _tiny_config(tmp_path, data_root, str(tmp_path / "no-shards"), ray_address=address)
@@ -150,7 +150,7 @@ def test_leaving_the_flow_stops_its_jobs(ray_head, tmp_path, data_root, val_shar
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    from tasks.ray_jobs import TrainingCancelled, flow_run_jobs, jobs_stopped_on_exit, train_as_job
+    from tasks.operations.ray_jobs import TrainingCancelled, flow_run_jobs, jobs_stopped_on_exit, train_as_job
 
     address, _ = ray_head
     config = _tiny_config(tmp_path, data_root, val_shards, epochs=50, ray_address=address)

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from flows.cli import EXIT_BAD_INPUT, main
-from tasks.attention import attention_maps
-from tasks.evaluate import evaluate_models
-from tasks.report import distillation_gains, distillation_partner, pareto_front, write_report
+from tasks.judging.attention import attention_maps
+from tasks.judging.evaluate import evaluate_models
+from tasks.judging.report import distillation_gains, distillation_partner, pareto_front, write_report
 from tests.helpers_eval import save_random_weights, tiny_config
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from flows.cli import main as cli
-from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
-from tasks.shard import MANIFEST_NAME, ShardOptions, read_manifest, shard_dataset, verify_shards
-from tasks.sources import SourceError, read_cifar10, read_imagefolder
+from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
+from tasks.data.shard import MANIFEST_NAME, ShardOptions, read_manifest, shard_dataset, verify_shards
+from tasks.data.sources import SourceError, read_cifar10, read_imagefolder
 
 from .conftest import SUBSET_TEST, SUBSET_TRAIN
 from .source_files import PIXELS_PER_IMAGE, valid_batch, write_cifar_dir, write_unusable_entry
@@ -399,7 +399,7 @@ def test_undecodable_image_keeps_the_previous_shards_and_manifest(tmp_path, caps
 
 def test_validation_split_is_held_out_of_train_stratified_seeded_and_recorded(val_shards, cifar_source, tmp_path,
                                                                               data_root):
-    from tasks.shard import stratified_holdout
+    from tasks.data.shard import stratified_holdout
 
     from .conftest import SUBSET_VAL
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.loader import ShardStream
-from tasks.shard import ShardOptions, read_manifest, shard_dataset, verify_shards
+from tasks.data.loader import ShardStream
+from tasks.data.shard import ShardOptions, read_manifest, shard_dataset, verify_shards
 
 from .conftest import SUBSET_TEST
 from .s3_server import s3_server

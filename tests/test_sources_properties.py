@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 from PIL import Image
 
-from tasks.sources import (
+from tasks.data.sources import (
     CIFAR10_SPLIT_FILES,
     SourceError,
     first_image_size,

@@ -14,7 +14,7 @@ import pytest
 
 from flows.cli import EXIT_BAD_INPUT, main
 from tasks.config import VALIDATION_METRICS, ConfigError, build_config, load_config
-from tasks.sweep import (
+from tasks.operations.sweep import (
     COMPLETED,
     FAILED,
     STOPPED_EARLY,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.checkpoints import checkpoint_dirs, read_checkpoint_metadata
 from tasks.config import build_config
-from tasks.recipe import build_model
-from tasks.tracking import wandb_run_id
-from tasks.train import TrainingError, train_model
-from tasks.train_loop import NonFiniteLossError
+from tasks.operations.tracking import wandb_run_id
+from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata
+from tasks.training.recipe import build_model
+from tasks.training.train import TrainingError, train_model
+from tasks.training.train_loop import NonFiniteLossError
 
 from .conftest import SUBSET_VAL
 from .wandb_records import read_records

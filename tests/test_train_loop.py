@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.checkpoints import BEST_WEIGHTS, EMA_WEIGHTS, checkpoint_dirs, read_checkpoint_metadata
 from tasks.config import build_config
-from tasks.loader import ShardStream
-from tasks.recipe import build_model, check_ema_horizon, ema_initial_share
-from tasks.train import is_deterministic
-from tasks.train_loop import NonFiniteLossError, TrainingJob, fit_to_cores, run_training
-from tasks.worker_context import LocalContext
+from tasks.data.loader import ShardStream
+from tasks.training.checkpoints import BEST_WEIGHTS, EMA_WEIGHTS, checkpoint_dirs, read_checkpoint_metadata
+from tasks.training.recipe import build_model, check_ema_horizon, ema_initial_share
+from tasks.training.train import is_deterministic
+from tasks.training.train_loop import NonFiniteLossError, TrainingJob, fit_to_cores, run_training
+from tasks.training.worker_context import LocalContext
 
 from .conftest import SUBSET_VAL
 

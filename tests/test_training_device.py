@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tasks.config import build_config
-from tasks.train import on_training_device
+from tasks.training.train import on_training_device
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import matplotlib
 
-from tasks.attention import ATTENTION_DIR
 from tasks.config import PipelineConfig
-from tasks.evaluate import EVALUATION_ARTIFACT, EVALUATION_FILE, markdown, read_evaluation
-from tasks.recipe import trained_weights
-from tasks.tracking import files_artifact, record_input, start_wandb_run
+from tasks.judging.attention import ATTENTION_DIR
+from tasks.judging.evaluate import EVALUATION_ARTIFACT, EVALUATION_FILE, markdown, read_evaluation
+from tasks.operations.tracking import files_artifact, record_input, start_wandb_run
+from tasks.training.recipe import trained_weights
 
 matplotlib.use("Agg")  # files only: no display on workers or CI
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)

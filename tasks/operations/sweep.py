@@ -1,13 +1,13 @@
 """Hyperparameter search: Ray Tune drives the pipeline's own Ray Train training, one run per trial.
 
     sweep section -> search space -> trial: the config with the trial's parameters -> the pipeline's TorchTrainer
-    (tasks.train.training_run), its epochs reported to Tune by TuneReportCallback -> ASHA stops the trials
+    (tasks.training.train.training_run), its epochs reported to Tune by TuneReportCallback -> ASHA stops the trials
     that fall behind on the validation metric -> results.json, best.yaml, one W&B run per trial and a summary
 
 Each trial is a Tune function trainable that builds and runs the pipeline's TorchTrainer, as Ray's guide for
 Train V2 prescribes: the trial only drives its Train run (on the head node, with no CPU of its own), the
 training workers do the work, and every epoch's metrics and checkpoint path reach Tune. The per-worker loop is
-tasks/train_loop.py's, unchanged: a trial trains exactly what `vit-pipeline train` would with its parameters.
+tasks/training/train_loop.py's, unchanged: a trial trains exactly what `vit-pipeline train` would with its parameters.
 
 State lives in Ray storage beside the pipeline's checkpoints, <checkpoint location>/sweep/: Tune's experiment
 (tune/) and each trial's Train run (trials/<trial id>/). A sweep started again in the same run directory
@@ -29,7 +29,6 @@ import yaml
 from ray.train import UserCallback
 from ray.tune import Callback
 
-from tasks.checkpoints import latest_valid_checkpoint, read_checkpoint_metadata
 from tasks.config import (
     ConfigError,
     PipelineConfig,
@@ -39,8 +38,9 @@ from tasks.config import (
     set_dotted,
     with_absolute_paths,
 )
-from tasks.tracking import files_artifact, start_wandb_run
-from tasks.train import TrainingError, concurrent_trainings, ensure_ray, fit_with_retries, training_run
+from tasks.operations.tracking import files_artifact, start_wandb_run
+from tasks.training.checkpoints import latest_valid_checkpoint, read_checkpoint_metadata
+from tasks.training.train import TrainingError, concurrent_trainings, ensure_ray, fit_with_retries, training_run
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 Ray's Jobs API is what Ray recommends for running a Ray Train script on a cluster from elsewhere (Ray
 Client is not). Each training is one job whose driver runs on the head node and calls
-tasks.train.train_model there, a native driver like the flow on the head under the cluster launcher.
+tasks.training.train.train_model there, a native driver like the flow on the head under the cluster launcher.
 The flow process follows the job: its logs go to the flow's log, its status decides the task's, and
 leaving the flow early (a Prefect cancellation is a SIGTERM, a failure an exception) stops the jobs it
 submitted. The job's run directory is the flow's: both must see the same storage (infra/README.md).
 
-`python -m tasks.ray_jobs` is the job's entrypoint; its request travels in the job's environment.
+`python -m tasks.operations.ray_jobs` is the job's entrypoint; its request travels in the job's environment.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PipelineConfig, is_url
-from tasks.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
+from tasks.training.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def submit_training(address: str, config: PipelineConfig, model_name: str, *, te
     request = training_request(config, model_name, teacher_weights, group)
     submission_id = f"vit-pipeline-{group or config.tracking.run_name}-{model_name}-{uuid.uuid4().hex[:8]}"
     client(address).submit_job(
-        entrypoint="python -m tasks.ray_jobs",
+        entrypoint="python -m tasks.operations.ray_jobs",
         submission_id=submission_id,
         runtime_env={"env_vars": {REQUEST_ENV: json.dumps(request)}},
         metadata={FLOW_RUN_KEY: flow_run_id or "", "model": model_name, "run_dir": str(config.run_dir)},

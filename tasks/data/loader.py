@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.augment import BatchAugmenter
+from tasks.data.augment import BatchAugmenter
 from tasks.config import AugmentConfig
-from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
-from tasks.shard import require_manifest
+from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
+from tasks.data.shard import require_manifest
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 

@@ -1,6 +1,6 @@
 """The training loop one worker runs: setup, train_one_epoch, validate, report.
 
-It runs inside a WorkerContext (tasks/worker_context.py): on every rank of the pipeline's Ray Train
+It runs inside a WorkerContext (tasks/training/worker_context.py): on every rank of the pipeline's Ray Train
 TorchTrainer (`train_worker`), or in this process through `run_training(LocalContext(...), job)` for
 benchmarks, tests and single-GPU debugging. The same code trains either way.
 
@@ -36,8 +36,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tasks.augment import BatchAugmenter, BatchEraser, BatchMixer, EvalResize
-from tasks.checkpoints import (
+from tasks.config import PipelineConfig
+from tasks.data.augment import BatchAugmenter, BatchEraser, BatchMixer, EvalResize
+from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
+from tasks.data.shard import read_manifest
+from tasks.operations.tracking import (
+    dataset_artifact_name,
+    detach_from_parent_wandb_service,
+    manifest_snapshot,
+    model_artifact_name,
+    record_input,
+    start_wandb_run,
+)
+from tasks.training.checkpoints import (
     BEST_WEIGHTS,
     EMA_WEIGHTS,
     WEIGHTS,
@@ -47,9 +58,7 @@ from tasks.checkpoints import (
     save_checkpoint,
     unwrap,
 )
-from tasks.config import PipelineConfig
-from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
-from tasks.recipe import (
+from tasks.training.recipe import (
     autocast_context,
     backbone_frozen,
     backbone_to_eval,
@@ -65,16 +74,7 @@ from tasks.recipe import (
     uses_mixing,
     warmup_cosine,
 )
-from tasks.shard import read_manifest
-from tasks.tracking import (
-    dataset_artifact_name,
-    detach_from_parent_wandb_service,
-    manifest_snapshot,
-    model_artifact_name,
-    record_input,
-    start_wandb_run,
-)
-from tasks.worker_context import RayTrainContext, WorkerContext
+from tasks.training.worker_context import RayTrainContext, WorkerContext
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3

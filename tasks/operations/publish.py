@@ -7,7 +7,7 @@ Each is linked to the collection `<project>-<model>` of the registry `tracking.r
 its validation top-1 beats the model aliased `best` there on the same validation split (same sha256 over the
 validation split's shards; numbers from another split are not comparable, and `best` then stays where it is).
 The registry chooses on validation, as training does; the test top-1 is reported on the card, never compared.
-One that falls more than `tracking.regression_margin` below that best raises an alert (tasks/alerts.py).
+One that falls more than `tracking.regression_margin` below that best raises an alert (tasks/operations/alerts.py).
 
 The plan, what is linked where with which card, is always written first to <run directory>/registry.json.
 Online it is carried out at once; offline (or without network) it waits there until `wandb sync` has uploaded
@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from tasks.alerts import alert
 from tasks.config import PipelineConfig
-from tasks.evaluate import read_evaluation
-from tasks.recipe import trained_weights
-from tasks.shard import read_manifest
-from tasks.tracking import file_digest, init_wandb_run, wandb_mode, wandb_run_id
+from tasks.data.shard import read_manifest
+from tasks.judging.evaluate import read_evaluation
+from tasks.operations.alerts import alert
+from tasks.operations.tracking import file_digest, init_wandb_run, wandb_mode, wandb_run_id
+from tasks.training.recipe import trained_weights
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Pa
 
 def _report_link(config: PipelineConfig) -> dict:
     """The report: its file in the run directory and its W&B run (a URL once linked online)."""
-    from tasks.report import REPORT_DIR  # matplotlib: only when planning
+    from tasks.judging.report import REPORT_DIR  # matplotlib: only when planning
 
     group = config.tracking.flow_run or config.tracking.run_name
     return {"file": f"{REPORT_DIR}/report.html", "wandb_run": wandb_run_id(group, "report", "comparison"),

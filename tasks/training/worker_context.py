@@ -1,6 +1,6 @@
 """Where a training worker runs: its rank, device, checkpoints and reports, behind one small interface.
 
-The training loop (tasks/train_loop.py) talks only to a WorkerContext. The pipeline trains through Ray
+The training loop (tasks/training/train_loop.py) talks only to a WorkerContext. The pipeline trains through Ray
 Train (`RayTrainContext`, one per rank of a TorchTrainer); `LocalContext` runs the same loop in this process,
 on one device and without Ray installed, for benchmarks, tests and single-GPU debugging.
 """
@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from tasks.checkpoints import checkpoint_dirs
+from tasks.training.checkpoints import checkpoint_dirs
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Train step, the driver side: hand one model's training to a Ray Train TorchTrainer, retry what a retry can
 fix, and export the best and last weights under runs/<run>/models/<model>/.
 
-The per-worker loop itself lives in tasks/train_loop.py.
+The per-worker loop itself lives in tasks/training/train_loop.py.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tasks.alerts import Sent, alert
-from tasks.checkpoints import (
-    BEST_WEIGHTS,
-    WEIGHTS,
-    CheckpointError,
-    latest_valid_checkpoint,
-    read_checkpoint_metadata,
-)
 from tasks.config import (
     RAY_CLIENT_REFUSED,
     RAY_CLIENT_SCHEME,
@@ -34,12 +26,20 @@ from tasks.config import (
     is_url,
     with_absolute_paths,
 )
-from tasks.loader import batches_per_rank
-from tasks.recipe import check_ema_horizon, trained_weights
-from tasks.samples import ShardFormatError
-from tasks.shard import require_manifest, verify_shards
-from tasks.tracking import start_wandb_run
-from tasks.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
+from tasks.data.loader import batches_per_rank
+from tasks.data.samples import ShardFormatError
+from tasks.data.shard import require_manifest, verify_shards
+from tasks.operations.alerts import Sent, alert
+from tasks.operations.tracking import start_wandb_run
+from tasks.training.checkpoints import (
+    BEST_WEIGHTS,
+    WEIGHTS,
+    CheckpointError,
+    latest_valid_checkpoint,
+    read_checkpoint_metadata,
+)
+from tasks.training.recipe import check_ema_horizon, trained_weights
+from tasks.training.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,7 +175,7 @@ def training_run(
     callbacks: tuple = (),
 ) -> TrainingRun:
     """The pipeline's TorchTrainer for one configured model, after every check that can fail before a worker
-    starts. train_model runs it for the pipeline; a sweep runs one per trial (tasks/sweep.py).
+    starts. train_model runs it for the pipeline; a sweep runs one per trial (tasks/operations/sweep.py).
 
     Args:
         storage: Ray Train's storage_path; default config.checkpoint_location.

@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tasks.augment import EvalResize
 from tasks.config import PipelineConfig
-from tasks.loader import Normalizer, ShardStream, device_batches, make_loader
-from tasks.recipe import autocast_context, build_model, trained_weights, uses_channels_last
-from tasks.shard import VAL_SPLIT, require_manifest
-from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
+from tasks.data.augment import EvalResize
+from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
+from tasks.data.shard import VAL_SPLIT, require_manifest
+from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run
+from tasks.training.recipe import autocast_context, build_model, trained_weights, uses_channels_last
 
 log = logging.getLogger(__name__)
 

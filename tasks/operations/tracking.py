@@ -91,7 +91,7 @@ def sync_command(config: PipelineConfig) -> str:
 def manifest_snapshot(location: str, directory: Path) -> Path:
     """The shards' manifest as a local file, written the same way everywhere so its digest names the
     dataset version in W&B lineage (the shards themselves may live on s3://)."""
-    from tasks.shard import MANIFEST_NAME, read_manifest
+    from tasks.data.shard import MANIFEST_NAME, read_manifest
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST_NAME

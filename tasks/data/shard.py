@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from tasks.samples import (
+from tasks.data.samples import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
     ShardFormatError,
@@ -36,7 +36,7 @@ from tasks.samples import (
     encode_sample,
     iter_samples,
 )
-from tasks.sources import Source, SourceError, first_image_size, load_image_file, open_source
+from tasks.data.sources import Source, SourceError, first_image_size, load_image_file, open_source
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.augment import EvalResize
 from tasks.config import PipelineConfig
-from tasks.evaluate import evaluation_device, load_trained_model
-from tasks.loader import ShardStream, normalize
-from tasks.recipe import trained_weights
-from tasks.shard import require_manifest
-from tasks.tracking import files_artifact, record_model_inputs, start_wandb_run
+from tasks.data.augment import EvalResize
+from tasks.data.loader import ShardStream, normalize
+from tasks.data.shard import require_manifest
+from tasks.judging.evaluate import evaluation_device, load_trained_model
+from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run
+from tasks.training.recipe import trained_weights
 from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer, capture_attention
 from vitmodels.swin import window_merge
 

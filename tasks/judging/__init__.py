@@ -1,0 +1,1 @@
+"""Judging: evaluation on the test split, attention maps and the report."""

@@ -1,0 +1,1 @@
+"""Operations: tracking (W&B), alerts, the model registry, Ray Jobs and sweeps."""

@@ -1,0 +1,1 @@
+"""Training: the Ray Train driver, the per-worker loop and its worker context, the recipe, checkpoints."""
