@@ -302,8 +302,10 @@ def _resume(trainer: Trainer) -> None:
             log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
 
 
-def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, sync_gradients: bool):
-    """One micro-batch: forward, loss, backward (gradients averaged across ranks when sync_gradients).
+def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, group_size: int,
+                     sync_gradients: bool):
+    """One micro-batch of an accumulation group of `group_size`: forward, loss, backward of loss / group_size, so
+    that the group's gradient is the mean of its micro-batches' (averaged across ranks when sync_gradients).
     Returns (loss, outputs), both still on the device."""
     training = trainer.config.training
     if training.compile:
@@ -315,7 +317,7 @@ def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tens
     with gradient_sync, autocast_context(trainer.config, trainer.context.device):
         outputs = trainer.step_model(images)
         loss = trainer.criterion(images, outputs, targets)
-        (loss / training.grad_accum_steps).backward()
+        (loss / group_size).backward()
     return loss, outputs
 
 
@@ -367,8 +369,12 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
         if mixer is not None:
             images, targets = mixer(images, labels)
             labels = targets.argmax(1)
-        last_micro_batch = (index + 1) % training.grad_accum_steps == 0 or index + 1 == num_batches
-        loss, outputs = forward_backward(trainer, images, targets, sync_gradients=last_micro_batch)
+        # Groups of grad_accum_steps micro-batches; the epoch's last one may be shorter (known on the host).
+        group_start = index - index % training.grad_accum_steps
+        group_size = min(training.grad_accum_steps, num_batches - group_start)
+        last_micro_batch = index + 1 == group_start + group_size
+        loss, outputs = forward_backward(trainer, images, targets, group_size=group_size,
+                                         sync_gradients=last_micro_batch)
         logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
         loss = loss.detach().float()
         batch_size = labels.shape[0]

@@ -14,7 +14,7 @@ from tasks.config import build_config
 from tasks.loader import ShardStream
 from tasks.recipe import build_model, check_ema_horizon, ema_initial_share
 from tasks.train import is_deterministic
-from tasks.train_loop import NonFiniteLossError, TrainingJob, fit_to_cores, run_training
+from tasks.train_loop import NonFiniteLossError, TrainingJob, fit_to_cores, run_training, setup, train_one_epoch
 from tasks.worker_context import LocalContext
 
 from .conftest import SUBSET_VAL
@@ -67,6 +67,44 @@ def test_the_real_recipes_augmentation_trains_on_odd_batches_with_accumulation(t
     assert epoch["global_step"] == 9  # 18 batches, 2 per optimizer step
     assert "train_acc_dominant_label" in epoch and "train_acc" not in epoch
     assert torch.isfinite(torch.tensor(epoch["train_loss"]))
+
+
+def test_every_accumulation_group_steps_on_the_mean_loss_of_its_micro_batches_the_short_last_one_too(
+        tmp_path, val_shards, monkeypatch):
+    # 4585 images in 5 batches of 917, accumulated 3 at a time: a group of 3, then a short last group of 2.
+    trainer = setup(LocalContext("cpu"), TrainingJob(_config(tmp_path, batch_size=1024, grad_accum_steps=3),
+                                                     "vit_tiny_patch4_32", val_shards))
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    criterion = trainer.criterion
+    loss_of = criterion.forward
+
+    def recording_loss(inputs, outputs, labels):
+        micro_batches.append((inputs.detach().clone(), labels.detach().clone()))
+        return loss_of(inputs, outputs, labels)
+
+    monkeypatch.setattr(criterion, "forward", recording_loss)
+    gradients: list[dict[str, torch.Tensor]] = []
+
+    def keep_gradients_without_stepping(trainer):  # the weights stay as they are: every group is recomputable
+        gradients.append({name: param.grad.clone() for name, param in trainer.model.named_parameters()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.global_step += 1
+
+    monkeypatch.setattr("tasks.train_loop.optimizer_step", keep_gradients_without_stepping)
+    train_one_epoch(trainer, 0)
+    assert [len(labels) for _, labels in micro_batches] == [917] * 5 and len(gradients) == 2
+
+    # The reference: one forward and backward of the group's micro-batches as one batch (a deterministic model:
+    # no dropout or drop-path), whose mean loss is the mean of the equal-sized micro-batches' means.
+    model = trainer.model
+    groups = (micro_batches[:3], micro_batches[3:])  # the full group, then the short last one
+    for group, group_gradients in zip(groups, gradients, strict=True):
+        images, labels = torch.cat([images for images, _ in group]), torch.cat([labels for _, labels in group])
+        model.zero_grad(set_to_none=True)
+        loss_of(images, model(images), labels).backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(group_gradients[name], param.grad, rtol=1e-4, atol=1e-7,
+                                       msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, val_shards):
