@@ -421,6 +421,26 @@ def _stop_if_nonfinite(trainer: Trainer, nonfinite: float, epoch: int) -> None:
         )
 
 
+# The BatchNorm buffers each rank's forward passes move on their own (num_batches_tracked is left as it is).
+BATCHNORM_STATISTICS = ("running_mean", "running_var")
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(trainer: Trainer) -> None:
+    """Average the BatchNorm running statistics of the model and of the EMA over the ranks (timm's distribute_bn
+    with reduce=True), so that every rank validates, and rank 0 checkpoints, statistics of every rank's batches
+    rather than of its own. Nothing to do, and torch.distributed untouched, on one rank."""
+    world_size = trainer.context.world_size
+    if world_size == 1:
+        return
+    modules = [trainer.model] + ([trainer.ema.module] if trainer.ema is not None else [])
+    for module in modules:
+        for name, buffer in module.named_buffers():
+            if name.rpartition(".")[2] in BATCHNORM_STATISTICS:
+                dist.all_reduce(buffer)
+                buffer /= world_size
+
+
 @torch.no_grad()
 def validate(trainer: Trainer) -> dict:
     """Top-1 and cross-entropy of the scored weights over the whole validation split (every rank its share)."""
@@ -480,6 +500,7 @@ def run_training(context: WorkerContext, job: TrainingJob) -> list[dict]:
     tracker = _start_tracker(trainer)
     for epoch in range(trainer.start_epoch, trainer.config.training.epochs):
         train_metrics, rows = train_one_epoch(trainer, epoch)
+        average_batchnorm_statistics(trainer)
         metrics = {"epoch": epoch + 1, **train_metrics, **validate(trainer),
                    "peak_memory_mb": _peak_memory_mb(context.device), "global_step": trainer.global_step}
         trainer.history.append(metrics)
