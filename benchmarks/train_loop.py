@@ -82,7 +82,7 @@ def step_images_per_second(config: PipelineConfig, args: argparse.Namespace) -> 
         if step == WARMUP_STEPS:
             sync(device)
             started = time.perf_counter()
-        forward_backward(trainer, inputs, targets, sync_gradients=True)
+        forward_backward(trainer, inputs, targets, group_size=1, sync_gradients=True)
         optimizer_step(trainer)
     sync(device)
     return args.batch_size * args.steps / (time.perf_counter() - started)

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from tasks.training.checkpoints import (
+    EMA_WEIGHTS,
     METADATA,
     STATE,
     WEIGHTS,
@@ -48,6 +50,23 @@ def test_round_trip_restores_everything(tmp_path):
     for a, b in zip(saved.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert scheduler.last_epoch == 1 and optimizer.state_dict()["state"]
+
+
+def test_a_resume_without_ema_weights_starts_the_ema_from_the_resumed_model(tmp_path, caplog):
+    from timm.utils import ModelEmaV3
+
+    directory = tmp_path / "checkpoint_1"
+    saved = _save(directory, epoch=1)  # written with the EMA off
+    model, optimizer, scheduler = _parts()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # the fresh run's initial weights, which the EMA is built from
+    ema = ModelEmaV3(model, decay=0.99)
+    with caplog.at_level(logging.WARNING, logger="tasks.training.checkpoints"):
+        load_training_state(directory, model, optimizer, scheduler, ema)
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[name], tensor), name
+    assert f"{directory} has no {EMA_WEIGHTS}" in caplog.text and "EMA starts again" in caplog.text
 
 
 class _Exploit:

@@ -17,7 +17,15 @@ from safetensors.torch import load_file, save_file
 from flows.cli import EXIT_BAD_INPUT, main
 from tasks.config import ConfigError, build_config, load_config, with_pretrained_file
 from tasks.training.checkpoints import checkpoint_dirs
-from tasks.training.recipe import build_optimizer, effective_lr, layer_ids, warmup_cosine
+from tasks.training.recipe import (
+    backbone_to_eval,
+    build_model,
+    build_optimizer,
+    effective_lr,
+    freeze_backbone,
+    layer_ids,
+    warmup_cosine,
+)
 from tasks.training.train_loop import TrainingJob, run_training, setup
 from tasks.training.worker_context import LocalContext
 from vitmodels import create_model
@@ -160,6 +168,68 @@ def test_a_frozen_backbone_gets_no_updates_then_trains_and_resumes_across_the_sw
     run_training(LocalContext("cpu", checkpoint_root=resumed_root), TrainingJob(config, name, val_shards))
     resumed = load_file(str(checkpoint_dirs(resumed_root)[0] / "model.safetensors"))
     assert all(torch.equal(resumed[key], second[key]) for key in second)
+
+
+def _frozen_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """What train_one_epoch does to a model whose backbone is frozen."""
+    freeze_backbone(model, True)
+    model.train()
+    backbone_to_eval(model)
+    return model
+
+
+def _random_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Dropout, torch.nn.BatchNorm2d)) or type(module).__name__ == "DropPath"}
+
+
+def test_a_frozen_deit_trains_its_two_heads_apart_with_its_backbone_in_eval_mode():
+    model = _frozen_for_training(create_model("deit_tiny_distilled_patch4_32", num_classes=10, depth=2, embed_dim=32,
+                                              num_heads=2, drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.2))
+    # the label loss and the teacher loss each get their head, not the average eval mode returns
+    cls_logits, dist_logits = model(torch.randn(2, 3, 32, 32))
+    assert cls_logits.shape == dist_logits.shape == (2, 10)
+    assert model.training and model.head.training and model.head_dist.training
+    backbone = _random_modules(model)
+    assert {"head_drop", "blocks.0.mlp.drop1", "blocks.1.drop_path1"} <= backbone.keys()
+    assert not any(module.training for module in backbone.values())
+
+
+def test_a_frozen_cnn_keeps_its_batchnorm_statistics():
+    model = _frozen_for_training(create_model("resnet18_cifar", num_classes=10, layers=(1, 1), channels=(8, 16)))
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(before[name], buffer) for name, buffer in model.named_buffers())
+    assert {"bn1", "layer1.0.bn1"} <= _random_modules(model).keys()
+    assert not any(module.training for module in _random_modules(model).values())
+    assert model.fc.training and model.fc.weight.grad is not None and model.conv1.weight.grad is None
+
+
+def test_a_frozen_deit_trains_two_heads_in_every_epoch_though_validation_switches_modes(
+        tmp_path, val_shards, monkeypatch):
+    deit = {"name": "deit_tiny_distilled_patch4_32", "drop_path_rate": 0.1,
+            "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+    config = build_config({
+        "data": {"loader_workers": 0},
+        "model": {"baseline": deit, "transformers": []},
+        "training": {"epochs": 2, "batch_size": 1024, "warmup_epochs": 0.2, "bf16": False, "log_every_steps": 50,
+                     "freeze_backbone_epochs": 2, "ema_decay": None},  # no EMA: validation puts the model in eval
+        "tracking": {"mode": "disabled", "output_dir": str(tmp_path / "runs"), "run_name": "frozen-deit"},
+    })
+    forwards: list[tuple[bool, bool, bool]] = []  # (training step, two heads, backbone drop-path on)
+
+    def build_and_watch(spec, num_classes):
+        model = build_model(spec, num_classes)
+        model.register_forward_hook(lambda module, inputs, output: forwards.append(
+            (torch.is_grad_enabled(), isinstance(output, tuple), module.blocks[1].drop_path1.training)))
+        return model
+
+    monkeypatch.setattr("tasks.training.train_loop.build_model", build_and_watch)
+    history = run_training(LocalContext("cpu"), TrainingJob(config, deit["name"], val_shards))
+    steps = [(heads, drop_path) for training, heads, drop_path in forwards if training]
+    assert len(steps) == history[-1]["global_step"] == 2 * history[0]["global_step"]  # both epochs, every step
+    assert all(heads and not drop_path for heads, drop_path in steps)
+    assert not any(heads for training, heads, _ in forwards if not training)  # validation: the average
 
 
 def test_pretrained_file_override_replaces_the_checkpoint_for_one_model(tmp_path, vit_s16_checkpoint, monkeypatch):

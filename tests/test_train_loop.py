@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
+from torch import nn
 
 from tasks.config import build_config
 from tasks.data.loader import ShardStream
 from tasks.training.checkpoints import BEST_WEIGHTS, EMA_WEIGHTS, checkpoint_dirs, read_checkpoint_metadata
 from tasks.training.recipe import build_model, check_ema_horizon, ema_initial_share
 from tasks.training.train import is_deterministic
-from tasks.training.train_loop import NonFiniteLossError, TrainingJob, fit_to_cores, run_training
+from tasks.training.train_loop import (
+    NonFiniteLossError,
+    TrainingJob,
+    average_batchnorm_statistics,
+    fit_to_cores,
+    run_training,
+    setup,
+    train_one_epoch,
+)
 from tasks.training.worker_context import LocalContext
 
 from .conftest import SUBSET_VAL
@@ -33,9 +45,12 @@ def _config(tmp_path: Path, **training):
     })
 
 
-def test_in_process_training_scores_exports_and_resumes_the_ema(tmp_path, val_shards):
+def test_in_process_training_scores_exports_and_resumes_the_ema(tmp_path, val_shards, monkeypatch):
     root = tmp_path / "checkpoints"
     root.mkdir()
+    averaged_at: list[int] = []  # the global step of each BatchNorm averaging (a no-op on one rank)
+    monkeypatch.setattr("tasks.training.train_loop.average_batchnorm_statistics",
+                        lambda trainer: averaged_at.append(trainer.global_step))
     context = LocalContext("cpu", checkpoint_root=root)
     first = run_training(context, TrainingJob(_config(tmp_path), "vit_tiny_patch4_32", val_shards))
     [epoch] = first
@@ -55,6 +70,7 @@ def test_in_process_training_scores_exports_and_resumes_the_ema(tmp_path, val_sh
                            TrainingJob(_config(tmp_path, epochs=2), "vit_tiny_patch4_32", val_shards))
     assert [e["epoch"] for e in resumed] == [1, 2] and resumed[0] == first[0]
     assert resumed[1]["global_step"] == 36
+    assert averaged_at == [18, 36]  # after each epoch's training, before its validation
 
 
 def test_the_real_recipes_augmentation_trains_on_odd_batches_with_accumulation(tmp_path, val_shards):
@@ -69,6 +85,44 @@ def test_the_real_recipes_augmentation_trains_on_odd_batches_with_accumulation(t
     assert torch.isfinite(torch.tensor(epoch["train_loss"]))
 
 
+def test_every_accumulation_group_steps_on_the_mean_loss_of_its_micro_batches_the_short_last_one_too(
+        tmp_path, val_shards, monkeypatch):
+    # 4585 images in 5 batches of 917, accumulated 3 at a time: a group of 3, then a short last group of 2.
+    trainer = setup(LocalContext("cpu"), TrainingJob(_config(tmp_path, batch_size=1024, grad_accum_steps=3),
+                                                     "vit_tiny_patch4_32", val_shards))
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    criterion = trainer.criterion
+    loss_of = criterion.forward
+
+    def recording_loss(inputs, outputs, labels):
+        micro_batches.append((inputs.detach().clone(), labels.detach().clone()))
+        return loss_of(inputs, outputs, labels)
+
+    monkeypatch.setattr(criterion, "forward", recording_loss)
+    gradients: list[dict[str, torch.Tensor]] = []
+
+    def keep_gradients_without_stepping(trainer):  # the weights stay as they are: every group is recomputable
+        gradients.append({name: param.grad.clone() for name, param in trainer.model.named_parameters()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.global_step += 1
+
+    monkeypatch.setattr("tasks.training.train_loop.optimizer_step", keep_gradients_without_stepping)
+    train_one_epoch(trainer, 0)
+    assert [len(labels) for _, labels in micro_batches] == [917] * 5 and len(gradients) == 2
+
+    # The reference: one forward and backward of the group's micro-batches as one batch (a deterministic model:
+    # no dropout or drop-path), whose mean loss is the mean of the equal-sized micro-batches' means.
+    model = trainer.model
+    groups = (micro_batches[:3], micro_batches[3:])  # the full group, then the short last one
+    for group, group_gradients in zip(groups, gradients, strict=True):
+        images, labels = torch.cat([images for images, _ in group]), torch.cat([labels for _, labels in group])
+        model.zero_grad(set_to_none=True)
+        loss_of(images, model(images), labels).backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(group_gradients[name], param.grad, rtol=1e-4, atol=1e-7,
+                                       msg=lambda text, name=name: f"{name}: {text}")
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, val_shards):
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -76,6 +130,44 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     with pytest.raises(NonFiniteLossError, match="NaN or infinite.*last good checkpoint"):
         run_training(LocalContext("cpu", checkpoint_root=root), TrainingJob(config, "vit_tiny_patch4_32", val_shards))
     assert len(checkpoint_dirs(root)) <= 1  # no checkpoint of the epoch that went bad
+
+
+def _batchnorm_trainer(rank: int, world_size: int) -> SimpleNamespace:
+    """A model and its EMA whose BatchNorm buffers are rank's own: mean rank (EMA 10 + rank), variance 1 + 2 x rank
+    (EMA 11 + 2 x rank), batches tracked 5 + rank."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    ema = ModelEmaV3(model, decay=0.99)
+    for batchnorm, offset in ((model[1], 0), (ema.module[1], 10)):
+        batchnorm.running_mean.fill_(offset + rank)
+        batchnorm.running_var.fill_(offset + 1 + 2 * rank)
+        batchnorm.num_batches_tracked.fill_(5 + rank)
+    return SimpleNamespace(model=model, ema=ema, context=SimpleNamespace(world_size=world_size))
+
+
+def _average_on_two_ranks(rank: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        trainer = _batchnorm_trainer(rank, world_size=2)
+        average_batchnorm_statistics(trainer)
+        for batchnorm, offset in ((trainer.model[1], 0), (trainer.ema.module[1], 10)):
+            assert torch.equal(batchnorm.running_mean, torch.full((4,), offset + 0.5))  # (0 + 1) / 2
+            assert torch.equal(batchnorm.running_var, torch.full((4,), offset + 2.0))  # (1 + 3) / 2
+            assert batchnorm.num_batches_tracked.item() == 5 + rank
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_validate_with_the_mean_of_their_batchnorm_statistics_in_model_and_ema(tmp_path, monkeypatch):
+    # Forked: the ranks start in a blink instead of importing the training loop again (tens of seconds on a busy
+    # machine); they run nothing but a few collectives on four-element tensors.
+    torch.multiprocessing.start_processes(_average_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2,
+                                          join=True, start_method="fork")
+    # One rank: nothing to average, and torch.distributed (not initialised here) is not called.
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: pytest.fail("all_reduce on one rank"))
+    alone = _batchnorm_trainer(rank=1, world_size=1)
+    average_batchnorm_statistics(alone)
+    assert torch.equal(alone.model[1].running_mean, torch.ones(4))
+    assert torch.equal(alone.ema.module[1].running_var, torch.full((4,), 13.0))
 
 
 @pytest.mark.parametrize(("rate", "expected_max"), [(0.0, 0.0), (0.3, 0.3), (None, 0.1)])

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 METADATA = "metadata.json"
 WEIGHTS = "model.safetensors"
@@ -117,12 +120,20 @@ def load_weights(path: Path, model: nn.Module) -> None:
 def load_training_state(directory: Path, model: nn.Module, optimizer, scheduler, ema) -> dict:
     """Restore model, optimizer, scheduler and EMA in place; return epoch, step and history.
 
+    A checkpoint without EMA weights was written with the EMA off (its files are all checked against its
+    metadata, so none was lost): an EMA asked for now starts from the resumed weights, with a warning, rather
+    than from the initial ones it was built from.
     RNG state is not stored: training reseeds every stream from (seed, epoch, rank) at each epoch.
     """
     metadata = read_checkpoint_metadata(directory)
     load_weights(directory / WEIGHTS, model)
-    if ema is not None and (directory / EMA_WEIGHTS).is_file():
-        load_weights(directory / EMA_WEIGHTS, ema.module)
+    if ema is not None:
+        if (directory / EMA_WEIGHTS).is_file():
+            load_weights(directory / EMA_WEIGHTS, ema.module)
+        else:
+            log.warning("%s has no %s (it was written with the EMA off): the EMA starts again from the resumed "
+                        "model's weights", directory, EMA_WEIGHTS)
+            ema.set(model)
     try:
         state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for refused content

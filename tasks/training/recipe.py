@@ -161,11 +161,24 @@ def freeze_backbone(model: nn.Module, frozen: bool) -> None:
 
 
 def backbone_to_eval(model: nn.Module) -> None:
-    """A frozen backbone computes fixed features: eval mode everywhere but the head(s), so dropout, drop-path
-    and BatchNorm's running statistics leave it as it is. Call after model.train()."""
-    model.eval()
-    for head in head_names(model):
-        model.get_submodule(head).train()
+    """A frozen backbone computes fixed features: its modules go to eval mode, so dropout, drop-path and
+    BatchNorm's running statistics leave it as it is. Call after model.train().
+
+    The head(s) and the modules holding them, the model itself first, stay in training mode: what a forward
+    decides by the model's own mode is the training's (a DeiT returns its two heads apart, for the label and
+    the teacher loss, where eval mode would return their average)."""
+    _backbone_to_eval(model, "", head_names(model))
+
+
+def _backbone_to_eval(module: nn.Module, prefix: str, heads: tuple[str, ...]) -> None:
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if path in heads:
+            continue
+        if any(head.startswith(f"{path}.") for head in heads):
+            _backbone_to_eval(child, f"{path}.", heads)
+        else:
+            child.eval()
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -302,8 +302,10 @@ def _resume(trainer: Trainer) -> None:
             log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
 
 
-def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, sync_gradients: bool):
-    """One micro-batch: forward, loss, backward (gradients averaged across ranks when sync_gradients).
+def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, group_size: int,
+                     sync_gradients: bool):
+    """One micro-batch of an accumulation group of `group_size`: forward, loss, backward of loss / group_size, so
+    that the group's gradient is the mean of its micro-batches' (averaged across ranks when sync_gradients).
     Returns (loss, outputs), both still on the device."""
     training = trainer.config.training
     if training.compile:
@@ -315,7 +317,7 @@ def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tens
     with gradient_sync, autocast_context(trainer.config, trainer.context.device):
         outputs = trainer.step_model(images)
         loss = trainer.criterion(images, outputs, targets)
-        (loss / training.grad_accum_steps).backward()
+        (loss / group_size).backward()
     return loss, outputs
 
 
@@ -367,8 +369,12 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
         if mixer is not None:
             images, targets = mixer(images, labels)
             labels = targets.argmax(1)
-        last_micro_batch = (index + 1) % training.grad_accum_steps == 0 or index + 1 == num_batches
-        loss, outputs = forward_backward(trainer, images, targets, sync_gradients=last_micro_batch)
+        # Groups of grad_accum_steps micro-batches; the epoch's last one may be shorter (known on the host).
+        group_start = index - index % training.grad_accum_steps
+        group_size = min(training.grad_accum_steps, num_batches - group_start)
+        last_micro_batch = index + 1 == group_start + group_size
+        loss, outputs = forward_backward(trainer, images, targets, group_size=group_size,
+                                         sync_gradients=last_micro_batch)
         logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
         loss = loss.detach().float()
         batch_size = labels.shape[0]
@@ -413,6 +419,26 @@ def _stop_if_nonfinite(trainer: Trainer, nonfinite: float, epoch: int) -> None:
             f"epoch {epoch + 1} (by optimizer step {trainer.global_step}); training stopped, its last good "
             f"checkpoint is kept (lower training.lr, keep training.grad_clip_norm, or check the data)"
         )
+
+
+# The BatchNorm buffers each rank's forward passes move on their own (num_batches_tracked is left as it is).
+BATCHNORM_STATISTICS = ("running_mean", "running_var")
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(trainer: Trainer) -> None:
+    """Average the BatchNorm running statistics of the model and of the EMA over the ranks (timm's distribute_bn
+    with reduce=True), so that every rank validates, and rank 0 checkpoints, statistics of every rank's batches
+    rather than of its own. Nothing to do, and torch.distributed untouched, on one rank."""
+    world_size = trainer.context.world_size
+    if world_size == 1:
+        return
+    modules = [trainer.model] + ([trainer.ema.module] if trainer.ema is not None else [])
+    for module in modules:
+        for name, buffer in module.named_buffers():
+            if name.rpartition(".")[2] in BATCHNORM_STATISTICS:
+                dist.all_reduce(buffer)
+                buffer /= world_size
 
 
 @torch.no_grad()
@@ -474,6 +500,7 @@ def run_training(context: WorkerContext, job: TrainingJob) -> list[dict]:
     tracker = _start_tracker(trainer)
     for epoch in range(trainer.start_epoch, trainer.config.training.epochs):
         train_metrics, rows = train_one_epoch(trainer, epoch)
+        average_batchnorm_statistics(trainer)
         metrics = {"epoch": epoch + 1, **train_metrics, **validate(trainer),
                    "peak_memory_mb": _peak_memory_mb(context.device), "global_step": trainer.global_step}
         trainer.history.append(metrics)
