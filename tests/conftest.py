@@ -12,6 +12,8 @@ import pytest
 
 from tasks.data.shard import ShardOptions, shard_dataset
 from tasks.data.sources import CIFAR10_DIRNAME, read_cifar10
+from tests.support.published_run import evaluated_run  # noqa: F401  (a fixture: a run directory after evaluate)
+from tests.support.s3_server import s3_bucket  # noqa: F401  (a fixture: a bucket on moto's S3 server)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10-subset"

@@ -12,7 +12,7 @@ Both draw every random choice on the host (a CPU `torch.Generator`, a NumPy `Gen
 device only index and parameter tensors, copied with `non_blocking=True` from pinned memory. How many images
 took which op is therefore known on the host, so nothing here reads a device tensor back: no `.item()`,
 `.tolist()` or `nonzero()` of device data and no boolean-mask indexing with a data-dependent shape. On CUDA a
-batch is queued without waiting for the GPU. (tests/test_augment.py runs both on the meta device, which has
+batch is queued without waiting for the GPU. (tests/unit/data/test_augment.py runs both on the meta device, which has
 no values to read, and fails on blocking host-to-device copies; no CUDA machine has run this module yet.)
 """
 
@@ -399,7 +399,7 @@ class BatchAugmenter:
     geometric ops, per-image factors and thresholds for the colour ops, one histogram scatter for Equalize,
     torchvision's own batched AutoContrast), and the results are put back in order. Nearest interpolation,
     zero fill: torchvision's defaults. On CPU the output equals torchvision's functional ops image by image,
-    pixel for pixel (tests/test_augment.py checks every op, bin and sign); on CUDA, float kernels may round
+    pixel for pixel (tests/unit/data/test_augment.py checks every op, bin and sign); on CUDA, float kernels may round
     a rare pixel differently, as torchvision's own do between devices. Last, images not yet at `image_size`
     are resized to it (pad-and-crop and RandAugment ran at the source size: at 32 px, 1/49 of the work at 224).
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.data.augment import BatchAugmenter
 from tasks.config import AugmentConfig
+from tasks.data.augment import BatchAugmenter
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.data.shard import require_manifest
 

@@ -1,0 +1,1 @@
+"""Data: image sources, samples, verified WebDataset shards, the shard loader and batched augmentation."""

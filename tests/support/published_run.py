@@ -1,0 +1,55 @@
+"""A flow run's directory as evaluate leaves it, for the publish step and the flow's publish task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import build_config
+from tasks.training.recipe import trained_weights
+
+BASELINE, VIT = "resnet18_cifar", "vit_tiny_patch4_32"
+SPLIT = "a" * 64
+MANIFEST = {
+    "dataset": "cifar10", "classes": [str(c) for c in range(10)], "fingerprint": "f" * 64, "version": 1,
+    "splits": {"test": {"num_samples": 200, "shards": [
+        {"name": "test-000001.tar", "num_samples": 100, "sha256": "2" * 64, "bytes": 1},
+        {"name": "test-000000.tar", "num_samples": 100, "sha256": "1" * 64, "bytes": 1}]},
+               "val": {"num_samples": 80, "shards": [
+        {"name": "val-000000.tar", "num_samples": 80, "sha256": "4" * 64, "bytes": 1}]}},
+}
+
+
+
+@pytest.fixture
+def evaluated_run(tmp_path, monkeypatch):
+    """A flow run's directory as evaluate leaves it: evaluation.json, the models' weights, the shards' manifest,
+    the report and an offline W&B run."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps(MANIFEST))
+    config = build_config({
+        "data": {"shard_dir": str(shards)},
+        "model": {"baseline": {"name": BASELINE}, "transformers": [{"name": VIT}]},
+        "tracking": {"output_dir": str(tmp_path / "runs"), "run_name": "weekly", "flow_run": "weekly-2",
+                     "regression_margin": 0.02},
+    })
+    records = []
+    for name, top1 in ((BASELINE, 0.81), (VIT, 0.75)):
+        weights = trained_weights(config, name)
+        weights.parent.mkdir(parents=True)
+        weights.write_bytes(f"weights of {name}".encode())
+        records.append({"model": name, "role": "x", "top1": top1, "top5": 0.99, "loss": 0.6, "ece": 0.03,
+                        "test_samples": 200, "val_top1": top1 + 0.01, "val_samples": 80, "params": 1_000_000,
+                        "gflops": 0.1, "train_seconds": 60.0, "device_hours": 0.03, "epochs": 3, "best_epoch": 2,
+                        "train_val_top1": top1 + 0.01})
+    run_dir = Path(config.run_dir)
+    (run_dir / "evaluation.json").write_text(json.dumps({"models": records, "classes": MANIFEST["classes"]}))
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "report.html").write_text("<html></html>")
+    (run_dir / "wandb" / "offline-run-20260101_000000-weekly-2-train-vit-0123456789").mkdir(parents=True)
+    return config

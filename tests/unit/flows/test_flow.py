@@ -1,0 +1,324 @@
+"""The flow's wiring without training: cache keys, retries, parameters, deployments (Prefect test harness)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect import flow, task
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
+from flows.pipeline import (
+    FLOW_NAME,
+    _retry_transient,
+    publish_task,
+    shard_cache_key,
+    shard_task,
+    train_cache_key,
+    verify_task,
+    vit_pipeline,
+)
+from flows.sweep import vit_sweep
+from tasks.config import ConfigError, build_config, load_config
+from tests.conftest import REPO_ROOT
+from tests.support.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
+    BASELINE,
+    DEIT,
+    SWIN,
+    VIT,
+    fake_trainings_fixture,
+    flow_config,
+    intervals_overlap,
+    trainings,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _config(tmp_path: Path, data_root: Path, **sections):
+    tree = {
+        "data": {"data_root": str(data_root), "shard_size": 1000, "shard_workers": 1},
+        "tracking": {"output_dir": str(tmp_path / "runs"), "mode": "disabled"},
+        **sections,
+    }
+    return build_config(tree)
+
+
+def _train_key(config, name: str, teacher: str | None = None) -> str:
+    parameters = {"config": config, "model_name": name, "manifest_fingerprint": "f" * 64, "teacher_weights": teacher}
+    return train_cache_key(None, parameters)
+
+
+def test_a_changed_model_config_changes_only_that_models_cache_key(tmp_path, data_root):
+    before = _config(tmp_path, data_root)
+    changed = before.model_copy(deep=True)
+    changed.model.transformers[0].drop_path_rate = 0.3
+    names = [spec.name for spec in before.model.all_specs()]
+    moved = {name for name in names if _train_key(before, name) != _train_key(changed, name)}
+    assert moved == {before.model.transformers[0].name}
+
+    longer = before.model_copy(deep=True)
+    longer.training.epochs += 1
+    assert all(_train_key(before, name) != _train_key(longer, name) for name in names)
+
+
+def test_a_retrained_teacher_changes_the_students_cache_key(tmp_path, data_root):
+    config = _config(tmp_path, data_root)
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"weights v1")
+    first = _train_key(config, "deit_tiny_distilled_patch4_32", str(teacher))
+    assert first == _train_key(config, "deit_tiny_distilled_patch4_32", str(teacher))
+    teacher.write_bytes(b"weights v2")
+    assert _train_key(config, "deit_tiny_distilled_patch4_32", str(teacher)) != first
+
+
+def test_shard_cache_key_follows_what_the_shards_depend_on(tmp_path, data_root):
+    config = _config(tmp_path, data_root)
+    key = shard_cache_key(None, {"config": config})
+    loader_only = config.model_copy(deep=True)
+    loader_only.data.loader_workers += 3
+    assert shard_cache_key(None, {"config": loader_only}) == key
+    resized = config.model_copy(deep=True)
+    resized.data.shard_size = 500
+    assert shard_cache_key(None, {"config": resized}) != key
+
+
+def test_transient_faults_are_retried_and_bad_input_is_not():
+    calls = {"os": 0, "config": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=_retry_transient)
+    def flaky(kind: str) -> str:
+        calls[kind] += 1
+        if calls[kind] == 1:
+            raise OSError("storage hiccup") if kind == "os" else ConfigError("data.shard_size: must be > 0")
+        return "ok"
+
+    @flow
+    def both():
+        return flaky("os"), flaky("config", return_state=True)
+
+    recovered, refused = both()
+    assert recovered == "ok" and calls["os"] == 2
+    assert refused.is_failed() and calls["config"] == 1
+
+
+def test_second_shard_task_is_cached_and_bad_shards_fail_verification_by_name(tmp_path, data_root):
+    config = _config(tmp_path, data_root)
+
+    @flow
+    def shard_twice():
+        first = shard_task(config, "test-group", return_state=True)
+        second = shard_task(config, "test-group", return_state=True)
+        return first, second
+
+    first, second = shard_twice()
+    assert first.name == "Completed" and second.name == "Cached"
+    assert second.result()["fingerprint"] == first.result()["fingerprint"]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(config.shard_location, broken)
+    with open(broken / "train-000002.tar", "r+b") as shard:
+        shard.truncate(4096)
+    bad = config.model_copy(deep=True)
+    bad.data.shard_dir = str(broken)
+
+    @flow
+    def verify_bad():
+        state = verify_task(bad, return_state=True)
+        return state.is_failed(), str(state.result(raise_on_failure=False))
+
+    failed, message = verify_bad()
+    assert failed and "train-000002.tar" in message and "truncated" in message
+
+
+def test_flow_takes_the_typed_config_as_its_form():
+    schema = vit_pipeline.parameters.model_dump()
+    assert set(schema["properties"]) == {"config", "config_file", "overrides", "reuse_trainings"}
+    config_schema = schema["definitions"]["PipelineConfig"]
+    assert {"data", "model", "training", "scaling", "tracking", "orchestration"} <= set(config_schema["properties"])
+
+
+def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
+    declared = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    served = {deployment.name: deployment for deployment in deployments()}
+    assert {d["name"] for d in declared} == set(served) == set(DEPLOYMENT_CONFIGS) | set(SWEEP_DEPLOYMENT_CONFIGS)
+    assert set(DEPLOYMENT_CONFIGS) == {"cifar10", "smoke"}
+    assert set(SWEEP_DEPLOYMENT_CONFIGS) == {"sweep", "sweep-cifar10"}
+    for entry in declared:
+        flow_of = vit_sweep if entry["name"] in SWEEP_DEPLOYMENT_CONFIGS else vit_pipeline
+        module, function = entry["entrypoint"].split(":")
+        assert (REPO_ROOT / module).is_file() and function == flow_of.fn.__name__
+        assert served[entry["name"]].entrypoint == entry["entrypoint"]
+        # The cluster's deployments add shared storage (tests/unit/test_infra.py) to what is served locally.
+        assert served[entry["name"]].parameters.items() <= entry["parameters"].items()
+        assert set(entry["parameters"]) <= set(flow_of.parameters.properties)
+        config = load_config(REPO_ROOT / entry["parameters"]["config_file"])
+        assert (config.sweep is not None) == (flow_of is vit_sweep), entry["name"]
+    cifar10 = next(d for d in declared if d["name"] == "cifar10")
+    assert [(s["cron"], s["active"]) for s in cifar10["schedules"]] == [(RETRAIN_CRON, False)]
+    served_schedule = served["cifar10"].schedules[0]
+    assert served_schedule.schedule.cron == RETRAIN_CRON and served_schedule.active is False
+    assert vit_pipeline.name == vit_sweep.name == FLOW_NAME  # deployments vit-pipeline/<name>, the sweeps' too
+
+
+def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):
+    import ray
+
+    from tasks.training.train import TrainingError, train_model
+
+    broken = tmp_path / "shards"
+    shutil.copytree(subset_shards, broken)
+    (broken / "test-000000.tar").unlink()
+    config = _config(tmp_path, data_root, model={"transformers": []})
+    config.data.shard_dir = str(broken)
+    with pytest.raises(TrainingError, match="(?s)refusing to train on bad shards.*test-000000.tar"):
+        train_model(config, config.model.baseline.name)
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------ trainings: order, slots, reuse
+
+
+def _flow_config(tmp_path: Path, data_root: Path, flow_run: str):
+    config = _config(tmp_path, data_root, storage={"results": str(tmp_path / "prefect-results")})
+    return flow_config(config, flow_run)
+
+
+def test_each_training_waits_for_a_slot_and_a_deit_for_its_teacher_only(tmp_path, data_root, fake_trainings):
+    config = _flow_config(tmp_path, data_root, "first")
+    outcomes, how = trainings(config, slots=2, reuse=False)
+    calls = {call["model"]: call for call in fake_trainings}
+    assert set(how.values()) == {"trained"} and set(outcomes) == set(calls) == {BASELINE, VIT, DEIT, SWIN}
+    # ViT and Swin do not wait for the baseline: ViT starts beside it, Swin as soon as ViT frees its slot.
+    assert calls[VIT]["start"] < calls[BASELINE]["end"] and calls[SWIN]["start"] < calls[BASELINE]["end"]
+    assert calls[SWIN]["start"] >= calls[VIT]["end"]
+    # The DeiT waits for the baseline and distils from its weights.
+    assert calls[DEIT]["start"] >= calls[BASELINE]["end"]
+    assert calls[DEIT]["teacher"] == str(outcomes[BASELINE].best_weights)
+    assert {call["teacher"] for name, call in calls.items() if name != DEIT} == {None}
+    assert intervals_overlap(fake_trainings) == 2, "never more trainings at once than slots"
+    assert {call["group"] for call in fake_trainings} == {"first"}
+
+
+def test_the_flow_graph_shows_what_each_training_waits_for(tmp_path, data_root, fake_trainings):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = _flow_config(tmp_path, data_root, "graph")
+    state = trainings(config, slots=4, reuse=False, return_state=True)
+    with get_client(sync_client=True) as client:
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=this_run)
+    by_name = {run.name: run for run in runs}
+    waits = {name: {str(item.id) for item in run.task_inputs.get("wait_for", [])} for name, run in by_name.items()}
+    assert waits[f"train-{DEIT}"] == {str(by_name[f"train-{BASELINE}"].id)}
+    assert waits[f"train-{VIT}"] == waits[f"train-{SWIN}"] == waits[f"train-{BASELINE}"] == set()
+
+
+def test_a_new_flow_run_trains_again_unless_asked_to_reuse(tmp_path, data_root, fake_trainings):
+    first = _flow_config(tmp_path, data_root, "first")
+    trainings(first, slots=4, reuse=False)
+    again = _flow_config(tmp_path, data_root, "second")
+    _, how = trainings(again, slots=4, reuse=False)
+    assert set(how.values()) == {"trained"} and len(fake_trainings) == 8
+
+    reusing = _flow_config(tmp_path, data_root, "third")
+    outcomes, how = trainings(reusing, slots=4, reuse=True)
+    assert len(fake_trainings) == 8, "nothing trained"
+    # Reused from the latest identical trainings: runs/<run>/second/models/<model>
+    assert {Path(text.removeprefix("reused from ")).parts[-3] for text in how.values()} == {"second"}, how
+    for name, outcome in outcomes.items():  # copied: this run's directory holds every model it evaluates
+        assert outcome.best_weights == Path(reusing.run_dir) / "models" / name / "best.safetensors"
+        assert outcome.best_weights.read_text() == f"{name} of second"
+    assert list((tmp_path / "prefect-results").iterdir()), "cached results live in storage.results"
+
+    (Path(again.run_dir) / "models" / VIT / "best.safetensors").unlink()
+    fourth = _flow_config(tmp_path, data_root, "fourth")
+    _, how = trainings(fourth, slots=4, reuse=True)
+    assert how[VIT] == "trained" and how[BASELINE].startswith("reused from ")
+
+
+# ------------------------------------------------------------------------------- run directories
+
+
+def test_every_flow_run_gets_its_own_directory_and_a_finished_one_is_never_continued(tmp_path):
+    from flows.run_owner import LATEST_LINK, RUN_OWNER_FILE, claim_run_directory, finish_run_directory
+
+    config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"}})
+    scheduled = claim_run_directory(config, "0a1b2c3d-0000", "crimson-fox")
+    manual = claim_run_directory(config, "9f8e7d6c-0000", "crimson-fox")  # same name, both alive
+    assert Path(scheduled.config.run_dir) == tmp_path / "weekly" / "crimson-fox-0a1b2c3d"
+    assert Path(manual.config.run_dir) == tmp_path / "weekly" / "crimson-fox-9f8e7d6c"
+    assert scheduled.config.shard_location == manual.config.shard_location == str(tmp_path / "weekly" / "shards")
+    assert scheduled.continued is manual.continued is None
+
+    finish_run_directory(scheduled.config)
+    assert (tmp_path / "weekly" / LATEST_LINK).resolve() == Path(scheduled.config.run_dir)
+    record = json.loads((Path(scheduled.config.run_dir) / RUN_OWNER_FILE).read_text())
+    assert record["finished"] is True and record["flow_run_id"] == "0a1b2c3d-0000"
+    # A retry of the same flow run (same id) is the same directory: its trainings resume there.
+    assert claim_run_directory(config, "9f8e7d6c-0000", "crimson-fox").config.run_dir == manual.config.run_dir
+
+
+def test_bad_run_directories_are_refused_by_the_cli(capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    assert main(["run", "--flow-run", "x"]) == EXIT_BAD_INPUT
+    assert "--flow-run" in capsys.readouterr().err
+    assert main(["evaluate", "--flow-run", "../elsewhere"]) == EXIT_BAD_INPUT
+    assert "tracking.flow_run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("address", "says"), [("ray://head:10001", "Ray Client"), ("http://head:8265", "Jobs API")])
+def test_a_training_in_this_process_refuses_addresses_it_cannot_drive(monkeypatch, address, says):
+    import ray
+
+    from tasks.training.train import TrainingError, ensure_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(TrainingError, match=says):
+        ensure_ray(build_config({"tracking": {"mode": "disabled"}}))
+    assert not ray.is_initialized()
+
+
+def test_cached_trainings_live_in_object_storage(tmp_path, data_root, fake_trainings, request):
+    """storage.results=s3://...: a flow run on another machine finds the cached trainings (moto's S3 here)."""
+    import fsspec
+
+    bucket = request.getfixturevalue("s3_bucket").rsplit("/", 1)[0]  # s3://shards
+    config = _config(tmp_path, data_root, storage={"results": f"{bucket}/prefect-results"})
+    trainings(flow_config(config, "first"), slots=4, reuse=False)
+    _, how = trainings(flow_config(config, "second"), slots=4, reuse=True)
+    assert len(fake_trainings) == 4 and all(text.startswith("reused from ") for text in how.values()), how
+    assert len(fsspec.filesystem("s3").ls(f"{bucket}/prefect-results")) >= 4
+
+
+def test_publish_always_without_wandb_online_fails_before_anything_trains(tmp_path, data_root, fake_trainings,
+                                                                          monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
+                                                    "publish": "always"})
+    state = vit_pipeline(config=config, return_state=True)
+    assert state.is_failed()
+    assert "tracking.publish is 'always', but WANDB_API_KEY is not set" in str(state.result(raise_on_failure=False))
+    assert fake_trainings == [] and not (tmp_path / "runs").exists()
+
+
+def test_the_publish_step_offline_leaves_the_plan_for_later(request):
+    config = request.getfixturevalue("evaluated_run")
+
+    @flow
+    def publish_only() -> dict:
+        return publish_task(config)
+
+    plan = Path(config.run_dir) / "registry.json"
+    assert publish_only() == {"registry_plan": str(plan), "linked": {}}
+    assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}

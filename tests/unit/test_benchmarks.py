@@ -1,0 +1,126 @@
+"""The benchmark scripts still run: each one's smallest configuration, on CPU. Timings are not checked here."""
+
+import argparse
+import functools
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GPU_SCRIPT = REPO_ROOT / "benchmarks" / "gpu.py"
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def table_rows(output: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # without the header
+
+
+def test_step_variants_time_on_cpu():
+    variants = ["fp32", "channels_last", "bf16+fused"]
+    result = run_script(str(GPU_SCRIPT), "--device", "cpu", "--models", "resnet18_cifar", "--variants", *variants,
+                        "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[3] for row in rows] == variants
+    for row in rows:
+        assert float(row[4]) >= 0, row  # images/s: a number (printed to 0 decimals), not "failed: ..."
+    assert rows[0][5] == "1.00"  # speed-up of the first variant against itself
+
+
+def test_dry_run_counts_flops_and_steps_every_model_on_cpu():
+    result = run_script(str(GPU_SCRIPT), "--dry-run", "--models", "vit_tiny_patch4_32", "resnet18_cifar")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["vit_tiny_patch4_32", "resnet18_cifar"]
+    assert all(row[-1].startswith("ok") and float(row[3]) > 0 for row in rows)
+
+
+def test_flash_without_bf16_is_refused_by_name():
+    result = run_script(str(GPU_SCRIPT), "--dry-run", "--variants", "flash")
+    assert result.returncode == 2
+    assert "'flash'" in result.stderr and "bf16" in result.stderr
+
+
+def test_augment_benchmark_compares_per_image_and_batched_on_an_odd_batch(data_root):
+    result = run_script(str(REPO_ROOT / "benchmarks" / "augment.py"), "--data-root", str(data_root),
+                        "--batch-size", "7", "--batches", "2", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[1] for row in rows] == ["torchvision, per image", "tasks/data/augment.py",
+                                        "tasks/data/augment.py (batched)", "BatchMixer"]  # timm's refuses odd batches
+    assert all(float(row[2].replace(",", "")) > 0 and int(row[4]) >= 1 for row in rows)
+    assert float(result.stdout.strip().splitlines()[-1].split("= ")[1]) > 0
+
+
+def test_train_loop_benchmark_prints_loop_over_step(data_root):
+    result = run_script(str(REPO_ROOT / "benchmarks" / "train_loop.py"), "--device", "cpu", "--data-root",
+                        str(data_root), "--config", "configs/smoke.yaml", "--model", "vit_tiny_patch4_32",
+                        "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--batch-size", "256",
+                        "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["loop, epoch 1", "loop, epoch 2", "step alone, synthetic on-device data"]
+    assert all(float(row[1]) > 0 for row in rows)
+    assert float(result.stdout.strip().splitlines()[-1].removeprefix("loop/step = ")) > 0
+
+
+@pytest.fixture
+def gpu_script(monkeypatch):
+    """benchmarks/gpu.py imported in this process (its folder on sys.path for `harness`)."""
+    monkeypatch.syspath_prepend(str(GPU_SCRIPT.parent))
+    return importlib.import_module("gpu")
+
+
+def test_models_compile_as_if_alone_in_one_process(gpu_script, monkeypatch, capsys):
+    """Five models in one process, input sizes changing from one to the next, as in a full gpu.py run. Without
+    the reset between models, dynamo recompiles the second and later ones with symbolic sizes; with it each
+    graph is static, as when the model runs alone. Dynamo's state is what the reset is about, so the graphs go
+    to a backend that records them instead of through inductor's minutes of C++ compilation."""
+    symbolic = []
+
+    def recording_backend(graph_module: torch.fx.GraphModule, example_inputs):
+        values = [node.meta.get("example_value") for node in graph_module.graph.find_nodes(op="placeholder")]
+        symbolic.append(any(isinstance(value, torch.SymInt) or (
+            isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape))
+            for value in values))
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
+    cases = [gpu_script.ModelCase("test_vit", 64, 2, 10), gpu_script.ModelCase("test_vit", 32, 2, 10),
+             gpu_script.ModelCase("test_vit2", 32, 2, 10),
+             gpu_script.ModelCase("test_resnet", 64, 2, 10, sized_by_img_size=False),
+             gpu_script.ModelCase("test_resnet", 96, 2, 10, sized_by_img_size=False)]
+    args = argparse.Namespace(batch_size=None, steps=1, warmup=1, rounds=1, peak_tflops=None, variants=["compile"])
+    try:
+        for case in cases:
+            gpu_script.benchmark(case, args, torch.device("cpu"))
+    finally:
+        torch.compiler.reset()
+    assert symbolic == [False] * len(cases)
+    rows = table_rows("| header |\n" + capsys.readouterr().out)
+    # images/s is printed to 0 decimals: on a loaded 2-core machine a tiny step can read 0, but never "failed"
+    assert [row[0] for row in rows] == [case.name for case in cases] and all(float(row[4]) >= 0 for row in rows)
+
+
+def test_tf32_is_set_so_both_torch_interfaces_read_it(gpu_script):
+    """Inductor reads the legacy getters; assigning the per-backend attributes directly makes those raise."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        gpu_script.set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        gpu_script.set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
