@@ -12,7 +12,8 @@ batch_size // k distinct images and tiles each batch k times, [a, b, c, a, b, c,
 exactly k times per epoch across ranks (once per epoch, k times over), all k copies in one batch of one rank,
 each augmented on its own. DDP averages gradients over the global batch, so copies on one rank give the
 gradient DeiT's RASampler gives with copies on k ranks of the same step (BatchNorm statistics aside).
-Tiling, not [a, a, b, b], so that BatchMixer's roll(1) pairs an image with another image, not its own copy.
+BatchMixer pairs samples along a random cycle drawn per batch, so the copies of an image get partners (and
+Mixup/CutMix draws) independent of each other, as on DeiT's separate ranks, whatever the layout.
 DeiT also shortens the epoch back to one pass (a third of the images, each three times); here an epoch is
 k passes, so divide training.epochs by k for DeiT's budget.
 
