@@ -38,6 +38,7 @@ from tasks.augment import BatchAugmenter
 from tasks.config import AugmentConfig
 from tasks.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.shard import require_manifest
+from vitmodels import CIFAR10_MEAN
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -125,6 +126,7 @@ class ShardStream(IterableDataset):
         repeats: int = 1,
         image_size: int | None = None,
         interpolation: str = "bicubic",
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
     ):
         if location.startswith("pipe:"):
             raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
@@ -153,6 +155,8 @@ class ShardStream(IterableDataset):
         # The training resolution the loader-side augmentation produces (None: the shards' own).
         self.image_size = image_size
         self.interpolation = interpolation
+        # The dataset mean (data.mean), which RandAugment's geometric ops fill with.
+        self.mean = mean
         # Shared memory, so that DataLoader workers that live across epochs see set_epoch from the trainer.
         self._epoch = multiprocessing.RawValue("q", 0)
 
@@ -217,7 +221,8 @@ class ShardStream(IterableDataset):
             samples = self._shuffled(samples, rng)
             if self.augment_in_workers:
                 augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))),
-                                           image_size=self.image_size, interpolation=self.interpolation)
+                                           image_size=self.image_size, interpolation=self.interpolation,
+                                           mean=self.mean)
         for size in plan.batch_sizes:
             chunk = list(itertools.islice(samples, size))
             if len(chunk) < size:
