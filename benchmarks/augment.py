@@ -1,10 +1,12 @@
-"""Augmented images/s per core: torchvision's per-image RandAugment against the batched one (tasks/data/augment.py).
+"""Augmented images/s per core: timm's per-image RandAugment (PIL) against the batched one (tasks/data/augment.py).
 
 Times the image augmentation of a config's recipe (default configs/cifar10.yaml: pad-and-crop 4, horizontal
-flip, RandAugment with 2 ops at magnitude 9) on batches of real CIFAR-10 images, uint8 in and out, with one
-torch thread, and Mixup/CutMix (BatchMixer against timm's Mixup) on the same batches as float. Prints a markdown
-table with images/s per core and the cores that --target images/s would need, then the ratio
-`batched/per-image = R`.
+flip, RandAugment "rand-m9-mstd0.5-inc1") on batches of real CIFAR-10 images, uint8 in and out, with one
+torch thread, and Mixup/CutMix (BatchMixer against timm's Mixup) on the same batches as float. The per-image
+reference is timm's rand_augment_transform on PIL images, built with the hyperparameters timm's
+create_transform gives it (the dataset mean as fill, the config's interpolation), the tensor-to-PIL round trip
+included. Prints a markdown table with images/s per core and the cores that --target images/s would need, then
+the ratio `batched/per-image = R`.
 
     .venv/bin/python benchmarks/augment.py --data-root /work/shared/data/cifar10-subset
 
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import Mixup
-from torchvision.transforms import v2
+from timm.data.auto_augment import posterize as timm_posterize
+from timm.data.auto_augment import rand_augment_transform
 
-from tasks.config import AugmentConfig, load_config
+from tasks.config import DataConfig, load_config
 from tasks.data import augment
 from tasks.data.sources import read_cifar10
 
@@ -49,13 +53,32 @@ def images_per_second(step: Callable, batches: list, images: int, rounds: int, d
     return best
 
 
-def per_image_reference(recipe: AugmentConfig, generator: torch.Generator) -> Callable:
-    """How the loader augmented before tasks/data/augment.py: batched crop and flip, then torchvision's
-    RandAugment / TrivialAugmentWide one image at a time (each image picks its own ops)."""
+def _posterize_keeping_no_bits_as_black(image: Image.Image, bits: int, **_: object) -> Image.Image:
+    """timm's posterize for Pillow 13, which refuses fewer than 1 bit (timm's PosterizeIncreasing asks for 0 at
+    level 10): earlier Pillows kept none, a black image, as tasks/data/augment.py does."""
+    if bits <= 0:
+        return Image.new(image.mode, image.size, 0)
+    return timm_posterize(image, bits)
+
+
+def per_image_reference(data: DataConfig, size: int, generator: torch.Generator) -> Callable:
+    """How a per-image loader augments: batched crop and flip, then timm's RandAugment one PIL image at a time
+    (each image draws its own ops), with create_transform's hyperparameters for the training size."""
+    recipe = data.augment
     crop_flip = augment.BatchAugmenter(recipe.model_copy(update={"auto_augment": "none"}), generator)
-    policy = (v2.RandAugment(num_ops=recipe.randaugment_ops, magnitude=recipe.randaugment_magnitude)
-              if recipe.auto_augment == "randaugment" else v2.TrivialAugmentWide())
-    return lambda images: torch.stack([policy(image) for image in crop_flip(images)])
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in data.mean),
+               "interpolation": {"bilinear": Image.Resampling.BILINEAR,
+                                 "bicubic": Image.Resampling.BICUBIC}[data.interpolation]}
+    policy = rand_augment_transform(recipe.auto_augment, hparams)
+    for op in policy.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_keeping_no_bits_as_black
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        pictures = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in crop_flip(images)]
+        return torch.stack([torch.from_numpy(np.array(policy(picture))).permute(2, 0, 1) for picture in pictures])
+
+    return step
 
 
 def main() -> None:
@@ -64,8 +87,8 @@ def main() -> None:
                         help="directory holding cifar-10-batches-py/ (default $DATA_ROOT)")
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "cifar10.yaml",
                         help="whose data.augment to time")
-    parser.add_argument("--policy", choices=["randaugment", "trivialaugment"], default=None,
-                        help="override the config's auto_augment")
+    parser.add_argument("--policy", default=None,
+                        help="override the config's auto_augment with a timm RandAugment string, e.g. rand-m9-n3")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=10, help="batches per timed round")
@@ -80,9 +103,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    recipe = load_config(args.config).data.augment
-    if args.policy:
-        recipe = recipe.model_copy(update={"auto_augment": args.policy})
+    data = load_config(args.config, [f"data.augment.auto_augment={args.policy}"] if args.policy else []).data
+    if data.augment.auto_augment == "none":
+        parser.error(f"{args.config.name} has no RandAugment (data.augment.auto_augment: none): pass --policy")
+    recipe = data.augment
     train = read_cifar10(args.data_root).splits["train"]
     count = args.batch_size * args.batches
     pixels = torch.from_numpy(train.pixels[np.arange(count) % len(train.pixels)]).permute(0, 3, 1, 2).contiguous()
@@ -94,13 +118,14 @@ def main() -> None:
     crop_flip = recipe.model_copy(update={"auto_augment": "none"})
     cases: list[tuple[str, str, Callable, list]] = []
     if device.type == "cpu":
-        cases.append((f"crop+flip+{recipe.auto_augment}", "torchvision, per image",
-                      per_image_reference(recipe, torch.Generator().manual_seed(0)), batches))
+        cases.append((f"crop+flip+{recipe.auto_augment}", "timm (PIL), per image",
+                      per_image_reference(data, pixels.shape[-1], torch.Generator().manual_seed(0)), batches))
     cases += [
         ("crop+flip", "tasks/data/augment.py", augment.BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
          batches),
         (f"crop+flip+{recipe.auto_augment}", "tasks/data/augment.py (batched)",
-         augment.BatchAugmenter(recipe, torch.Generator().manual_seed(0)), batches),
+         augment.BatchAugmenter(recipe, torch.Generator().manual_seed(0), interpolation=data.interpolation,
+                                mean=data.mean), batches),
     ]
     mixer = augment.BatchMixer(recipe, num_classes=10, rng=np.random.default_rng(0))
     cases.append(("mixup/cutmix", "BatchMixer", lambda batch: mixer(*batch), float_batches))
@@ -111,12 +136,9 @@ def main() -> None:
         cases.append(("mixup/cutmix", "timm Mixup (even batches only)",
                       lambda batch: timm_mixup(batch[0].clone(), batch[1]), float_batches))
 
-    policy = recipe.auto_augment
-    if policy == "randaugment":
-        policy += f" {recipe.randaugment_ops} ops at magnitude {recipe.randaugment_magnitude}"
     print(f"device {args.device}, torch threads {args.threads}, batch {args.batch_size}, {args.batches} batches "
-          f"x best of {args.rounds} rounds, recipe {args.config.name} ({policy}, padding {recipe.crop_padding}, "
-          f"hflip {recipe.hflip}), cpus {os.cpu_count()}")
+          f"x best of {args.rounds} rounds, recipe {args.config.name} ({recipe.auto_augment}, {data.interpolation}, "
+          f"padding {recipe.crop_padding}, hflip {recipe.hflip}), cpus {os.cpu_count()}")
     per_core = "per core" if device.type == "cpu" else "on the GPU"
     print(f"\n| augmentation | implementation | images/s {per_core} | us/image | cores for {args.target:,} img/s |")
     print("|---|---|---:|---:|---:|")
@@ -127,7 +149,7 @@ def main() -> None:
         cores = f"{math.ceil(args.target / rate)}" if device.type == "cpu" else ""
         print(f"| {name} | {implementation} | {rate:,.0f} | {1e6 / rate:.1f} | {cores} |", flush=True)
     if device.type == "cpu":
-        ratio = rates["tasks/data/augment.py (batched)"] / rates["torchvision, per image"]
+        ratio = rates["tasks/data/augment.py (batched)"] / rates["timm (PIL), per image"]
         print(f"\nbatched/per-image = {ratio:.2f}")
 
 

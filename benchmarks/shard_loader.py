@@ -125,7 +125,7 @@ def loader_rows(args: argparse.Namespace, shards: dict[str, str], workers: int) 
     if not args.skip_randaugment:
         cases.append((
             "ours npy: crop+flip+randaugment + normalize",
-            ours(shards["npy"], batch, workers, auto_augment="randaugment"), cifar_normalize,
+            ours(shards["npy"], batch, workers, auto_augment="rand-m9-mstd0.5-inc1"), cifar_normalize,
         ))
     cases.append(("torchvision CIFAR10 DataLoader", torchvision_cifar(args.data_root, batch, workers), None))
     if "png" in shards:

@@ -7,9 +7,11 @@ instead of being silently ignored halfway through a GPU run.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,12 +59,92 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# timm's magnitude scale: a level of 10 is each op's full strength (timm.data.auto_augment._LEVEL_DENOM).
+RAND_AUGMENT_LEVELS = 10
+# timm treats a magnitude std above this as "uniform in [0, m]".
+_UNIFORM_MAGNITUDE_STD = 100.0
+_INTEGER = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class RandAugmentPolicy:
+    """A timm RandAugment string, parsed (timm.data.auto_augment.rand_augment_transform's grammar).
+
+    Each image takes `num_ops` rounds; in each it draws one op of the set uniformly (with replacement across
+    rounds) and applies it with probability `prob`, at a level drawn from N(magnitude, magnitude_std) (uniform
+    in [0, magnitude] when the std is infinite) clipped to [0, magnitude_max]; signed ops get a random sign.
+    `increasing` picks timm's op set whose severity grows with the level (inc1)."""
+
+    magnitude: int = RAND_AUGMENT_LEVELS
+    num_ops: int = 2
+    magnitude_std: float = 0.0
+    magnitude_max: int = RAND_AUGMENT_LEVELS
+    increasing: bool = False
+    prob: float = 0.5
+
+
+def parse_rand_augment(text: str) -> RandAugmentPolicy:
+    """`rand` then dash-separated sections in any order, each a key and a number: m (magnitude, an integer
+    0..mmax, default 10), n (ops per image, default 2), mstd (magnitude std, default 0; above 100: uniform),
+    mmax (the magnitude's ceiling, default 10), inc (0 or 1: the increasing op set, default 0), p (each op's
+    probability, default 0.5). Stricter than timm, which skips what it cannot read: an unknown, repeated or
+    malformed section, a transform-set section (t...) and a magnitude above mmax (which timm clips) are refused."""
+    example = "e.g. 'rand-m9-mstd0.5-inc1'"
+    head, *sections = text.split("-")
+    if head != "rand":
+        raise ValueError(f"must be 'none' or a timm RandAugment string starting with 'rand-' ({example}), "
+                         f"got {text!r}")
+    values: dict[str, str] = {}
+    for section in sections:
+        if section.startswith("t"):
+            raise ValueError(f"{text!r}: transform sets ({section!r}) are not supported; only timm's default op "
+                             f"sets (inc0, inc1)")
+        match = re.fullmatch(r"([a-z]+)(\d.*)", section)
+        if match is None:
+            raise ValueError(f"{text!r}: section {section!r} is not a key followed by a number ({example})")
+        key, value = match.groups()
+        if key not in ("m", "n", "mstd", "mmax", "inc", "p"):
+            raise ValueError(f"{text!r}: unknown section {section!r}; known keys: m, n, mstd, mmax, inc, p")
+        if key in values:
+            raise ValueError(f"{text!r}: {key} is given twice")
+        integer = key in ("m", "n", "mmax", "inc")
+        if integer and not _INTEGER.fullmatch(value):
+            raise ValueError(f"{text!r}: {key} takes a whole number, got {value!r}")
+        try:
+            float(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: {key} takes a number, got {value!r}") from None
+        values[key] = value
+    magnitude_max = int(values.get("mmax", RAND_AUGMENT_LEVELS))
+    magnitude = int(values.get("m", RAND_AUGMENT_LEVELS))
+    magnitude_std = float(values.get("mstd", 0.0))
+    policy = RandAugmentPolicy(
+        magnitude=magnitude,
+        num_ops=int(values.get("n", 2)),
+        magnitude_std=math.inf if magnitude_std > _UNIFORM_MAGNITUDE_STD else magnitude_std,
+        magnitude_max=magnitude_max,
+        increasing=values.get("inc", "0") != "0",
+        prob=float(values.get("p", 0.5)),
+    )
+    if magnitude_max < 1:
+        raise ValueError(f"{text!r}: mmax must be at least 1, got {magnitude_max}")
+    if magnitude > magnitude_max:
+        raise ValueError(f"{text!r}: magnitude m{magnitude} is above the ceiling mmax {magnitude_max} (timm would "
+                         f"clip it to {magnitude_max}); lower m or raise mmax")
+    if policy.num_ops < 1:
+        raise ValueError(f"{text!r}: n must be at least 1 (use 'none' for no RandAugment)")
+    if values.get("inc", "0") not in ("0", "1"):
+        raise ValueError(f"{text!r}: inc must be 0 or 1, got {values['inc']}")
+    if not 0.0 <= policy.prob <= 1.0:
+        raise ValueError(f"{text!r}: p is a probability in [0, 1], got {policy.prob}")
+    return policy
+
+
 class AugmentConfig(_Section):
     crop_padding: NonNegativeInt = 4
     hflip: bool = True
-    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
-    randaugment_ops: PositiveInt = 2
-    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    # RandAugment as timm writes it (`parse_rand_augment`): DeiT's is "rand-m9-mstd0.5-inc1"; "none" is off.
+    auto_augment: str = "none"
     mixup_alpha: NonNegativeFloat = 0.0
     cutmix_alpha: NonNegativeFloat = 0.0
     mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
@@ -80,6 +162,18 @@ class AugmentConfig(_Section):
     # each copy augmented on its own, the copies in one batch (tasks/data/loader.py). An epoch is then this many
     # passes over the images; 1 is off.
     repeated_augmentation: PositiveInt = 1
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _timm_policy(cls, value: str) -> str:
+        if value != "none":
+            parse_rand_augment(value)
+        return value
+
+    @property
+    def rand_augment(self) -> RandAugmentPolicy | None:
+        """The parsed `auto_augment`; None when it is "none"."""
+        return None if self.auto_augment == "none" else parse_rand_augment(self.auto_augment)
 
     @model_validator(mode="after")
     def _one_crop(self) -> AugmentConfig:

@@ -1,23 +1,24 @@
 """Batched training augmentation that runs where the images are: loader workers (CPU) or the training device.
 
 `BatchAugmenter` turns a uint8 N x C x H x W batch into an augmented one of the same dtype: pad-and-crop
-and horizontal flips as one gather (or RandomResizedCrop and flips as one grid_sample), then RandAugment or
-TrivialAugmentWide with torchvision's semantics (op set, magnitude bins, random signs, an op per image and
-round), applied op by op to the images that drew it instead of image by image, and a resize to the
-training resolution. `EvalResize` is evaluation's resize and centre crop. `BatchEraser` does random
-erasing on normalised batches, `BatchMixer` timm's Mixup/CutMix on float batches of any size, odd ones and
-1 included.
+and horizontal flips as one gather (or RandomResizedCrop and flips as one grid_sample), then RandAugment as
+timm defines it (`data.augment.auto_augment`, e.g. DeiT's "rand-m9-mstd0.5-inc1": timm's op set, level
+scale, magnitude noise, per-op probability and random signs, and PIL's definition of every op), applied op
+by op to the images that drew it instead of image by image, and a resize to the training resolution.
+`EvalResize` is evaluation's resize and centre crop. `BatchEraser` does random erasing on normalised
+batches, `BatchMixer` timm's Mixup/CutMix on float batches of any size, odd ones and 1 included.
 
 Both draw every random choice on the host (a CPU `torch.Generator`, a NumPy `Generator`) and send the
 device only index and parameter tensors, copied with `non_blocking=True` from pinned memory. How many images
 took which op is therefore known on the host, so nothing here reads a device tensor back: no `.item()`,
 `.tolist()` or `nonzero()` of device data and no boolean-mask indexing with a data-dependent shape. On CUDA a
 batch is queued without waiting for the GPU. (tests/unit/data/test_augment.py runs both on the meta device, which has
-no values to read, and fails on blocking host-to-device copies; no CUDA machine has run this module yet.)
+no values to read, and fails on blocking host-to-device copies.)
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -28,22 +29,41 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as tvf
 
-from tasks.config import AugmentConfig, DataConfig
+from tasks.config import RAND_AUGMENT_LEVELS, AugmentConfig, DataConfig, RandAugmentPolicy
+from vitmodels import CIFAR10_MEAN
 
-# torchvision's default for RandAugment and TrivialAugmentWide: magnitude m means bin m of 31 (0..30).
-NUM_MAGNITUDE_BINS = 31
-
-# The ops of torchvision's RandAugment and TrivialAugmentWide, in torchvision's order. The five geometric
-# ops sit next to each other so that one grid_sample serves all of them.
-OP_NAMES = (
-    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-    "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+# timm's RandAugment op sets, in timm's order (timm.data.auto_augment._RAND_TRANSFORMS and
+# _RAND_INCREASING_TRANSFORMS): inc1 swaps six ops for variants whose severity grows with the level.
+RAND_AUGMENT_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )
-SIGNED_OPS = frozenset(OP_NAMES[1:10])
-_GEOMETRIC = range(OP_NAMES.index("ShearX"), OP_NAMES.index("Rotate") + 1)
+_HAVE_INCREASING = frozenset({"Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"})
+RAND_AUGMENT_INCREASING_OPS = tuple(f"{op}Increasing" if op in _HAVE_INCREASING else op for op in RAND_AUGMENT_OPS)
+# Ops whose argument takes a random sign (timm's _randomly_negate).
+SIGNED_OPS = frozenset({
+    "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+})
+# timm's translate_pct: the Rel translations move by up to this share of the image side.
+TRANSLATE_PCT = 0.45
+# The batched implementations, one per image operation (an op and its Increasing variant differ only in how
+# a level becomes an argument). "Identity" serves the images whose op was drawn but not applied. The geometric
+# ops sit next to each other, grouped by the axes they move samples along, and each group is resampled at once.
+IMPLEMENTATIONS = (
+    "Identity", "ShearX", "TranslateXRel", "ShearY", "TranslateYRel", "Rotate", "AutoContrast", "Equalize",
+    "Invert", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness",
+)
+_ALONG_X = range(IMPLEMENTATIONS.index("ShearX"), IMPLEMENTATIONS.index("TranslateXRel") + 1)
+_ALONG_Y = range(IMPLEMENTATIONS.index("ShearY"), IMPLEMENTATIONS.index("TranslateYRel") + 1)
+_ROTATE = range(IMPLEMENTATIONS.index("Rotate"), IMPLEMENTATIONS.index("Rotate") + 1)
+GEOMETRIC_OPS = frozenset(IMPLEMENTATIONS[_ALONG_X.start : _ROTATE.stop])
 # Per-image parameters travel as rows of this many float32: a 3x2 affine matrix is the widest.
 _PARAMS = 6
 _INTERPOLATION = {"bilinear": tvf.InterpolationMode.BILINEAR, "bicubic": tvf.InterpolationMode.BICUBIC}
+# Added before the geometric ops truncate to integers as PIL does: float32 grids land a hair off the pixel
+# centres PIL's double-precision ones hit, which would otherwise turn an exact v into v - 1.
+_TRUNCATION_SLACK = 1e-3
 # Tries per image for a RandomResizedCrop box (torchvision) and a random-erasing box (timm) before giving up.
 RRC_ATTEMPTS = 10
 ERASING_ATTEMPTS = 10
@@ -52,117 +72,117 @@ ERASING_AREA = (0.02, 1 / 3)
 ERASING_MIN_ASPECT = 0.3
 
 
-def magnitude_bins(policy: str, op: str, height: int, width: int) -> torch.Tensor | None:
-    """The unsigned magnitude of each bin of `op` under `policy` ("randaugment" or "trivialaugment") for an
-    image of height x width, as torchvision defines them; None for ops without a magnitude."""
-    wide = policy == "trivialaugment"
-    bins = NUM_MAGNITUDE_BINS
-    if op in ("Identity", "AutoContrast", "Equalize"):
+def rand_augment_ops(policy: RandAugmentPolicy) -> tuple[str, ...]:
+    """The op set images draw from under `policy`: timm's increasing set for inc1, its default set otherwise."""
+    return RAND_AUGMENT_INCREASING_OPS if policy.increasing else RAND_AUGMENT_OPS
+
+
+def implementation_of(op: str) -> str:
+    """The image operation behind a timm op name (PosterizeIncreasing -> Posterize)."""
+    return op.removesuffix("Increasing")
+
+
+def op_arguments(op: str, levels: torch.Tensor, negative: torch.Tensor) -> torch.Tensor | None:
+    """What timm's level function of `op` (timm.data.auto_augment.LEVEL_TO_ARG) hands the op for each level
+    (float64 CPU tensor, already clipped to [0, mmax]), negated where `negative` for the signed ops; None for
+    ops without an argument. The same double-precision steps as timm's, so the values are identical: degrees
+    (Rotate), shear factor, translation as a share of the side, bits kept (Posterize), threshold
+    (Solarize), addition (SolarizeAdd), enhancement factor (Color, Contrast, Brightness, Sharpness)."""
+    fraction = levels / RAND_AUGMENT_LEVELS
+
+    def signed(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(negative, -values, values)
+
+    if op in ("AutoContrast", "Equalize", "Invert"):
         return None
-    if op in ("ShearX", "ShearY"):
-        return torch.linspace(0.0, 0.99 if wide else 0.3, bins)
-    if op in ("TranslateX", "TranslateY"):
-        size = width if op == "TranslateX" else height
-        # RandAugment translates by up to 150/331 of the image (the paper's 150 px at 331 px); the wide
-        # space by up to 32 px whatever the size.
-        return torch.linspace(0.0, 32.0 if wide else 150.0 / 331.0 * size, bins)
     if op == "Rotate":
-        return torch.linspace(0.0, 135.0 if wide else 30.0, bins)
-    if op in ("Brightness", "Color", "Contrast", "Sharpness"):
-        return torch.linspace(0.0, 0.99 if wide else 0.9, bins)
-    if op == "Posterize":
-        # Bits kept: 8 at bin 0 down to 8 - 4 (RandAugment) or 8 - 6 (wide) at the last bin.
-        dropped_bits = 6 if wide else 4
-        return (8 - torch.arange(bins) / ((bins - 1) / dropped_bits)).round().int()
-    if op == "Solarize":
-        return torch.linspace(1.0, 0.0, bins)
-    raise ValueError(f"unknown augmentation op {op!r}; known: {', '.join(OP_NAMES)}")
+        return signed(fraction * 30.0)
+    if op in ("ShearX", "ShearY"):
+        return signed(fraction * 0.3)
+    if op in ("TranslateXRel", "TranslateYRel"):
+        return signed(fraction * TRANSLATE_PCT)
+    if op in ("Posterize", "PosterizeIncreasing"):
+        bits = (fraction * 4).trunc()
+        return bits if op == "Posterize" else 4 - bits
+    if op in ("Solarize", "SolarizeIncreasing"):
+        threshold = (fraction * 256).trunc().clamp(max=256)
+        return threshold if op == "Solarize" else 256 - threshold
+    if op == "SolarizeAdd":
+        return (fraction * 110).trunc().clamp(max=128)
+    if op in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return fraction * 1.8 + 0.1
+    if op in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
+        return (1.0 + signed(fraction * 0.9)).clamp(min=0.1)
+    known = ", ".join(RAND_AUGMENT_OPS + RAND_AUGMENT_INCREASING_OPS)
+    raise ValueError(f"unknown RandAugment op {op!r}; known: {known}")
 
 
-def signed_magnitude(policy: str, op: str, bin_index: int, negative: bool, height: int, width: int) -> float:
-    """The magnitude torchvision hands an op for this draw: the bin's value, negated for signed ops when the
-    sign came out negative; 0.0 for ops without a magnitude."""
-    values = magnitude_bins(policy, op, height, width)
-    if values is None:
-        return 0.0
-    magnitude = float(values[bin_index])
-    return -magnitude if negative and op in SIGNED_OPS else magnitude
-
-
-def _inverse_affine(*, angle: float, translate: tuple[float, float], shear: tuple[float, float],
-                    center: tuple[float, float]) -> list[float]:
-    """The output-to-input (inverse) affine matrix, row-major 2x3, of a rotation by `angle` degrees and a
-    shear by `shear` degrees about `center`, then a translation; center and translation in pixels relative
-    to the image centre. The double-precision steps are the ones torchvision takes, so that the float32
-    matrix, and with nearest sampling every output pixel, comes out identical."""
-    rotation, shear_x, shear_y = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
-    center_x, center_y = center
-    shifted_x, shifted_y = center_x + translate[0], center_y + translate[1]
-    # Forward rotation-shear matrix [[a, b], [c, d]] (determinant 1), inverted as [[d, -b], [-c, a]].
-    a = math.cos(rotation - shear_y) / math.cos(shear_y)
-    b = -(a * math.tan(shear_x) + math.sin(rotation))
-    c = math.sin(rotation - shear_y) / math.cos(shear_y)
-    d = math.cos(rotation) - c * math.tan(shear_x)
-    matrix = [d, -b, 0.0, -c, a, 0.0]
-    matrix[2] += center_x - matrix[0] * shifted_x - matrix[1] * shifted_y
-    matrix[5] += center_y - matrix[3] * shifted_x - matrix[4] * shifted_y
+def pil_affine(implementation: str, arguments: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """N x 2 x 3 float64: the affine data (a, b, c, d, e, f) timm's geometric op hands PIL for each argument,
+    mapping an output point (x, y) to the input point (a x + b y + c, d x + e y + f), in pixels from the
+    top-left corner. Shears are about that corner (PIL's (1, m, 0, 0, 1, 0), not torchvision's atan
+    angle); Rotate is PIL's Image.rotate about the centre, counter-clockwise, its matrix rounded as PIL's."""
+    count = arguments.shape[0]
+    matrix = torch.zeros(count, 2, 3, dtype=torch.float64)
+    matrix[:, 0, 0] = matrix[:, 1, 1] = 1.0
+    if implementation == "ShearX":
+        matrix[:, 0, 1] = arguments
+    elif implementation == "ShearY":
+        matrix[:, 1, 0] = arguments
+    elif implementation == "TranslateXRel":
+        matrix[:, 0, 2] = arguments * width
+    elif implementation == "TranslateYRel":
+        matrix[:, 1, 2] = arguments * height
+    elif implementation == "Rotate":
+        angle = -torch.deg2rad(arguments.remainder(360.0))
+        cos, sin = angle.cos().round(decimals=15), angle.sin().round(decimals=15)
+        center_x, center_y = width / 2.0, height / 2.0
+        matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = cos, sin, -sin, cos
+        matrix[:, 0, 2] = cos * -center_x + sin * -center_y + center_x
+        matrix[:, 1, 2] = -sin * -center_x + cos * -center_y + center_y
+    else:
+        raise ValueError(f"{implementation!r} is not a geometric op")
     return matrix
 
 
-def _geometric_matrix(op: str, magnitude: float, height: int, width: int) -> list[float]:
-    """The inverse matrix of torchvision's affine/rotate call for one geometric op and magnitude."""
-    if op in ("ShearX", "ShearY"):
-        # torchvision shears by atan(magnitude), passed in degrees, about the top-left corner.
-        degrees = math.degrees(math.atan(magnitude))
-        shear = (degrees, 0.0) if op == "ShearX" else (0.0, degrees)
-        return _inverse_affine(angle=0.0, translate=(0.0, 0.0), shear=shear, center=(-width * 0.5, -height * 0.5))
-    if op in ("TranslateX", "TranslateY"):
-        pixels = float(int(magnitude))  # whole pixels, truncated towards zero
-        translate = (pixels, 0.0) if op == "TranslateX" else (0.0, pixels)
-        return _inverse_affine(angle=0.0, translate=translate, shear=(0.0, 0.0), center=(0.0, 0.0))
-    # Rotate: counter-clockwise by `magnitude` degrees about the centre; rotate() normalises to [0, 360)
-    # and hands affine the negated angle.
-    return _inverse_affine(angle=-(magnitude % 360), translate=(0.0, 0.0), shear=(0.0, 0.0), center=(0.0, 0.0))
+def op_parameters(ops: tuple[str, ...], chosen: torch.Tensor, levels: torch.Tensor, negative: torch.Tensor,
+                  height: int, width: int) -> torch.Tensor:
+    """float32 N x _PARAMS on the host: what each image's op (index `chosen` into `ops`) needs at its level
+    and sign, computed for the batch at once.
 
-
-def _parameter_table(policy: str, height: int, width: int) -> torch.Tensor:
-    """float32 [op, bin, negative, _PARAMS]: what each op needs per image, precomputed for every draw.
-
-    Geometric ops: the inverse matrix transposed to 3x2 and divided by the half-size, as torchvision feeds
-    it to its grid computation. Brightness/Color/Contrast/Sharpness: (factor, 1 - factor). Posterize: the
-    bit mask. Solarize: the threshold in pixel values, rounded up. Others: unused zeros."""
-    table = torch.zeros(len(OP_NAMES), NUM_MAGNITUDE_BINS, 2, _PARAMS, dtype=torch.float32)
-    half_size = torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32)
-    for op_index, op in enumerate(OP_NAMES):
-        if magnitude_bins(policy, op, height, width) is None:
+    Geometric ops: PIL's matrix transposed to 3x2, to multiply (x + 0.5, y + 0.5, 1) pixel-centre rows.
+    Colour ops: the factor. Posterize: the bit mask PIL's lookup table keeps. Solarize: the threshold
+    clipped to 255 and the xor value (0 for PIL's 256, which inverts nothing). SolarizeAdd: the addition.
+    Others: unused zeros."""
+    params = torch.zeros(chosen.shape[0], _PARAMS, dtype=torch.float64)
+    for index, op in enumerate(ops):
+        rows = chosen == index  # host tensors: no device involved
+        arguments = op_arguments(op, levels[rows], negative[rows])
+        if arguments is None:
             continue
-        for bin_index in range(NUM_MAGNITUDE_BINS):
-            for negative in (False, True):
-                magnitude = signed_magnitude(policy, op, bin_index, negative, height, width)
-                cell = table[op_index, bin_index, int(negative)]
-                if op_index in _GEOMETRIC:
-                    theta = torch.tensor(_geometric_matrix(op, magnitude, height, width), dtype=torch.float32)
-                    cell.copy_((theta.view(2, 3).transpose(0, 1) / half_size).reshape(-1))
-                elif op == "Posterize":
-                    bits = int(magnitude)
-                    cell[0] = ((1 << bits) - 1) << (8 - bits)
-                elif op == "Solarize":
-                    # An integer pixel is >= a float32 threshold exactly when it is >= the threshold's
-                    # ceiling, so the comparison can stay in uint8.
-                    cell[0] = torch.tensor(255.0 * magnitude, dtype=torch.float32).ceil()
-                else:
-                    factor = 1.0 + magnitude
-                    cell[0], cell[1] = factor, 1.0 - factor
-    return table
+        implementation = implementation_of(op)
+        if implementation in GEOMETRIC_OPS:
+            params[rows] = pil_affine(implementation, arguments, height, width).transpose(1, 2).reshape(-1, _PARAMS)
+        elif implementation == "Posterize":
+            # ImageOps.posterize keeps value & ~(2 ** (8 - bits) - 1); 8 or more bits keep everything.
+            params[rows, 0] = 256.0 - torch.pow(2.0, (8.0 - arguments).clamp(0.0, 8.0))
+        elif implementation == "Solarize":
+            params[rows, 0] = arguments.clamp(max=255.0)
+            params[rows, 1] = (arguments < 256.0).double() * 255.0
+        else:
+            params[rows, 0] = arguments
+    return params.float()
 
 
 @dataclass(frozen=True)
 class OpRound:
-    """One round of RandAugment (or TrivialAugment's single round): per image, the op (index into OP_NAMES),
-    the magnitude bin and whether a signed op's magnitude is negated. CPU tensors of length N."""
+    """One RandAugment round, per image (CPU tensors of length N): the op drawn (index into the policy's op
+    set), whether it is applied (probability p), its level (after magnitude noise, clipped to [0, mmax],
+    float64) and whether a signed op's argument is negated."""
 
     ops: torch.Tensor
-    bins: torch.Tensor
+    applied: torch.Tensor
+    levels: torch.Tensor
     negative: torch.Tensor
 
 
@@ -192,8 +212,8 @@ def _require_host_generator(generator: torch.Generator, user: str) -> None:
 
 
 def _to_uint8(values: torch.Tensor) -> torch.Tensor:
-    """Float pixel values -> uint8, clamped to [0, 255] and truncated as torchvision's `.to(uint8)` does. Through
-    int16, which is the same for values in range and several times faster on CPU than the direct cast."""
+    """Float pixel values -> uint8, clamped to [0, 255] and truncated as PIL's and torchvision's casts do.
+    Through int16, which is the same for values in range and several times faster on CPU than the direct cast."""
     return values.clamp_(0, 255).to(torch.int16).to(torch.uint8)
 
 
@@ -203,20 +223,34 @@ def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1).expand_as(like).contiguous()
 
 
-def _blend(images: torch.Tensor, other: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """factor * images + (1 - factor) * other per image (params holds both), to uint8: torchvision's blend
-    with a per-image factor. addcmul_ rounds as torchvision's add_ with a scalar alpha does, so the results
-    are bit-identical."""
-    factor, complement = params[:, 0].view(-1, 1, 1, 1), params[:, 1].view(-1, 1, 1, 1)
-    return _to_uint8(images.float().mul_(factor).addcmul_(other, complement))
+def _blend(degenerate: torch.Tensor, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend(degenerate, images, factor) per image, the core of ImageEnhance: degenerate +
+    factor * (images - degenerate) in float32 (PIL's float alpha, the same two roundings), clipped and
+    truncated to uint8. `degenerate` is float and broadcasts against the images."""
+    return _to_uint8(images.float().sub_(degenerate).mul_(factors.view(-1, 1, 1, 1)).add_(degenerate))
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    """Float luma N x 1 x H x W (ITU-R 601 weights), floored as torchvision does for integer images."""
+    """Float luma N x 1 x H x W as PIL converts RGB to L: (19595 R + 38470 G + 7471 B + 2^15) >> 16. Every
+    partial sum is an integer below 2^24, so float32 holds it exactly."""
     if images.shape[1] == 1:
         return images.float()
     red, green, blue = images.float().unbind(dim=1)
-    return red.mul_(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1).floor_()
+    luma = red.mul_(19595).add_(green, alpha=38470).add_(blue, alpha=7471).add_(32768)
+    return luma.div_(65536).floor_().unsqueeze(1)
+
+
+def _lookup(images: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Each (image, channel)'s pixels through its own 256-entry uint8 table (N*C x 256): one index_select."""
+    return tables.reshape(-1).index_select(0, _table_indices(images).view(-1)).view_as(images)
+
+
+def _table_indices(images: torch.Tensor) -> torch.Tensor:
+    """int64 N*C x H*W: pixel value plus 256 times the pixel's (image, channel) row."""
+    count, channels, height, width = images.shape
+    rows = count * channels
+    offsets = torch.arange(0, rows * 256, 256, device=images.device)[:, None]
+    return images.reshape(rows, height * width).long().add_(offsets)
 
 
 def _identity(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -224,32 +258,40 @@ def _identity(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def _brightness(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    # Blending with black: 0 + factor * (images - 0).
     return _to_uint8(images.float().mul_(params[:, 0].view(-1, 1, 1, 1)))
 
 
 def _color(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     if images.shape[1] == 1:
         return images  # no colour to change
-    return _blend(images, _grayscale(images), params)
+    return _blend(_grayscale(images), images, params[:, 0])
 
 
 def _contrast(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    return _blend(images, _grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), params)
+    """Blend with the image's mean luma, rounded half up to an integer as ImageEnhance.Contrast does."""
+    luma_sum = _grayscale(images).sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.float64)
+    mean = luma_sum.div_(images.shape[-2] * images.shape[-1]).add_(0.5).floor_().float()
+    return _blend(mean, images, params[:, 0])
 
 
 def _sharpness(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Blend with a smoothed copy (3x3 kernel: 1s around a 5, over 13) inside a one-pixel border that stays
-    as it is: PIL's and torchvision's definition. The smoothed value is rounded to an integer, and
-    (sum of integers) / 13 is never within 1/26 of a rounding tie, so summing shifted slices gives exactly
-    the integers torchvision's convolution rounds to, at a fraction of a depthwise convolution's cost on CPU."""
+    """Blend with PIL's SMOOTH filter (3x3 kernel: 1s around a 5, over 13, rounded) inside a one-pixel border
+    that stays as it is. (sum of integers) / 13 is never within 1/26 of a rounding tie, so summing shifted
+    slices gives exactly the integers PIL's float filter rounds to, at a fraction of a depthwise
+    convolution's cost on CPU."""
     if images.shape[-2] <= 2 or images.shape[-1] <= 2:
         return images
     output = images.float()
     rows = output[..., :-2, :] + output[..., 1:-1, :] + output[..., 2:, :]
     inner = output[..., 1:-1, 1:-1]
     smoothed = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(inner, alpha=4).div_(13).round_()
-    inner.addcmul_(smoothed.sub_(inner), params[:, 1].view(-1, 1, 1, 1))
+    inner.sub_(smoothed).mul_(params[:, 0].view(-1, 1, 1, 1)).add_(smoothed)
     return _to_uint8(output)
+
+
+def _invert(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    return images.bitwise_not()
 
 
 def _posterize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -257,26 +299,40 @@ def _posterize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def _solarize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Invert (xor 255) the pixels at or above the image's threshold."""
+    """Invert (xor 255) the pixels at or above the image's threshold; a threshold of 256 (xor 0) none."""
     at_or_above = images >= _per_image(params[:, 0].to(torch.uint8), images)
-    return images ^ at_or_above.to(torch.uint8).mul_(255)
+    return images ^ at_or_above.to(torch.uint8).mul_(_per_image(params[:, 1].to(torch.uint8), images))
+
+
+def _solarize_add(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Add the image's amount to pixels below 128 (timm's solarize_add; at most 127 + 128, so no overflow)."""
+    below = images < 128
+    return images + below.to(torch.uint8).mul_(_per_image(params[:, 0].to(torch.uint8), images))
 
 
 def _autocontrast(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    # Batched in torchvision, and free of host syncs: its one masked assignment of a Python scalar becomes
-    # masked_fill_ on the device.
-    return tvf.autocontrast(images)
+    """PIL's ImageOps.autocontrast per image and channel: value v maps to int(v * scale + offset) clipped to
+    [0, 255], scale = 255 / (high - low) and offset = -low * scale in double precision as PIL computes its
+    table; unchanged where the channel has one value. A 256-entry table per channel, built on the device."""
+    count, channels = images.shape[:2]
+    flat = images.reshape(count * channels, -1)
+    low, high = flat.amin(dim=1, keepdim=True).double(), flat.amax(dim=1, keepdim=True).double()
+    # A true division: torch computes `255.0 / tensor` as 255 * (1 / tensor), which rounds differently.
+    scale = torch.full_like(low, 255.0).div_((high - low).clamp_(min=1.0))
+    offset = -low * scale
+    values = torch.arange(256, dtype=torch.float64, device=images.device)
+    tables = torch.where(high > low, (values * scale).add_(offset).trunc_().clamp_(0, 255), values)
+    return _lookup(images, tables.to(torch.uint8))
 
 
 def _equalize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """PIL's histogram equalisation, per image and channel, as torchvision defines it: value v maps to
-    (pixels below v + step // 2) // step, with step = (pixels not of the highest value present) // 255;
-    unchanged where step is 0. One scatter for all histograms (bincount would read its maximum back from the
-    device) and one lookup for all pixels."""
+    """PIL's histogram equalisation, per image and channel: value v maps to (pixels below v + step // 2) //
+    step, at most 255, with step = (pixels not of the highest value present) // 255; unchanged where step is
+    0. One scatter for all histograms (bincount would read its maximum back from the device) and one lookup
+    for all pixels."""
     count, channels, height, width = images.shape
     rows, device = count * channels, images.device
-    # Each (image, channel) row owns 256 histogram bins; a pixel's bin is row * 256 + value.
-    bins = images.reshape(rows, height * width).long().add_(torch.arange(0, rows * 256, 256, device=device)[:, None])
+    bins = _table_indices(images)
     histogram = torch.zeros(rows * 256, dtype=torch.int64, device=device)
     histogram.scatter_add_(0, bins.view(-1), torch.ones(1, dtype=torch.int64, device=device).expand(bins.numel()))
     histogram = histogram.view(rows, 256)
@@ -287,6 +343,8 @@ def _equalize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     table = torch.cat([torch.zeros_like(step), table], dim=1)
     table = torch.where(step == 0, torch.arange(256, device=device), table).to(torch.uint8)
     return table.view(-1).index_select(0, bins.view(-1)).view_as(images)
+
+
 
 
 def draw_resized_crops(count: int, height: int, width: int, *, scale: tuple[float, float],
@@ -390,53 +448,68 @@ class BatchAugmenter:
     In order: zero-pad by `crop_padding` and crop back to H x W at a random offset per image, flip half the
     images horizontally (both one gather with per-image indices) -- or, with `random_resized_crop`, crop a
     RandomResizedCrop box of each image, resized to `image_size`, and flip, in one grid_sample (DeiT's order)
-    -- then `auto_augment`:
-    - "randaugment": `randaugment_ops` rounds; in each, every image draws one of torchvision's 14 ops
-      uniformly (Identity included) and applies it at bin `randaugment_magnitude` of 31, with a random sign
-      for the signed ops, exactly as torchvision.transforms.v2.RandAugment does image by image;
-    - "trivialaugment": one round of TrivialAugmentWide's wider space, with a random bin per image.
-    Images are sorted by the op they drew, each op runs once on its slice (one grid_sample for the five
-    geometric ops, per-image factors and thresholds for the colour ops, one histogram scatter for Equalize,
-    torchvision's own batched AutoContrast), and the results are put back in order. Nearest interpolation,
-    zero fill: torchvision's defaults. On CPU the output equals torchvision's functional ops image by image,
-    pixel for pixel (tests/unit/data/test_augment.py checks every op, bin and sign); on CUDA, float kernels may round
-    a rare pixel differently, as torchvision's own do between devices. Last, images not yet at `image_size`
-    are resized to it (pad-and-crop and RandAugment ran at the source size: at 32 px, 1/49 of the work at 224).
+    -- then RandAugment as timm's rand_augment_transform does it for the config's `auto_augment` string: n
+    rounds; in each, every image draws one op of timm's set uniformly, applies it with probability p, at a
+    level drawn from N(m, mstd) clipped to [0, mmax] and turned into the op's argument by timm's level
+    function, with a random sign for the signed ops.
+
+    Images are sorted by the op they drew, each op runs once on its slice (one resampling for each group of
+    geometric ops, per-image factors, thresholds and masks for the colour ops, one histogram scatter for
+    Equalize, per-channel tables for AutoContrast), and the results are put back in order. Every op follows
+    PIL as timm's ops call it: on CPU the colour and pixel ops equal PIL's image by image, pixel for pixel;
+    the geometric ops resample with `interpolation` (PIL's own bicubic kernel, or bilinear), filling what
+    falls outside with the dataset mean in 0..255 (timm's img_mean), and differ from PIL by one level in a few
+    pixels where PIL's double-precision arithmetic truncates a hair below an integer (tests/unit/data/test_augment.py
+    measures it). Last, images not yet at `image_size` are resized to it (pad-and-crop and RandAugment ran at
+    the source size: at 32 px, 1/49 of the work at 224).
 
     Args:
         config: the recipe's augmentation settings (the Mixup/CutMix, erasing and repeat fields are others').
         generator: CPU generator every random choice is drawn from; seed it per (seed, epoch, rank, worker)
             for reproducible runs. The same seed gives the same batch on CPU.
         image_size: the square training resolution (data.image_size); None keeps the batch's size.
-        interpolation: how RandomResizedCrop and the resize sample ("bilinear" or "bicubic").
+        interpolation: how RandomResizedCrop, the geometric ops and the resize sample ("bilinear" or "bicubic").
+        mean: the dataset's per-channel mean in 0..1 (data.mean): the geometric ops' fill, rounded to 0..255 as
+            timm's create_transform rounds its img_mean. A 1-channel batch is filled with the first value.
     """
 
     def __init__(self, config: AugmentConfig, generator: torch.Generator, *, image_size: int | None = None,
-                 interpolation: str = "bicubic"):
+                 interpolation: str = "bicubic", mean: tuple[float, float, float] = CIFAR10_MEAN):
         _require_host_generator(generator, "BatchAugmenter")
         if config.random_resized_crop and image_size is None:
             raise ValueError("random_resized_crop needs the output size: pass image_size (data.image_size)")
+        if interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATION)}, got {interpolation!r}")
         self.config = config
         self.generator = generator
         self.image_size = image_size
         self.interpolation = interpolation
-        self._tables: dict[tuple[int, int], torch.Tensor] = {}
+        self.policy = config.rand_augment
+        self.ops = rand_augment_ops(self.policy) if self.policy is not None else ()
+        self.fill = tuple(min(255, round(255 * value)) for value in mean)
+        # The policy's op index -> its implementation's index.
+        self._implementation_index = torch.tensor([IMPLEMENTATIONS.index(implementation_of(op)) for op in self.ops],
+                                                  dtype=torch.int64)
         self._base_grids: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        # Consecutive op indices and the batched implementation that serves them, in OP_NAMES order: the
-        # five geometric ops share one grid_sample.
+        self._fills: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # Consecutive implementation indices and the batched function that serves them, in IMPLEMENTATIONS
+        # order: the geometric ops that move samples along the same axes share one resampling.
+        single: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+            "AutoContrast": _autocontrast, "Equalize": _equalize, "Invert": _invert, "Posterize": _posterize,
+            "Solarize": _solarize, "SolarizeAdd": _solarize_add, "Color": _color, "Contrast": _contrast,
+            "Brightness": _brightness, "Sharpness": _sharpness,
+        }
         self._spans: list[tuple[range, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = [
             (range(0, 1), _identity),
-            (_GEOMETRIC, self._affine),
-            *((range(OP_NAMES.index(name), OP_NAMES.index(name) + 1), op) for name, op in (
-                ("Brightness", _brightness), ("Color", _color), ("Contrast", _contrast),
-                ("Sharpness", _sharpness), ("Posterize", _posterize), ("Solarize", _solarize),
-                ("AutoContrast", _autocontrast), ("Equalize", _equalize),
-            )),
+            (_ALONG_X, functools.partial(self._affine, along="x")),
+            (_ALONG_Y, functools.partial(self._affine, along="y")),
+            (_ROTATE, functools.partial(self._affine, along="xy")),
+            *((range(IMPLEMENTATIONS.index(name), IMPLEMENTATIONS.index(name) + 1), op) for name, op in single.items()),
         ]
 
     @property
     def num_rounds(self) -> int:
-        return {"none": 0, "randaugment": self.config.randaugment_ops, "trivialaugment": 1}[self.config.auto_augment]
+        return 0 if self.policy is None else self.policy.num_ops
 
     def draw(self, count: int, size: tuple[int, int] | None = None) -> AugmentPlan:
         """All random choices for a batch of `count` images, from the generator, on the host. `size` (height,
@@ -450,17 +523,25 @@ class BatchAugmenter:
             crops = draw_resized_crops(count, *size, scale=self.config.rrc_scale, ratio=self.config.rrc_ratio,
                                        generator=generator)
         flips = torch.rand(count, generator=generator) < 0.5 if self.config.hflip else None
-        rounds = []
-        for _ in range(self.num_rounds):
-            ops = torch.randint(len(OP_NAMES), (count,), generator=generator)
-            if self.config.auto_augment == "randaugment":
-                bins = torch.full((count,), self.config.randaugment_magnitude, dtype=torch.int64)
-            else:
-                bins = torch.randint(NUM_MAGNITUDE_BINS, (count,), generator=generator)
-            # torchvision negates when rand() <= 0.5; drawn for every image, used by the signed ops only.
-            negative = torch.rand(count, generator=generator) <= 0.5
-            rounds.append(OpRound(ops, bins, negative))
+        rounds = [] if self.policy is None else [self._draw_round(self.policy, count) for _ in range(self.num_rounds)]
         return AugmentPlan(offsets, flips, rounds, crops)
+
+    def _draw_round(self, policy: RandAugmentPolicy, count: int) -> OpRound:
+        """timm's AugmentOp choices for one round of `count` images: the op (uniform, with replacement across
+        rounds), applied when a uniform draw is below p, the level N(m, mstd) (uniform in [0, m] for an
+        infinite mstd) clipped to [0, mmax], and the sign (negated half the time)."""
+        generator = self.generator
+        ops = torch.randint(len(self.ops), (count,), generator=generator)
+        applied = torch.rand(count, generator=generator) < policy.prob
+        if policy.magnitude_std == math.inf:
+            levels = torch.rand(count, dtype=torch.float64, generator=generator).mul_(policy.magnitude)
+        elif policy.magnitude_std > 0:
+            levels = torch.randn(count, dtype=torch.float64, generator=generator)
+            levels.mul_(policy.magnitude_std).add_(policy.magnitude)
+        else:
+            levels = torch.full((count,), float(policy.magnitude), dtype=torch.float64)
+        negative = torch.rand(count, generator=generator) < 0.5
+        return OpRound(ops, applied, levels.clamp_(0.0, policy.magnitude_max), negative)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.apply(images, self.draw(images.shape[0], (images.shape[-2], images.shape[-1])))
@@ -510,53 +591,125 @@ class BatchAugmenter:
         flat = canvas.reshape(count, channels, -1)
         return flat.gather(2, source.expand(count, channels, height * width)).view(count, channels, height, width)
 
-    def _table(self, height: int, width: int) -> torch.Tensor:
-        if (height, width) not in self._tables:
-            self._tables[height, width] = _parameter_table(self.config.auto_augment, height, width)
-        return self._tables[height, width]
-
     def _apply_round(self, images: torch.Tensor, op_round: OpRound) -> torch.Tensor:
         count, _, height, width = images.shape
         device = images.device
-        # Host side: sort images by op so each op's images form one slice, and look up their parameters.
-        order = torch.argsort(op_round.ops, stable=True)
+        # Host side: sort images by implementation (Identity where the op is not applied) so that each
+        # one's images form one slice, and compute their parameters.
+        implementations = torch.where(op_round.applied, self._implementation_index[op_round.ops], 0)
+        order = torch.argsort(implementations, stable=True)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(count)
-        counts = torch.bincount(op_round.ops, minlength=len(OP_NAMES)).tolist()  # a CPU tensor: no sync
-        params = self._table(height, width)[op_round.ops, op_round.bins, op_round.negative.long()][order]
+        counts = torch.bincount(implementations, minlength=len(IMPLEMENTATIONS)).tolist()  # a CPU tensor: no sync
+        params = op_parameters(self.ops, op_round.ops, op_round.levels, op_round.negative, height, width)[order]
         indices = _pinned_to(torch.stack([order, restore]), device)
         params = _pinned_to(params, device)
 
         sorted_images = images.index_select(0, indices[0])
         starts = [0, *itertools.accumulate(counts)]
         pieces = []
-        for ops, implementation in self._spans:
-            start, stop = starts[ops.start], starts[ops.stop]
+        for implementation_range, implementation in self._spans:
+            start, stop = starts[implementation_range.start], starts[implementation_range.stop]
             if stop > start:
                 pieces.append(implementation(sorted_images[start:stop], params[start:stop]))
         return torch.cat(pieces).index_select(0, indices[1])
 
     def _base_grid(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """1 x HW x 3 homogeneous pixel-centre coordinates relative to the image centre, as torchvision builds
-        them; made on the device itself (fills, no host copy), once per size and device."""
+        """1 x HW x 3 homogeneous pixel-centre coordinates (x + 0.5, y + 0.5, 1) from the top-left corner, where
+        PIL samples; made on the device itself (fills, no host copy), once per size and device."""
         key = (height, width, device)
         if key not in self._base_grids:
             grid = torch.empty(1, height, width, 3, dtype=torch.float32, device=device)
-            grid[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=device))
-            grid[..., 1].copy_(
-                torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=device).unsqueeze_(-1)
-            )
+            grid[..., 0].copy_(torch.arange(width, dtype=torch.float32, device=device).add_(0.5))
+            grid[..., 1].copy_(torch.arange(height, dtype=torch.float32, device=device).add_(0.5).unsqueeze_(-1))
             grid[..., 2].fill_(1)
             self._base_grids[key] = grid.view(1, height * width, 3)
         return self._base_grids[key]
 
-    def _affine(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """One grid_sample for every geometric op: each image has its own (rescaled, transposed) matrix."""
-        count, _, height, width = images.shape
+    def _fill(self, channels: int, device: torch.device) -> torch.Tensor:
+        """1 x C x 1 x 1 float fill on the device, made there from Python numbers (no host copy)."""
+        key = (channels, device)
+        if key not in self._fills:
+            fill = torch.empty(1, channels, 1, 1, dtype=torch.float32, device=device)
+            for channel, value in enumerate(self.fill[:channels]):
+                fill[:, channel].fill_(value)
+            self._fills[key] = fill
+        return self._fills[key]
+
+    def _affine(self, images: torch.Tensor, params: torch.Tensor, *, along: str) -> torch.Tensor:
+        """One resampling for geometric ops that move samples `along` the same axes ("x": ShearX and
+        TranslateXRel, "y": ShearY and TranslateYRel, "xy": Rotate); each image has its own (transposed) PIL
+        matrix.
+
+        As PIL's Image.transform: an output pixel whose sample point (x, y) falls outside the image (x outside
+        [0, W) or y outside [0, H)) takes the fill; the others interpolate with out-of-range neighbours
+        clamped to the edge, and the result is truncated to an integer. Bilinear through grid_sample with
+        border padding; bicubic with PIL's own cubic (`_pil_bicubic`), which grid_sample's kernel is not."""
+        count, channels, height, width = images.shape
         base = self._base_grid(height, width, images.device)
-        grid = base.expand(count, -1, -1).bmm(params.view(count, 3, 2)).view(count, height, width, 2)
-        warped = nnf.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return _to_uint8(warped.round_())
+        points = base.expand(count, -1, -1).bmm(params.view(count, 3, 2)).view(count, height, width, 2)
+        x, y = points.unbind(dim=-1)
+        inside = ((x >= 0) & (x < width) & (y >= 0) & (y < height)).unsqueeze(1)
+        if self.interpolation == "bicubic":
+            sampled = _pil_bicubic(images.float(), x - 0.5, y - 0.5, along=along)
+        else:
+            x.mul_(2.0 / width).sub_(1.0)  # grid_sample's [-1, 1] coordinates (align_corners=False)
+            y.mul_(2.0 / height).sub_(1.0)
+            sampled = nnf.grid_sample(images.float(), points, mode="bilinear", padding_mode="border",
+                                      align_corners=False)
+        filled = torch.where(inside, sampled, self._fill(channels, images.device))
+        return _to_uint8(filled.add_(_TRUNCATION_SLACK))
+
+
+def _cubic_weights(offsets: torch.Tensor) -> list[torch.Tensor]:
+    """PIL's cubic convolution weights (its a = -1 kernel) of the four taps at -1, 0, 1, 2 around a sample
+    `offsets` (0..1) past tap 0: PIL's v2 + d (v3 - v1) + d^2 (2 v1 - 2 v2 + v3 - v4) + d^3 (v2 - v1 + v4 - v3)
+    sorted by tap."""
+    squared = offsets * offsets
+    cubed = squared * offsets
+    return [
+        (2 * squared).sub_(offsets).sub_(cubed),
+        (1 - 2 * squared).add_(cubed),
+        (offsets + squared).sub_(cubed),
+        cubed - squared,
+    ]
+
+
+def _cubic_taps(coordinates: torch.Tensor, size: int, moves: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(index clamped to the image, weight) of each of PIL's cubic taps along one axis, for N x H' x W'
+    coordinates; where the samples do not move along the axis they sit on pixel centres, where PIL's weights
+    are 0, 1, 0, 0: then a single tap and no weight (None)."""
+    start = coordinates.floor()
+    first = start.long()
+    if not moves:
+        return [(first.clamp_(0, size - 1), None)]
+    weights = _cubic_weights(coordinates - start)
+    return [((first + (tap - 1)).clamp_(0, size - 1), weight) for tap, weight in enumerate(weights)]
+
+
+def _pil_bicubic(images: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, along: str = "xy") -> torch.Tensor:
+    """Float N x C x H x W images sampled at N x H' x W' points (pixel coordinates, pixel centres at integers)
+    with PIL's bicubic filter of Image.transform: 4 x 4 taps, indices clamped to the image, weights from
+    `_cubic_weights`, each tap row summed, then the rows. Points that move only `along` one axis ("x" or "y")
+    need a single tap on the other: a quarter of the gathers."""
+    count, channels, height, width = images.shape
+    flat = images.reshape(count, channels, height * width)
+    columns = _cubic_taps(x, width, "x" in along)
+    rows = _cubic_taps(y, height, "y" in along)
+
+    def weighted(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return values if weight is None else values.mul_(weight.unsqueeze(1))
+
+    def total(terms: list[torch.Tensor]) -> torch.Tensor:
+        return functools.reduce(torch.Tensor.add_, terms)
+
+    def tap_row(row_start: torch.Tensor) -> torch.Tensor:
+        gathered = [flat.gather(2, (row_start + column).view(count, 1, -1).expand(count, channels, -1))
+                    for column, _ in columns]
+        return total([weighted(values.view(count, channels, *x.shape[1:]), weight)
+                      for values, (_, weight) in zip(gathered, columns, strict=True)])
+
+    return total([weighted(tap_row(row * width), weight) for row, weight in rows])
 
 
 class BatchEraser:
@@ -644,11 +797,23 @@ class BatchEraser:
 
 @dataclass(frozen=True)
 class MixDraw:
-    """One batch's mixing, drawn on the host: the weight of each sample's own image and label, and for
-    CutMix the pasted box (rows top:bottom, columns left:right; lam already corrected to its area)."""
+    """One batch's mixing, drawn on the host: the weight of each sample's own image and label, for CutMix the
+    pasted box (rows top:bottom, columns left:right; lam already corrected to its area), and each sample's
+    partner (sample i is mixed with sample partners[i]); no partners for an unmixed batch."""
 
     lam: float
     box: tuple[int, int, int, int] | None = None
+    partners: tuple[int, ...] | None = None
+
+
+def random_cycle(count: int, rng: np.random.Generator) -> tuple[int, ...]:
+    """Partners along one random cycle through `count` samples: shuffle, then each sample is paired with the
+    one before it in the shuffled order. For count >= 2 nobody is their own partner and everybody is
+    somebody's partner exactly once."""
+    order = rng.permutation(count)
+    partners = np.empty(count, dtype=np.int64)
+    partners[order] = np.roll(order, 1)
+    return tuple(partners.tolist())
 
 
 class BatchMixer:
@@ -660,19 +825,21 @@ class BatchMixer:
     to the pasted area. Targets are the smoothed one-hots (1 - s + s/K on the label, s/K elsewhere) mixed
     with the same lam; an unmixed batch gets plain smoothed one-hots.
 
-    Pairing: each sample is mixed with its neighbour in the batch, `roll(1, 0)` (sample i with i - 1, sample
-    0 with the last). The loader's batches are already shuffled, so neighbours are random pairs, and the
-    roll is one cycle through the batch: for every N >= 2 each sample gets a partner other than itself, and
-    each is some other sample's partner exactly once, so no sample is dropped or counted twice. timm pairs by
-    `flip(0)` instead, which in an odd batch pairs the middle sample with itself (timm therefore refuses odd
-    batches); an even-batch plan would have to drop or repeat samples, breaking the loader's exact
-    once-per-epoch coverage. A batch of 1 has no partner: its image and smoothed target come back unmixed.
+    Pairing: each mixed batch draws a random cycle through its samples (`random_cycle`, on the host), and
+    each sample is mixed with its predecessor on it. Every sample is some other sample's partner exactly
+    once, for every N >= 2, so no sample is dropped or counted twice. A fresh cycle per batch matters for
+    repeated augmentation, whose batches hold each image k times ([a b c ... a b c ...], tasks/data/loader.py): a
+    fixed pairing such as a roll by one would give every copy of an image the same partner, where DeiT mixes
+    the copies independently on different ranks. timm pairs by `flip(0)` instead, which in an odd batch
+    pairs the middle sample with itself (timm therefore refuses odd batches); an even-batch plan would have
+    to drop or repeat samples, breaking the loader's exact once-per-epoch coverage. A batch of 1 has no
+    partner: its image and smoothed target come back unmixed.
 
     Args:
         config: mixup_alpha, cutmix_alpha, mixup_prob and label_smoothing are used.
         num_classes: width of the soft targets.
-        rng: host random generator for lam, the switch and the box; seed it per (seed, epoch, rank) for
-            runs that replay exactly.
+        rng: host random generator for lam, the switch, the box and the pairing; seed it per (seed, epoch,
+            rank) for runs that replay exactly.
         switch_prob: chance of CutMix rather than Mixup when both alphas are set (timm's default 0.5).
     """
 
@@ -695,26 +862,28 @@ class BatchMixer:
         """False when the config switches mixing off; the mixer then only smooths labels."""
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
 
-    def draw(self, height: int, width: int) -> MixDraw:
-        """lam (and the box for CutMix) for one batch of height x width images, from the host generator."""
+    def draw(self, count: int, height: int, width: int) -> MixDraw:
+        """lam, the box for CutMix and the partners for one batch of `count` height x width images, from the
+        host generator."""
         if not self.mixes or self.rng.random() >= self.prob:
             return MixDraw(lam=1.0)
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or self.rng.random() < self.switch_prob)
         lam = float(self.rng.beta(self.cutmix_alpha, self.cutmix_alpha) if use_cutmix
                     else self.rng.beta(self.mixup_alpha, self.mixup_alpha))
-        if not use_cutmix:
-            return MixDraw(lam=lam)
-        # A box with sides sqrt(1 - lam) of the image's, centred uniformly, clipped at the borders.
-        side = math.sqrt(1.0 - lam)
-        cut_height, cut_width = int(height * side), int(width * side)
-        center_y, center_x = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
-        top, bottom = max(center_y - cut_height // 2, 0), min(center_y + (cut_height + 1) // 2, height)
-        left, right = max(center_x - cut_width // 2, 0), min(center_x + (cut_width + 1) // 2, width)
-        lam = 1.0 - (bottom - top) * (right - left) / float(height * width)
-        return MixDraw(lam=lam, box=(top, bottom, left, right))
+        box = None
+        if use_cutmix:
+            # A box with sides sqrt(1 - lam) of the image's, centred uniformly, clipped at the borders.
+            side = math.sqrt(1.0 - lam)
+            cut_height, cut_width = int(height * side), int(width * side)
+            center_y, center_x = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
+            top, bottom = max(center_y - cut_height // 2, 0), min(center_y + (cut_height + 1) // 2, height)
+            left, right = max(center_x - cut_width // 2, 0), min(center_x + (cut_width + 1) // 2, width)
+            lam = 1.0 - (bottom - top) * (right - left) / float(height * width)
+            box = (top, bottom, left, right)
+        return MixDraw(lam=lam, box=box, partners=random_cycle(count, self.rng))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.apply(images, labels, self.draw(images.shape[-2], images.shape[-1]))
+        return self.apply(images, labels, self.draw(*images.shape[:1], *images.shape[-2:]))
 
     def smoothed_one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """N x num_classes float32 on the labels' device: 1 - s + s/K at the label, s/K elsewhere."""
@@ -727,19 +896,24 @@ class BatchMixer:
         The inputs are left as they are."""
         if not images.is_floating_point() or images.dim() != 4:
             raise ValueError(f"BatchMixer takes float N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
+        count = images.shape[0]
         if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
             raise ValueError(
-                f"BatchMixer takes int64 labels of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+                f"BatchMixer takes int64 labels of shape ({count},), got {labels.dtype} {tuple(labels.shape)}"
             )
         targets = self.smoothed_one_hot(labels)
-        if draw.lam == 1.0 or images.shape[0] < 2:  # unmixed, or a single sample without a partner
+        if draw.lam == 1.0 or count < 2:  # unmixed, or a single sample without a partner
             return images, targets
+        if draw.partners is None or len(draw.partners) != count:
+            given = "none" if draw.partners is None else len(draw.partners)
+            raise ValueError(f"a mixing draw needs a partner for each of the {count} samples, got {given}")
         lam = draw.lam
+        partners = _pinned_to(torch.tensor(draw.partners, dtype=torch.int64), images.device)
         if draw.box is None:
-            # lam * own + (1 - lam) * partner, with one new tensor (the rolled copy) instead of three.
-            mixed = images.roll(1, 0).mul_(1.0 - lam).add_(images, alpha=lam)
+            # lam * own + (1 - lam) * partner, with one new tensor (the partners' copy) instead of three.
+            mixed = images.index_select(0, partners).mul_(1.0 - lam).add_(images, alpha=lam)
         else:
             top, bottom, left, right = draw.box
             mixed = images.clone()
-            mixed[:, :, top:bottom, left:right] = images[:, :, top:bottom, left:right].roll(1, 0)
-        return mixed, targets.roll(1, 0).mul_(1.0 - lam).add_(targets, alpha=lam)
+            mixed[:, :, top:bottom, left:right] = images[:, :, top:bottom, left:right].index_select(0, partners)
+        return mixed, targets.index_select(0, partners).mul_(1.0 - lam).add_(targets, alpha=lam)

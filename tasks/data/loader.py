@@ -12,7 +12,8 @@ batch_size // k distinct images and tiles each batch k times, [a, b, c, a, b, c,
 exactly k times per epoch across ranks (once per epoch, k times over), all k copies in one batch of one rank,
 each augmented on its own. DDP averages gradients over the global batch, so copies on one rank give the
 gradient DeiT's RASampler gives with copies on k ranks of the same step (BatchNorm statistics aside).
-Tiling, not [a, a, b, b], so that BatchMixer's roll(1) pairs an image with another image, not its own copy.
+BatchMixer pairs samples along a random cycle drawn per batch, so the copies of an image get partners (and
+Mixup/CutMix draws) independent of each other, as on DeiT's separate ranks, whatever the layout.
 DeiT also shortens the epoch back to one pass (a third of the images, each three times); here an epoch is
 k passes, so divide training.epochs by k for DeiT's budget.
 
@@ -37,6 +38,7 @@ from tasks.config import AugmentConfig
 from tasks.data.augment import BatchAugmenter
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.data.shard import require_manifest
+from vitmodels import CIFAR10_MEAN
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -124,6 +126,7 @@ class ShardStream(IterableDataset):
         repeats: int = 1,
         image_size: int | None = None,
         interpolation: str = "bicubic",
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
     ):
         if location.startswith("pipe:"):
             raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
@@ -152,6 +155,8 @@ class ShardStream(IterableDataset):
         # The training resolution the loader-side augmentation produces (None: the shards' own).
         self.image_size = image_size
         self.interpolation = interpolation
+        # The dataset mean (data.mean), which RandAugment's geometric ops fill with.
+        self.mean = mean
         # Shared memory, so that DataLoader workers that live across epochs see set_epoch from the trainer.
         self._epoch = multiprocessing.RawValue("q", 0)
 
@@ -216,7 +221,8 @@ class ShardStream(IterableDataset):
             samples = self._shuffled(samples, rng)
             if self.augment_in_workers:
                 augmenter = BatchAugmenter(self.augment, torch.Generator().manual_seed(int(rng.integers(2**62))),
-                                           image_size=self.image_size, interpolation=self.interpolation)
+                                           image_size=self.image_size, interpolation=self.interpolation,
+                                           mean=self.mean)
         for size in plan.batch_sizes:
             chunk = list(itertools.islice(samples, size))
             if len(chunk) < size:

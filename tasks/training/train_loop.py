@@ -234,7 +234,8 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
                                seed=training.seed, rank=context.rank, world_size=context.world_size,
                                shuffle_buffer=config.data.shuffle_buffer,
                                repeats=config.data.augment.repeated_augmentation,
-                               image_size=config.data.image_size, interpolation=config.data.interpolation)
+                               image_size=config.data.image_size, interpolation=config.data.interpolation,
+                               mean=config.data.mean)
     val_stream = ShardStream(job.shard_location, VAL_SPLIT, training.batch_size, train=False,
                              rank=context.rank, world_size=context.world_size)
 
@@ -344,7 +345,7 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
     trainer.train_stream.set_epoch(epoch)
     data, generator = config.data, torch.Generator().manual_seed(seed)  # the host draws of both, in turn
     augmenter = BatchAugmenter(data.augment, generator, image_size=data.image_size,
-                               interpolation=data.interpolation) if trainer.device_augment else None
+                               interpolation=data.interpolation, mean=data.mean) if trainer.device_augment else None
     eraser = BatchEraser(data.augment.random_erasing, data.augment.random_erasing_mode, generator) \
         if data.augment.random_erasing > 0 else None
     mixer = build_mixer(config, trainer.num_classes, seed)

@@ -54,7 +54,7 @@ def test_augment_benchmark_compares_per_image_and_batched_on_an_odd_batch(data_r
                         "--batch-size", "7", "--batches", "2", "--rounds", "1")
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
-    assert [row[1] for row in rows] == ["torchvision, per image", "tasks/data/augment.py",
+    assert [row[1] for row in rows] == ["timm (PIL), per image", "tasks/data/augment.py",
                                         "tasks/data/augment.py (batched)", "BatchMixer"]  # timm's refuses odd batches
     assert all(float(row[2].replace(",", "")) > 0 and int(row[4]) >= 1 for row in rows)
     assert float(result.stdout.strip().splitlines()[-1].split("= ")[1]) > 0

@@ -75,7 +75,7 @@ def test_in_process_training_scores_exports_and_resumes_the_ema(tmp_path, val_sh
 def test_the_real_recipes_augmentation_trains_on_odd_batches_with_accumulation(tmp_path, val_shards):
     config = _config(tmp_path, batch_size=255, grad_accum_steps=2).model_copy(deep=True)
     config.data.augment = config.data.augment.model_copy(update={
-        "auto_augment": "randaugment", "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mixup_prob": 1.0})
+        "auto_augment": "rand-m9-mstd0.5-inc1", "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mixup_prob": 1.0})
     stream_sizes = {len(labels) for _, labels, _ in ShardStream(val_shards, "train", 255, train=True)}
     assert any(size % 2 for size in stream_sizes)  # 4585 images in 18 batches of 254 and 255
     [epoch] = run_training(LocalContext("cpu"), TrainingJob(config, "vit_tiny_patch4_32", val_shards))
