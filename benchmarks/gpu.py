@@ -9,8 +9,11 @@ times the batch and 3 for forward + backward; every variant, fp32 included, is h
 peak (--peak-tflops, default H100 SXM). On CUDA, fp32 matmuls and convolutions run in TF32 (--no-tf32: IEEE fp32).
 
 A variant names its features joined by '+': bf16 (autocast), fused (AdamW fused=True), flash (SDPA restricted to
-the flash kernel; without it every other SDPA backend may run), compile (torch.compile), channels_last (model
-and images in NHWC memory format); 'fp32' is none of them. Variants alternate round by round so a slow spell of
+the flash kernel; without it and without cudnn every other SDPA backend may run), cudnn (SDPA restricted to
+cuDNN's attention kernel), compile (torch.compile), autotune (compile in mode max-autotune-no-cudagraphs: Triton
+matmul templates tried against cuBLAS), cudagraphs (compile in mode reduce-overhead: the compiled forward and
+backward replayed as CUDA graphs; with autotune, mode max-autotune), channels_last (model and images in NHWC
+memory format); 'fp32' is none of them. Variants alternate round by round so a slow spell of
 the device hits all alike; the best round counts. Compilation state is reset between models, so each model
 compiles as it would alone and all of them run in one process.
 
@@ -22,11 +25,12 @@ compiles as it would alone and all of them run in one process.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import timm
 import torch
@@ -44,7 +48,7 @@ IMAGENET_CLASSES = 1000
 CIFAR_CLASSES = 10
 DRY_RUN_BATCH = 2
 GIB = 2**30
-FEATURES = ("bf16", "fused", "flash", "compile", "channels_last")
+FEATURES = ("bf16", "fused", "flash", "cudnn", "compile", "autotune", "cudagraphs", "channels_last")
 DEFAULT_VARIANTS = ["fp32", "bf16", "bf16+fused", "bf16+fused+flash", "bf16+fused+compile", "bf16+fused+flash+compile"]
 BACKENDS_BUT_FLASH = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -56,6 +60,7 @@ class ModelCase:
     batch_size: int
     num_classes: int
     sized_by_img_size: bool = True  # transformers take img_size; ResNets adapt to any input size
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model keywords (e.g. a smaller depth)
 
 
 # Our registrations of the ImageNet ViTs (vp_*, the same architecture as timm's vit_*_patch16_224) and the
@@ -81,15 +86,21 @@ def parse_variant(text: str) -> frozenset[str]:
     unknown = features - set(FEATURES)
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown feature(s) {sorted(unknown)} in {text!r}; known: {FEATURES}")
-    if "flash" in features and "bf16" not in features:
-        raise argparse.ArgumentTypeError(f"{text!r}: the flash kernel takes only 16-bit inputs; add bf16")
+    for kernel in ("flash", "cudnn"):
+        if kernel in features and "bf16" not in features:
+            raise argparse.ArgumentTypeError(f"{text!r}: the {kernel} kernel takes only 16-bit inputs; add bf16")
+    if {"flash", "cudnn"} <= features:
+        raise argparse.ArgumentTypeError(f"{text!r}: flash and cudnn each restrict SDPA to one kernel; pick one")
+    for mode in ("autotune", "cudagraphs"):
+        if mode in features and "compile" not in features:
+            raise argparse.ArgumentTypeError(f"{text!r}: {mode} is a torch.compile mode; add compile")
     return features
 
 
 def build(case: ModelCase, device: torch.device | str) -> nn.Module:
     size_kwargs = {"img_size": case.image_size} if case.sized_by_img_size else {}
     with torch.device(device):
-        return timm.create_model(case.name, num_classes=case.num_classes, **size_kwargs).train()
+        return timm.create_model(case.name, num_classes=case.num_classes, **size_kwargs, **case.model_kwargs).train()
 
 
 def model_flops_per_step(case: ModelCase, batch_size: int) -> float:
@@ -99,7 +110,21 @@ def model_flops_per_step(case: ModelCase, batch_size: int) -> float:
 
 
 def attention_backends(features: frozenset[str]):
-    return sdpa_kernel(SDPBackend.FLASH_ATTENTION) if "flash" in features else sdpa_kernel(BACKENDS_BUT_FLASH)
+    if "flash" in features:
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    if "cudnn" in features:
+        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+    return sdpa_kernel(BACKENDS_BUT_FLASH)
+
+
+def compile_mode(features: frozenset[str]) -> str | None:
+    """torch.compile's mode for the variant's features; None is its default mode."""
+    autotune, cudagraphs = "autotune" in features, "cudagraphs" in features
+    if autotune and cudagraphs:
+        return "max-autotune"
+    if autotune:
+        return "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if cudagraphs else None
 
 
 def make_train_step(case: ModelCase, features: frozenset[str], batch_size: int,
@@ -108,7 +133,7 @@ def make_train_step(case: ModelCase, features: frozenset[str], batch_size: int,
     memory_format = torch.channels_last if "channels_last" in features else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="fused" in features)
-    step_model = torch.compile(model) if "compile" in features else model
+    step_model = torch.compile(model, mode=compile_mode(features)) if "compile" in features else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in features else nullcontext
     generator = torch.Generator(device).manual_seed(0)
     images = torch.randn(batch_size, 3, case.image_size, case.image_size, generator=generator, device=device)
@@ -116,6 +141,8 @@ def make_train_step(case: ModelCase, features: frozenset[str], batch_size: int,
     labels = torch.randint(0, case.num_classes, (batch_size,), generator=generator, device=device)
 
     def step() -> None:
+        if "cudagraphs" in features:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
         # The backend choice also applies while torch.compile traces, so the compiled graph keeps it.
         with attention_backends(features), autocast():
             loss = classification_loss(step_model(images), labels)
@@ -221,6 +248,8 @@ def dry_run(cases: list[ModelCase], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_CASES), choices=list(MODEL_CASES))
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='JSON of extra timm.create_model keywords for every model, e.g. \'{"depth": 1}\'')
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, type=str,
                         help=f"features from {FEATURES} joined by '+', or fp32")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -244,7 +273,7 @@ def main() -> None:
             parse_variant(variant)
         except argparse.ArgumentTypeError as error:
             parser.error(str(error))
-    cases = [MODEL_CASES[name] for name in args.models]
+    cases = [replace(MODEL_CASES[name], model_kwargs=args.model_kwargs) for name in args.models]
 
     if args.dry_run:
         dry_run(cases, args)

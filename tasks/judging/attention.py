@@ -16,7 +16,6 @@ from itertools import groupby
 from pathlib import Path
 from typing import TypeGuard
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,6 @@ from tasks.operations.tracking import files_artifact, record_model_inputs, start
 from tasks.training.recipe import trained_weights
 from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer, capture_attention
 from vitmodels.swin import window_merge
-
-matplotlib.use("Agg")  # files only: no display on workers or CI
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +155,21 @@ def to_unit_range(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low).clamp_min(torch.finfo(flat.dtype).tiny)).view_as(maps)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on workers or CI). Imported when a grid is drawn,
+    not with the module: the maps themselves (`model_panels`) need no matplotlib, which a bare GPU machine lacks."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def overlay(images: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
     """uint8 [B, C, H, W] images and [B, h, w] maps -> uint8 [B, H, W, 3] heat maps blended over the images."""
+    import matplotlib
+
     size = images.shape[-2:]
     heat = F.interpolate(maps.float().cpu()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     colours = matplotlib.colormaps[HEATMAP](to_unit_range(heat).numpy())[..., :3] * 255
@@ -175,6 +184,7 @@ def grid_pixel_size(rows: int, columns: int) -> tuple[int, int]:
 
 def plot_attention_grid(images: torch.Tensor, panels: list[Panel], row_titles: list[str], path: Path) -> Path:
     """Rows = images; columns = the image, then one heat-map overlay per panel."""
+    plt = _pyplot()
     rows, columns = len(images), 1 + len(panels)
     figure, axes = plt.subplots(rows, columns, figsize=(columns * PANEL_INCHES, rows * PANEL_INCHES),
                                 dpi=GRID_DPI, squeeze=False)

@@ -3,6 +3,8 @@
 import argparse
 import functools
 import importlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,24 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GPU_SCRIPT = REPO_ROOT / "benchmarks" / "gpu.py"
+ACCEPTANCE_SCRIPT = REPO_ROOT / "benchmarks" / "gpu_acceptance.py"
+# What a lent GPU machine lacks (it has torch, timm and the offline wheels): a sitecustomize on PYTHONPATH makes
+# their imports fail there as they would on that machine, in the script and in the children it starts.
+ABSENT_ON_GPU_MACHINE = ("ray", "prefect", "wandb", "matplotlib", "pyarrow")
+IMPORT_BLOCKER = f"""
+import importlib.abc
+import sys
+
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {ABSENT_ON_GPU_MACHINE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: absent on the GPU machine)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Absent())
+"""
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -124,3 +144,44 @@ def test_tf32_is_set_so_both_torch_interfaces_read_it(gpu_script):
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_runs_every_part_in_miniature_without_ray_prefect_wandb_or_matplotlib(tmp_path, mini_cifar):
+    """The GPU acceptance run (benchmarks/gpu_acceptance.py) on CPU with --tiny: every part in miniature, on a
+    machine where Ray, Prefect, W&B and matplotlib cannot be imported, as on a lent GPU machine."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(IMPORT_BLOCKER)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO_ROOT)])}
+    for module in ABSENT_ON_GPU_MACHINE:  # the blocker itself works
+        absent = subprocess.run([sys.executable, "-c", f"import {module}"], env=environment, capture_output=True,
+                                text=True, timeout=60)
+        assert absent.returncode != 0 and "blocked" in absent.stderr, module
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ACCEPTANCE_SCRIPT), "--device", "cpu", "--tiny", "--data-root",
+                             str(mini_cifar), "--out", str(out)], cwd=REPO_ROOT, env=environment, capture_output=True,
+                            text=True, timeout=1800)
+    document = json.loads((out / "gpu_acceptance.json").read_text())
+    parts = document["parts"]
+    # peer (part 6) needs benchmarks/peer.py; every part runs to its end, whatever its goal says.
+    assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(
+        ["correctness", "compile", "loop", "mfu", "recipe", "peer"], "ok"), result.stdout[-4000:]
+    assert result.returncode == 0, result.stderr[-4000:]
+    correctness = parts["correctness"]
+    assert correctness["goal_met"] and len(correctness["figures"]["checks"]) == 10
+    assert "CPU self-check" in correctness["summary"]  # no second device: said so, not passed off as a GPU check
+    assert parts["compile"]["figures"]["compiled"] == ["vit_tiny_patch4_32"]  # compiled and stepped on the CPU
+    assert all(ratio > 0 for ratio in parts["loop"]["figures"]["loop_over_step"].values())
+    assert len(parts["loop"]["figures"]["loop_over_step"]) == 2
+    best = parts["mfu"]["figures"]["best"]
+    assert set(best) == {"vp_vit_base_patch16_224", "vp_vit_small_patch16_224"}
+    assert all(row["images_per_s"] > 0 and row["mfu"] == "n/a" for row in best.values())  # no MFU on a CPU
+    models = parts["recipe"]["figures"]["models"]
+    assert list(models) == ["resnet18_cifar", "vit_small_patch4_32", "deit_small_distilled_patch4_32",
+                            "swin_tiny_patch2_window4_32"]
+    assert all(0 <= model["test_top1"] <= 1 and model["epochs"] == 1 for model in models.values())
+    assert parts["peer"]["figures"]["ratios"]["images_per_s"] > 0
+    table = (out / "gpu_acceptance.md").read_text()
+    assert [row[0] for row in table_rows(table)] == ["1", "2", "3", "4", "5", "6"]
