@@ -62,17 +62,17 @@ import torch
 import yaml
 from torch import nn
 
-from tasks.attention import model_panels, select_images
-from tasks.augment import AugmentPlan, BatchAugmenter, BatchEraser, BatchMixer, EvalResize, MixDraw, OpRound
-from tasks.checkpoints import BEST_WEIGHTS
 from tasks.config import PipelineConfig, build_config, set_dotted
-from tasks.evaluate import evaluate_model, predict
-from tasks.loader import ShardStream, normalize
-from tasks.recipe import build_model, uses_channels_last
-from tasks.shard import ShardOptions, require_manifest, write_shards
-from tasks.sources import Source, SplitSource, read_cifar10
-from tasks.train_loop import TrainingJob, run_training
-from tasks.worker_context import LocalContext
+from tasks.data.augment import AugmentPlan, BatchAugmenter, BatchEraser, BatchMixer, EvalResize, MixDraw, OpRound
+from tasks.data.loader import ShardStream, normalize
+from tasks.data.shard import ShardOptions, require_manifest, write_shards
+from tasks.data.sources import Source, SplitSource, read_cifar10
+from tasks.judging.attention import model_panels, select_images
+from tasks.judging.evaluate import evaluate_model, predict
+from tasks.training.checkpoints import BEST_WEIGHTS
+from tasks.training.recipe import build_model, uses_channels_last
+from tasks.training.train_loop import TrainingJob, run_training
+from tasks.training.worker_context import LocalContext
 
 import gpu as gpu_benchmark
 import train_loop as loop_benchmark
