@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup
-from timm.data.auto_augment import posterize as timm_posterize
 from timm.data.auto_augment import rand_augment_transform
 
 from tasks.config import DataConfig, load_config
 from tasks.data import augment
 from tasks.data.sources import read_cifar10
 
-from harness import sync
+from harness import let_timm_posterize_to_no_bits, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +52,6 @@ def images_per_second(step: Callable, batches: list, images: int, rounds: int, d
     return best
 
 
-def _posterize_keeping_no_bits_as_black(image: Image.Image, bits: int, **_: object) -> Image.Image:
-    """timm's posterize for Pillow 13, which refuses fewer than 1 bit (timm's PosterizeIncreasing asks for 0 at
-    level 10): earlier Pillows kept none, a black image, as tasks/data/augment.py does."""
-    if bits <= 0:
-        return Image.new(image.mode, image.size, 0)
-    return timm_posterize(image, bits)
-
-
 def per_image_reference(data: DataConfig, size: int, generator: torch.Generator) -> Callable:
     """How a per-image loader augments: batched crop and flip, then timm's RandAugment one PIL image at a time
     (each image draws its own ops), with create_transform's hyperparameters for the training size."""
@@ -69,10 +60,8 @@ def per_image_reference(data: DataConfig, size: int, generator: torch.Generator)
     hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in data.mean),
                "interpolation": {"bilinear": Image.Resampling.BILINEAR,
                                  "bicubic": Image.Resampling.BICUBIC}[data.interpolation]}
+    let_timm_posterize_to_no_bits()
     policy = rand_augment_transform(recipe.auto_augment, hparams)
-    for op in policy.ops:
-        if op.name.startswith("Posterize"):
-            op.aug_fn = _posterize_keeping_no_bits_as_black
 
     def step(images: torch.Tensor) -> torch.Tensor:
         pictures = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in crop_flip(images)]

@@ -32,6 +32,7 @@ class Absent(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Absent())
 """
+TINY_VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -90,6 +91,29 @@ def test_train_loop_benchmark_prints_loop_over_step(data_root):
     assert [row[0] for row in rows] == ["loop, epoch 1", "loop, epoch 2", "step alone, synthetic on-device data"]
     assert all(float(row[1]) > 0 for row in rows)
     assert float(result.stdout.strip().splitlines()[-1].removeprefix("loop/step = ")) > 0
+
+
+@pytest.mark.slow  # a minute or more: `vit-pipeline train` starts a Ray
+def test_peer_benchmark_compares_ours_with_a_timm_loop_on_the_same_images(data_root, tmp_path):
+    """The cifar10 recipe (RandAugment, Mixup/CutMix, label smoothing, EMA, bf16) on a few hundred images, ours
+    through `vit-pipeline train` on Ray; compilation off, which costs minutes on a CPU."""
+    out = tmp_path / "peer.json"
+    result = run_script(str(REPO_ROOT / "benchmarks" / "peer.py"), "--device", "cpu", "--data-root", str(data_root),
+                        "--config", "configs/cifar10.yaml", "--set", "training.compile=false",
+                        "--model", "vit_tiny_patch4_32", "--model-kwargs", json.dumps(TINY_VIT), "--epochs", "1",
+                        "--batch-size", "32", "--max-train-images", "300", "--max-eval-images", "64", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["peer: timm loop", "ours: vit-pipeline train (Ray)", "ours/peer"]
+    for name, images_per_s, _, wall, *_ in rows:
+        assert float(images_per_s) > 0 and float(wall) > 0, name
+    for name, _, _, _, *top1 in rows[:2]:
+        assert all(0 <= float(value) <= 1 for value in top1), name
+    figures = json.loads(out.read_text())
+    assert figures["splits"] == {"train": 236, "val": 64, "test": 64}
+    assert figures["settings"]["timm_policy"].startswith("rand-") and figures["settings"]["ema_decay"]
+    assert all(epoch["images"] == 224 for epoch in figures["peer"]["epochs"])  # 7 whole batches of 32
+    assert all(epoch["images"] == 236 for epoch in figures["ours"]["epochs"])  # every image, the last batch short
 
 
 @pytest.fixture
