@@ -67,23 +67,23 @@ def loop_images_per_second(config: PipelineConfig, args: argparse.Namespace) -> 
 def step_images_per_second(config: PipelineConfig, args: argparse.Namespace) -> float:
     """The loop's step alone: synthetic images and targets already on the device."""
     device = torch.device(args.device)
-    trainer = setup(LocalContext(device), TrainingJob(config=config, model_name=args.model,
+    loop = setup(LocalContext(device), TrainingJob(config=config, model_name=args.model,
                                                       shard_location=config.shard_location))
-    images, _, _ = next(iter(trainer.train_stream))
+    images, _, _ = next(iter(loop.train_stream))
     shape = (args.batch_size, *images.shape[1:])
     generator = torch.Generator(device=device).manual_seed(0)
-    inputs = trainer.normalizer(torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator))
-    labels = torch.randint(0, trainer.num_classes, (args.batch_size,), device=device, generator=generator)
+    inputs = loop.normalizer(torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator))
+    labels = torch.randint(0, loop.num_classes, (args.batch_size,), device=device, generator=generator)
     targets = labels
-    if (mixer := build_mixer(config, trainer.num_classes, seed=0)) is not None:
+    if (mixer := build_mixer(config, loop.num_classes, seed=0)) is not None:
         inputs, targets = mixer(inputs, labels)
-    trainer.step_model.train()
+    loop.step_model.train()
     for step in range(WARMUP_STEPS + args.steps):
         if step == WARMUP_STEPS:
             sync(device)
             started = time.perf_counter()
-        forward_backward(trainer, inputs, targets, group_size=1, sync_gradients=True)
-        optimizer_step(trainer)
+        forward_backward(loop, inputs, targets, group_size=1, sync_gradients=True)
+        optimizer_step(loop)
     sync(device)
     return args.batch_size * args.steps / (time.perf_counter() - started)
 

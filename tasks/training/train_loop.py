@@ -140,8 +140,9 @@ class DeviceSums:
 
 
 @dataclass
-class Trainer:
-    """Everything the loop works with, built once per worker by `setup`."""
+class LoopState:
+    """Everything the loop works with, built once per worker by `setup` (not Ray's TorchTrainer, which starts the
+    workers that run the loop)."""
 
     job: TrainingJob
     context: WorkerContext
@@ -214,7 +215,7 @@ def build_mixer(config: PipelineConfig, num_classes: int, seed: int) -> BatchMix
     return BatchMixer(config.data.augment, num_classes=num_classes, rng=np.random.default_rng(seed))
 
 
-def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
+def setup(context: WorkerContext, job: TrainingJob) -> LoopState:
     """Build the model, optimiser, schedule, EMA, loss and loaders; resume from the latest checkpoint."""
     config, training, device = job.config, job.config.training, context.device
     spec = config.model.spec(job.model_name)
@@ -256,7 +257,7 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps,
                                               training.min_lr / effective_lr(training, context.world_size))
     )
-    trainer = Trainer(
+    loop = LoopState(
         job=job, context=context, model=model, step_model=model, ema=build_ema(model, training),
         optimizer=optimizer, scheduler=scheduler, criterion=build_criterion(config, spec, teacher),
         num_classes=num_classes, train_stream=train_stream, val_stream=val_stream,
@@ -265,102 +266,102 @@ def setup(context: WorkerContext, job: TrainingJob) -> Trainer:
         normalizer=Normalizer(config.data.mean, config.data.std, device, channels_last=channels_last),
         device_augment=device_augment, steps_per_epoch=steps_per_epoch,
     )
-    _resume(trainer)
-    _prepare_step_model(trainer, frozen=backbone_frozen(training, trainer.start_epoch))
-    return trainer
+    _resume(loop)
+    _prepare_step_model(loop, frozen=backbone_frozen(training, loop.start_epoch))
+    return loop
 
 
-def _prepare_step_model(trainer: Trainer, *, frozen: bool) -> None:
+def _prepare_step_model(loop: LoopState, *, frozen: bool) -> None:
     """The model the step calls, DDP-wrapped (maybe compiled) with the backbone frozen or not. DDP reduces the
     gradients of the parameters that required them when it was wrapped, so unfreezing wraps again."""
-    if trainer.config.training.freeze_backbone_epochs:
-        freeze_backbone(trainer.model, frozen)
-    trainer.backbone_frozen = frozen
-    trainer.step_model = trainer.model  # the previous wrapper (and its gradient hooks) goes before the new one comes
-    ddp_model = trainer.context.prepare_model(trainer.model)
+    if loop.config.training.freeze_backbone_epochs:
+        freeze_backbone(loop.model, frozen)
+    loop.backbone_frozen = frozen
+    loop.step_model = loop.model  # the previous wrapper (and its gradient hooks) goes before the new one comes
+    ddp_model = loop.context.prepare_model(loop.model)
     # torch.compile of a module is an nn.Module (OptimizedModule); torch types its result as a plain callable
-    trainer.step_model = cast(nn.Module, torch.compile(ddp_model)) if trainer.config.training.compile else ddp_model
+    loop.step_model = cast(nn.Module, torch.compile(ddp_model)) if loop.config.training.compile else ddp_model
 
 
-def _resume(trainer: Trainer) -> None:
-    run_path = Path(trainer.job.run_path) if trainer.job.run_path else None
+def _resume(loop: LoopState) -> None:
+    run_path = Path(loop.job.run_path) if loop.job.run_path else None
     # Everything is read inside the block: a checkpoint on object storage is a download that ends with it.
-    with trainer.context.latest_checkpoint() as latest:
+    with loop.context.latest_checkpoint() as latest:
         resume_from = find_resume_checkpoint(latest, run_path)
         if resume_from is None:
             return
-        state = load_training_state(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema)
+        state = load_training_state(resume_from, loop.model, loop.optimizer, loop.scheduler, loop.ema)
         metadata = read_checkpoint_metadata(resume_from)
-        trainer.start_epoch, trainer.global_step = state["epoch"] + 1, state["global_step"]
-        trainer.history = state["history"]
-        trainer.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
-        trainer.best_epoch = metadata.get("best_epoch")
+        loop.start_epoch, loop.global_step = state["epoch"] + 1, state["global_step"]
+        loop.history = state["history"]
+        loop.wandb_rows = [tuple(pair) for pair in metadata.get("wandb_rows", [])]
+        loop.best_epoch = metadata.get("best_epoch")
         if (resume_from / BEST_WEIGHTS).is_file():
             from safetensors.torch import load_file
 
-            trainer.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
-        if trainer.context.rank == 0:
-            log.info("[%s] resuming after epoch %d from %s", trainer.job.model_name, trainer.start_epoch, resume_from)
+            loop.best_weights = load_file(str(resume_from / BEST_WEIGHTS))
+        if loop.context.rank == 0:
+            log.info("[%s] resuming after epoch %d from %s", loop.job.model_name, loop.start_epoch, resume_from)
 
 
-def forward_backward(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, *, group_size: int,
+def forward_backward(loop: LoopState, images: torch.Tensor, targets: torch.Tensor, *, group_size: int,
                      sync_gradients: bool):
     """One micro-batch of an accumulation group of `group_size`: forward, loss, backward of loss / group_size, so
     that the group's gradient is the mean of its micro-batches' (averaged across ranks when sync_gradients).
     Returns (loss, outputs), both still on the device."""
-    training = trainer.config.training
+    training = loop.config.training
     if training.compile:
         torch._dynamo.mark_dynamic(images, 0)  # one graph for every batch size the loader plans
-    no_sync = not sync_gradients and trainer.context.world_size > 1
+    no_sync = not sync_gradients and loop.context.world_size > 1
     # With several ranks the step model is DDP (compiled, it passes no_sync on to DDP); nn.Module types
     # attributes it does not declare as Tensor | Module.
-    gradient_sync = trainer.step_model.no_sync() if no_sync else nullcontext()  # type: ignore[operator]
-    with gradient_sync, autocast_context(trainer.config, trainer.context.device):
-        outputs = trainer.step_model(images)
-        loss = trainer.criterion(images, outputs, targets)
+    gradient_sync = loop.step_model.no_sync() if no_sync else nullcontext()  # type: ignore[operator]
+    with gradient_sync, autocast_context(loop.config, loop.context.device):
+        outputs = loop.step_model(images)
+        loss = loop.criterion(images, outputs, targets)
         (loss / group_size).backward()
     return loss, outputs
 
 
-def optimizer_step(trainer: Trainer) -> None:
+def optimizer_step(loop: LoopState) -> None:
     """Clip, step, advance the schedule and the EMA."""
-    training = trainer.config.training
+    training = loop.config.training
     if training.grad_clip_norm:
-        nn.utils.clip_grad_norm_(trainer.model.parameters(), training.grad_clip_norm)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scheduler.step()
-    if trainer.ema is not None:
-        trainer.ema.update(trainer.model, step=trainer.global_step)
-    trainer.global_step += 1
+        nn.utils.clip_grad_norm_(loop.model.parameters(), training.grad_clip_norm)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+    if loop.ema is not None:
+        loop.ema.update(loop.model, step=loop.global_step)
+    loop.global_step += 1
 
 
-def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict, int]]]:
+def train_one_epoch(loop: LoopState, epoch: int) -> tuple[dict, list[tuple[dict, int]]]:
     """Train on this rank's share of the epoch. Returns the epoch's metrics (means over every sample of every
     rank) and the W&B rows of its log steps."""
-    config, training, context = trainer.config, trainer.config.training, trainer.context
-    distilling = trainer.criterion.distillation_type != "none"
+    config, training, context = loop.config, loop.config.training, loop.context
+    distilling = loop.criterion.distillation_type != "none"
     seed = epoch_seed(training.seed, epoch, context.rank)
     seed_everything(seed)
-    trainer.train_stream.set_epoch(epoch)
+    loop.train_stream.set_epoch(epoch)
     data, generator = config.data, torch.Generator().manual_seed(seed)  # the host draws of both, in turn
     augmenter = BatchAugmenter(data.augment, generator, image_size=data.image_size,
-                               interpolation=data.interpolation, mean=data.mean) if trainer.device_augment else None
+                               interpolation=data.interpolation, mean=data.mean) if loop.device_augment else None
     eraser = BatchEraser(data.augment.random_erasing, data.augment.random_erasing_mode, generator) \
         if data.augment.random_erasing > 0 else None
-    mixer = build_mixer(config, trainer.num_classes, seed)
+    mixer = build_mixer(config, loop.num_classes, seed)
     accuracy_name = "train_acc_dominant_label" if mixer is not None else "train_acc"
     sums = DeviceSums(("loss", "correct", "samples", "base", "distillation", "nonfinite"), context.device)
     rows: list[tuple[dict, int]] = []
-    num_batches = len(trainer.train_stream)
+    num_batches = len(loop.train_stream)
 
-    if backbone_frozen(training, epoch) != trainer.backbone_frozen:
-        _prepare_step_model(trainer, frozen=backbone_frozen(training, epoch))
-    trainer.step_model.train()
-    if trainer.backbone_frozen:
-        backbone_to_eval(trainer.model)
+    if backbone_frozen(training, epoch) != loop.backbone_frozen:
+        _prepare_step_model(loop, frozen=backbone_frozen(training, epoch))
+    loop.step_model.train()
+    if loop.backbone_frozen:
+        backbone_to_eval(loop.model)
     started = time.perf_counter()
-    batches = device_batches(trainer.train_loader, context.device, trainer.normalizer, augmenter)
+    batches = device_batches(loop.train_loader, context.device, loop.normalizer, augmenter)
     for index, (images, labels) in enumerate(batches):
         # Under Mixup/CutMix the targets are soft; accuracy is then counted against each mixed target's
         # dominant label (the one holding the larger share), which is what the name says.
@@ -374,50 +375,50 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> tuple[dict, list[tuple[dict
         group_start = index - index % training.grad_accum_steps
         group_size = min(training.grad_accum_steps, num_batches - group_start)
         last_micro_batch = index + 1 == group_start + group_size
-        loss, outputs = forward_backward(trainer, images, targets, group_size=group_size,
+        loss, outputs = forward_backward(loop, images, targets, group_size=group_size,
                                          sync_gradients=last_micro_batch)
         logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
         loss = loss.detach().float()
         batch_size = labels.shape[0]
-        terms = trainer.criterion.last_terms
+        terms = loop.criterion.last_terms
         sums.add(loss=loss * batch_size, correct=(logits.argmax(1) == labels).sum(), samples=batch_size,
                  base=terms["base"] * batch_size, distillation=terms["distillation"] * batch_size,
                  nonfinite=(~torch.isfinite(loss)).float())
         if not last_micro_batch:
             continue
-        optimizer_step(trainer)
-        if trainer.job.step_hook is not None:
-            trainer.job.step_hook(epoch, trainer.global_step, context.rank)
-        if trainer.global_step % training.log_every_steps == 0:
+        optimizer_step(loop)
+        if loop.job.step_hook is not None:
+            loop.job.step_hook(epoch, loop.global_step, context.rank)
+        if loop.global_step % training.log_every_steps == 0:
             # One host read per log step, on every rank: the row for W&B and the NaN watch together.
             loss_now, base_now, distillation_now, nonfinite = torch.stack(
                 [loss, terms["base"].float(), terms["distillation"].float(), sums.values[-1].float()]
             ).tolist()
-            _stop_if_nonfinite(trainer, nonfinite, epoch)
-            row = {"train/loss": loss_now, "train/lr": max(trainer.scheduler.get_last_lr())}  # the heads' LR
+            _stop_if_nonfinite(loop, nonfinite, epoch)
+            row = {"train/loss": loss_now, "train/lr": max(loop.scheduler.get_last_lr())}  # the heads' LR
             if distilling:
                 row |= {"train/loss_base": base_now, "train/loss_distillation": distillation_now}
-            rows.append((row, trainer.global_step))
+            rows.append((row, loop.global_step))
 
     totals = sums.read()  # waits for the device: the epoch's time is measured after it
     seconds = time.perf_counter() - started
-    _stop_if_nonfinite(trainer, totals["nonfinite"], epoch)
+    _stop_if_nonfinite(loop, totals["nonfinite"], epoch)
     samples = totals["samples"]
     metrics = {"train_loss": totals["loss"] / samples, accuracy_name: totals["correct"] / samples}
     if distilling:
         metrics |= {"train_loss_base": totals["base"] / samples,
                     "train_loss_distillation": totals["distillation"] / samples}
     local_samples = sums.values[2].item()
-    metrics |= {"lr": float(max(trainer.scheduler.get_last_lr())), "images_per_s_worker": local_samples / seconds,
+    metrics |= {"lr": float(max(loop.scheduler.get_last_lr())), "images_per_s_worker": local_samples / seconds,
                 "images_per_s": samples / seconds, "epoch_seconds": seconds}
     return metrics, rows
 
 
-def _stop_if_nonfinite(trainer: Trainer, nonfinite: float, epoch: int) -> None:
+def _stop_if_nonfinite(loop: LoopState, nonfinite: float, epoch: int) -> None:
     if nonfinite:
         raise NonFiniteLossError(
-            f"{trainer.job.model_name}: the training loss was NaN or infinite in {int(nonfinite)} batch(es) of "
-            f"epoch {epoch + 1} (by optimizer step {trainer.global_step}); training stopped, its last good "
+            f"{loop.job.model_name}: the training loss was NaN or infinite in {int(nonfinite)} batch(es) of "
+            f"epoch {epoch + 1} (by optimizer step {loop.global_step}); training stopped, its last good "
             f"checkpoint is kept (lower training.lr, keep training.grad_clip_norm, or check the data)"
         )
 
@@ -427,14 +428,14 @@ BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
 @torch.no_grad()
-def average_batchnorm_statistics(trainer: Trainer) -> None:
+def average_batchnorm_statistics(loop: LoopState) -> None:
     """Average the BatchNorm running statistics of the model and of the EMA over the ranks (timm's distribute_bn
     with reduce=True), so that every rank validates, and rank 0 checkpoints, statistics of every rank's batches
     rather than of its own. Nothing to do, and torch.distributed untouched, on one rank."""
-    world_size = trainer.context.world_size
+    world_size = loop.context.world_size
     if world_size == 1:
         return
-    modules = [trainer.model] + ([trainer.ema.module] if trainer.ema is not None else [])
+    modules = [loop.model] + ([loop.ema.module] if loop.ema is not None else [])
     for module in modules:
         for name, buffer in module.named_buffers():
             if name.rpartition(".")[2] in BATCHNORM_STATISTICS:
@@ -443,14 +444,14 @@ def average_batchnorm_statistics(trainer: Trainer) -> None:
 
 
 @torch.no_grad()
-def validate(trainer: Trainer) -> dict:
+def validate(loop: LoopState) -> dict:
     """Top-1 and cross-entropy of the scored weights over the whole validation split (every rank its share)."""
-    model = trainer.scored_model.eval()
-    device = trainer.context.device
+    model = loop.scored_model.eval()
+    device = loop.context.device
     sums = DeviceSums(("loss", "correct", "samples"), device)
-    with autocast_context(trainer.config, device):
-        for images, labels in device_batches(trainer.val_loader, device, trainer.normalizer,
-                                             EvalResize.from_config(trainer.config.data)):
+    with autocast_context(loop.config, device):
+        for images, labels in device_batches(loop.val_loader, device, loop.normalizer,
+                                             EvalResize.from_config(loop.config.data)):
             logits = model(images).float()
             sums.add(loss=nn.functional.cross_entropy(logits, labels, reduction="sum"),
                      correct=(logits.argmax(1) == labels).sum(), samples=labels.shape[0])
@@ -465,58 +466,58 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def report_epoch(trainer: Trainer, metrics: dict) -> None:
+def report_epoch(loop: LoopState, metrics: dict) -> None:
     """Every rank reports (it is a barrier); rank 0 alone writes and attaches the checkpoint, which carries
     the best scored weights so far, so the driver exports best and last from the last checkpoint alone."""
-    context = trainer.context
+    context = loop.context
     if context.rank != 0:
         context.report(metrics)
         return
-    if trainer.best_epoch is None or metrics["val_acc"] > _best_val_acc(trainer):
-        trainer.best_epoch = metrics["epoch"]
+    if loop.best_epoch is None or metrics["val_acc"] > _best_val_acc(loop):
+        loop.best_epoch = metrics["epoch"]
         # A snapshot in plain row-major layout (channels-last weights are not contiguous; safetensors wants them so).
-        trainer.best_weights = {
+        loop.best_weights = {
             name: tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-            for name, tensor in unwrap(trainer.scored_model).state_dict().items()
+            for name, tensor in unwrap(loop.scored_model).state_dict().items()
         }
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         save_checkpoint(
-            Path(directory), model=unwrap(trainer.model), optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-            ema=trainer.ema, best_weights=trainer.best_weights, epoch=metrics["epoch"] - 1,
-            global_step=metrics["global_step"], history=trainer.history,
-            extra={"model": trainer.job.model_name, "config": trainer.config.model_dump(mode="json"),
-                   "wandb_rows": trainer.wandb_rows, "best_epoch": trainer.best_epoch,
-                   "scored_weights": EMA_WEIGHTS if trainer.ema is not None else WEIGHTS},
+            Path(directory), model=unwrap(loop.model), optimizer=loop.optimizer, scheduler=loop.scheduler,
+            ema=loop.ema, best_weights=loop.best_weights, epoch=metrics["epoch"] - 1,
+            global_step=metrics["global_step"], history=loop.history,
+            extra={"model": loop.job.model_name, "config": loop.config.model_dump(mode="json"),
+                   "wandb_rows": loop.wandb_rows, "best_epoch": loop.best_epoch,
+                   "scored_weights": EMA_WEIGHTS if loop.ema is not None else WEIGHTS},
         )
         context.report(metrics, checkpoint_dir=Path(directory))
 
 
-def _best_val_acc(trainer: Trainer) -> float:
-    return next(epoch["val_acc"] for epoch in trainer.history if epoch["epoch"] == trainer.best_epoch)
+def _best_val_acc(loop: LoopState) -> float:
+    return next(epoch["val_acc"] for epoch in loop.history if epoch["epoch"] == loop.best_epoch)
 
 
 def run_training(context: WorkerContext, job: TrainingJob) -> list[dict]:
     """Train job.model_name for the configured epochs in this worker; returns the per-epoch history."""
-    trainer = setup(context, job)
-    tracker = _start_tracker(trainer)
-    for epoch in range(trainer.start_epoch, trainer.config.training.epochs):
-        train_metrics, rows = train_one_epoch(trainer, epoch)
-        average_batchnorm_statistics(trainer)
-        metrics = {"epoch": epoch + 1, **train_metrics, **validate(trainer),
-                   "peak_memory_mb": _peak_memory_mb(context.device), "global_step": trainer.global_step}
-        trainer.history.append(metrics)
+    loop = setup(context, job)
+    tracker = _start_tracker(loop)
+    for epoch in range(loop.start_epoch, loop.config.training.epochs):
+        train_metrics, rows = train_one_epoch(loop, epoch)
+        average_batchnorm_statistics(loop)
+        metrics = {"epoch": epoch + 1, **train_metrics, **validate(loop),
+                   "peak_memory_mb": _peak_memory_mb(context.device), "global_step": loop.global_step}
+        loop.history.append(metrics)
         # W&B rows wait until the epoch's checkpoint is committed: a restart resumes from that checkpoint
         # and replays the unfinished epoch, so logging its steps live would record them twice.
-        rows.append(({f"epoch/{key}": value for key, value in metrics.items()}, trainer.global_step))
-        trainer.wandb_rows += rows
-        report_epoch(trainer, metrics)
+        rows.append(({f"epoch/{key}": value for key, value in metrics.items()}, loop.global_step))
+        loop.wandb_rows += rows
+        report_epoch(loop, metrics)
         if tracker is not None:
             _log_rows(tracker, rows)
-        _log_progress(trainer, metrics)
+        _log_progress(loop, metrics)
     if tracker is not None:
-        _log_best_weights_artifact(tracker, trainer)
+        _log_best_weights_artifact(tracker, loop)
         tracker.finish()
-    return trainer.history
+    return loop.history
 
 
 def train_worker(loop_config: dict) -> None:
@@ -526,22 +527,22 @@ def train_worker(loop_config: dict) -> None:
     run_training(RayTrainContext(), TrainingJob.from_loop_config(loop_config))
 
 
-def _start_tracker(trainer: Trainer):
+def _start_tracker(loop: LoopState):
     """Rank 0's W&B run, with the dataset's lineage and the rows a restarted attempt must replay."""
-    if trainer.context.rank != 0:
+    if loop.context.rank != 0:
         return None
     detach_from_parent_wandb_service()
-    job = trainer.job
-    tracker = start_wandb_run(trainer.config, "train", job.model_name, group=job.group,
-                              extra={"world_size": trainer.context.world_size})
+    job = loop.job
+    tracker = start_wandb_run(loop.config, "train", job.model_name, group=job.group,
+                              extra={"world_size": loop.context.world_size})
     if tracker is None:
         return None
     with tempfile.TemporaryDirectory() as directory:
         manifest = manifest_snapshot(job.shard_location, Path(directory))
-        record_input(tracker, dataset_artifact_name(trainer.config), "dataset", manifest)
+        record_input(tracker, dataset_artifact_name(loop.config), "dataset", manifest)
     # A restarted attempt's W&B file repeats the history up to its checkpoint: what the killed attempt
     # had logged may never have reached its file. Online, steps W&B already has are not sent again.
-    _log_rows(tracker, [(row, step) for row, step in trainer.wandb_rows if step >= tracker.step])
+    _log_rows(tracker, [(row, step) for row, step in loop.wandb_rows if step >= tracker.step])
     return tracker
 
 
@@ -551,29 +552,29 @@ def _log_rows(tracker, rows: list[tuple[dict, int]]) -> None:
         tracker.log(row, step=step, commit=True if index == len(rows) - 1 else None)
 
 
-def _log_best_weights_artifact(tracker, trainer: Trainer) -> None:
+def _log_best_weights_artifact(tracker, loop: LoopState) -> None:
     """The best scored weights as a W&B model artifact: the same bytes the driver exports as best.safetensors."""
     import wandb
     from safetensors.torch import save_file
 
-    if trainer.best_weights is None:
-        raise RuntimeError(f"{trainer.job.model_name}: no epoch was scored, so there are no best weights to log")
+    if loop.best_weights is None:
+        raise RuntimeError(f"{loop.job.model_name}: no epoch was scored, so there are no best weights to log")
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / BEST_WEIGHTS
-        save_file(trainer.best_weights, str(path))
-        artifact = wandb.Artifact(model_artifact_name(trainer.job.model_name), type="model",
-                                  metadata={"model": trainer.job.model_name, "epoch": trainer.best_epoch})
+        save_file(loop.best_weights, str(path))
+        artifact = wandb.Artifact(model_artifact_name(loop.job.model_name), type="model",
+                                  metadata={"model": loop.job.model_name, "epoch": loop.best_epoch})
         artifact.add_file(str(path))
         tracker.log_artifact(artifact)
 
 
-def _log_progress(trainer: Trainer, metrics: dict) -> None:
-    if trainer.context.rank != 0:
+def _log_progress(loop: LoopState, metrics: dict) -> None:
+    if loop.context.rank != 0:
         return
-    training = trainer.config.training
+    training = loop.config.training
     remaining = (training.epochs - metrics["epoch"]) * metrics["epoch_seconds"]
     accuracy = metrics.get("train_acc", metrics.get("train_acc_dominant_label"))
-    log.info("[%s] epoch %d/%d loss %.4f acc %.3f val_acc %.4f %.0f img/s eta %s", trainer.job.model_name,
+    log.info("[%s] epoch %d/%d loss %.4f acc %.3f val_acc %.4f %.0f img/s eta %s", loop.job.model_name,
              metrics["epoch"], training.epochs, metrics["train_loss"], accuracy, metrics["val_acc"],
              metrics["images_per_s"], time.strftime("%H:%M:%S", time.gmtime(remaining)))
 

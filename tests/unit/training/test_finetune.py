@@ -65,10 +65,10 @@ def _finetune_config(tmp_path: Path, checkpoint: Path, **training):
 def test_the_checkpoint_is_loaded_unchanged_but_for_the_head_and_the_resampled_grid(
         tmp_path, val_shards, vit_s16_checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="vitmodels"):
-        trainer = setup(LocalContext("cpu"), TrainingJob(_finetune_config(tmp_path, vit_s16_checkpoint), FINETUNED,
+        loop = setup(LocalContext("cpu"), TrainingJob(_finetune_config(tmp_path, vit_s16_checkpoint), FINETUNED,
                                                          val_shards))
     assert f"{FINETUNED} from {vit_s16_checkpoint}" in caplog.text and "pos_embed" in caplog.text  # the load report
-    checkpoint, loaded = load_file(str(vit_s16_checkpoint)), trainer.model.state_dict()
+    checkpoint, loaded = load_file(str(vit_s16_checkpoint)), loop.model.state_dict()
     assert loaded.keys() == checkpoint.keys()
     assert loaded["head.weight"].shape == (10, 384) and checkpoint["head.weight"].shape == (1000, 384)
     for key, value in checkpoint.items():

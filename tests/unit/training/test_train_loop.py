@@ -49,7 +49,7 @@ def test_in_process_training_scores_exports_and_resumes_the_ema(tmp_path, val_sh
     root.mkdir()
     averaged_at: list[int] = []  # the global step of each BatchNorm averaging (a no-op on one rank)
     monkeypatch.setattr("tasks.training.train_loop.average_batchnorm_statistics",
-                        lambda trainer: averaged_at.append(trainer.global_step))
+                        lambda loop: averaged_at.append(loop.global_step))
     context = LocalContext("cpu", checkpoint_root=root)
     first = run_training(context, TrainingJob(_config(tmp_path), "vit_tiny_patch4_32", val_shards))
     [epoch] = first
@@ -87,10 +87,10 @@ def test_the_real_recipes_augmentation_trains_on_odd_batches_with_accumulation(t
 def test_every_accumulation_group_steps_on_the_mean_loss_of_its_micro_batches_the_short_last_one_too(
         tmp_path, val_shards, monkeypatch):
     # 4585 images in 5 batches of 917, accumulated 3 at a time: a group of 3, then a short last group of 2.
-    trainer = setup(LocalContext("cpu"), TrainingJob(_config(tmp_path, batch_size=1024, grad_accum_steps=3),
+    loop = setup(LocalContext("cpu"), TrainingJob(_config(tmp_path, batch_size=1024, grad_accum_steps=3),
                                                      "vit_tiny_patch4_32", val_shards))
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    criterion = trainer.criterion
+    criterion = loop.criterion
     loss_of = criterion.forward
 
     def recording_loss(inputs, outputs, labels):
@@ -100,18 +100,18 @@ def test_every_accumulation_group_steps_on_the_mean_loss_of_its_micro_batches_th
     monkeypatch.setattr(criterion, "forward", recording_loss)
     gradients: list[dict[str, torch.Tensor]] = []
 
-    def keep_gradients_without_stepping(trainer):  # the weights stay as they are: every group is recomputable
-        gradients.append({name: param.grad.clone() for name, param in trainer.model.named_parameters()})
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.global_step += 1
+    def keep_gradients_without_stepping(loop):  # the weights stay as they are: every group is recomputable
+        gradients.append({name: param.grad.clone() for name, param in loop.model.named_parameters()})
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.global_step += 1
 
     monkeypatch.setattr("tasks.training.train_loop.optimizer_step", keep_gradients_without_stepping)
-    train_one_epoch(trainer, 0)
+    train_one_epoch(loop, 0)
     assert [len(labels) for _, labels in micro_batches] == [917] * 5 and len(gradients) == 2
 
     # The reference: one forward and backward of the group's micro-batches as one batch (a deterministic model:
     # no dropout or drop-path), whose mean loss is the mean of the equal-sized micro-batches' means.
-    model = trainer.model
+    model = loop.model
     groups = (micro_batches[:3], micro_batches[3:])  # the full group, then the short last one
     for group, group_gradients in zip(groups, gradients, strict=True):
         images, labels = torch.cat([images for images, _ in group]), torch.cat([labels for _, labels in group])
@@ -146,9 +146,9 @@ def _batchnorm_trainer(rank: int, world_size: int) -> SimpleNamespace:
 def _average_on_two_ranks(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        trainer = _batchnorm_trainer(rank, world_size=2)
-        average_batchnorm_statistics(trainer)
-        for batchnorm, offset in ((trainer.model[1], 0), (trainer.ema.module[1], 10)):
+        loop = _batchnorm_trainer(rank, world_size=2)
+        average_batchnorm_statistics(loop)
+        for batchnorm, offset in ((loop.model[1], 0), (loop.ema.module[1], 10)):
             assert torch.equal(batchnorm.running_mean, torch.full((4,), offset + 0.5))  # (0 + 1) / 2
             assert torch.equal(batchnorm.running_var, torch.full((4,), offset + 2.0))  # (1 + 3) / 2
             assert batchnorm.num_batches_tracked.item() == 5 + rank
