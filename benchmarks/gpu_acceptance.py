@@ -63,7 +63,16 @@ import yaml
 from torch import nn
 
 from tasks.config import PipelineConfig, build_config, set_dotted
-from tasks.data.augment import AugmentPlan, BatchAugmenter, BatchEraser, BatchMixer, EvalResize, MixDraw, OpRound
+from tasks.data.augment import (
+    AugmentPlan,
+    BatchAugmenter,
+    BatchEraser,
+    BatchMixer,
+    EvalResize,
+    MixDraw,
+    OpRound,
+    random_cycle,
+)
 from tasks.data.loader import ShardStream, normalize
 from tasks.data.shard import ShardOptions, require_manifest, write_shards
 from tasks.data.sources import Source, SplitSource, read_cifar10
@@ -328,7 +337,7 @@ def plan_slice(plan: AugmentPlan, index: int) -> AugmentPlan:
     def part(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor[one]
 
-    rounds = [OpRound(r.ops[one], r.bins[one], r.negative[one]) for r in plan.rounds]
+    rounds = [OpRound(r.ops[one], r.applied[one], r.levels[one], r.negative[one]) for r in plan.rounds]
     return AugmentPlan(part(plan.crop_offsets), part(plan.flips), rounds, part(plan.crops))
 
 
@@ -411,9 +420,11 @@ def part_correctness(session: Session, box: TimeBox, record: PartRecord) -> None
                    within=checks[f"erase {mode}"])
     mixer = BatchMixer(data.augment, num_classes=len(session.source.classes), rng=np.random.default_rng(0))
     height, width = floats.shape[-2:]
-    draws = {"mixup": MixDraw(lam=0.7),
+    partners = random_cycle(floats.shape[0], np.random.default_rng(1))
+    draws = {"mixup": MixDraw(lam=0.7, partners=partners),
              "cutmix": MixDraw(lam=1 - (height // 2) * (width // 2) / (height * width),
-                               box=(height // 4, height // 4 + height // 2, width // 4, width // 4 + width // 2))}
+                               box=(height // 4, height // 4 + height // 2, width // 4, width // 4 + width // 2),
+                               partners=partners)}
     for kind, draw in draws.items():
         mixed, targets = mixer.apply(floats, labels, draw)
         mixed_other, targets_other = mixer.apply(other, labels.to(other.device), draw)

@@ -54,11 +54,11 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen:
     return server
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C, as a person would; killed if it does not go."""
+def stop(process: subprocess.Popen, seconds: float = SHUTDOWN_SECONDS) -> None:
+    """Ctrl-C, as a person would; killed if it has not gone after `seconds`."""
     process.send_signal(signal.SIGINT)
     try:
-        process.wait(timeout=SHUTDOWN_SECONDS)
+        process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()

@@ -81,18 +81,6 @@ def test_augment_benchmark_compares_per_image_and_batched_on_an_odd_batch(data_r
     assert float(result.stdout.strip().splitlines()[-1].split("= ")[1]) > 0
 
 
-def test_train_loop_benchmark_prints_loop_over_step(data_root):
-    result = run_script(str(REPO_ROOT / "benchmarks" / "train_loop.py"), "--device", "cpu", "--data-root",
-                        str(data_root), "--config", "configs/smoke.yaml", "--model", "vit_tiny_patch4_32",
-                        "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--batch-size", "256",
-                        "--steps", "2")
-    assert result.returncode == 0, result.stderr
-    rows = table_rows(result.stdout)
-    assert [row[0] for row in rows] == ["loop, epoch 1", "loop, epoch 2", "step alone, synthetic on-device data"]
-    assert all(float(row[1]) > 0 for row in rows)
-    assert float(result.stdout.strip().splitlines()[-1].removeprefix("loop/step = ")) > 0
-
-
 @pytest.mark.slow  # a minute or more: `vit-pipeline train` starts a Ray
 def test_peer_benchmark_compares_ours_with_a_timm_loop_on_the_same_images(data_root, tmp_path):
     """The cifar10 recipe (RandAugment, Mixup/CutMix, label smoothing, EMA, bf16) on a few hundred images, ours
