@@ -114,8 +114,9 @@ class DataConfig(_Section):
     shuffle_seed: int | None = 0
     # Images held out of the source's training split for validation, stratified by class: a count, or a
     # fraction of the training split. Checkpoints are chosen on it; the test split is scored once, by evaluate.
-    # A source with a `val` split of its own (ImageFolder) keeps that one instead.
-    val_size: PositiveInt | Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    # A source with a `val` split of its own (ImageFolder) keeps that one instead. A hold-out that leaves fewer
+    # images to train on than to validate on is refused: a fraction above 0.5 here, a count when sharding.
+    val_size: PositiveInt | Annotated[float, Field(gt=0.0, le=0.5)] = 0.1
     split_seed: int = 0
     loader_workers: NonNegativeInt = 2
     shuffle_buffer: PositiveInt = 10_000

@@ -87,6 +87,20 @@ def holdout_count(val_size: int | float, total: int) -> int:
     return max(1, round(val_size * total)) if isinstance(val_size, float) else int(val_size)
 
 
+def check_holdout(val_size: int | float, count: int, dataset: str, total: int) -> None:
+    """Refuse a hold-out that leaves fewer images to train on than to validate on: a count meant for a larger
+    source (5,000 of CIFAR-10's 50,000) would otherwise swallow a smaller one's training split without a word."""
+    kept = total - count
+    if kept >= count:
+        return
+    fraction = holdout_count(0.1, total)
+    raise SourceError(
+        f"data.val_size {val_size} holds out {count} of the {total} training images of this {dataset} source, "
+        f"leaving {kept} to train on, fewer than the {count} it validates on; give a fraction of the training "
+        f"split (0.1 holds out {fraction}) or a count of at most {total // 2}"
+    )
+
+
 def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """Sorted indices of `count` samples drawn per class in proportion to the class's size.
 
@@ -121,7 +135,9 @@ def output_splits(source: Source, options: ShardOptions) -> list[OutputSplit]:
         raise SourceError(f"data.val_size needs a {HOLDOUT_SOURCE_SPLIT!r} split to hold images out of; "
                           f"the source has {sorted(source.splits)}")
     train = source.splits[HOLDOUT_SOURCE_SPLIT]
-    held_out = stratified_holdout(train.labels, holdout_count(options.val_size, len(train)), options.split_seed)
+    count = holdout_count(options.val_size, len(train))
+    check_holdout(options.val_size, count, source.dataset, len(train))
+    held_out = stratified_holdout(train.labels, count, options.split_seed)
     kept = np.setdiff1d(np.arange(len(train)), held_out, assume_unique=True)
     replaced = [s for s in splits if s.name != HOLDOUT_SOURCE_SPLIT]
     return [OutputSplit(HOLDOUT_SOURCE_SPLIT, HOLDOUT_SOURCE_SPLIT, kept),

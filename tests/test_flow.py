@@ -270,6 +270,33 @@ def test_every_flow_run_gets_its_own_directory_and_a_finished_one_is_never_conti
     assert claim_run_directory(config, "9f8e7d6c-0000", "crimson-fox").config.run_dir == manual.config.run_dir
 
 
+def test_run_refuses_a_hold_out_that_swallows_the_training_split_by_name(tmp_path, data_root, capsys):
+    """`vit-pipeline run` on the subset with full CIFAR-10's 5,000-image hold-out: exit 2, the error named once,
+    and Prefect's record of the failed flow run without a traceback."""
+    import logging
+
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    flow_runs.addHandler(handler)
+    try:
+        code = main(["-q", "run", "--set", f"data.data_root={data_root}", "--set", "data.val_size=5000",
+                     "--set", "data.shard_workers=1", "--set", f"tracking.output_dir={tmp_path / 'runs'}",
+                     "--set", "tracking.mode=disabled"])
+    finally:
+        flow_runs.removeHandler(handler)
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "vit-pipeline run: error: data.val_size 5000 holds out 5000 of the 5085 training images" in err
+    assert "leaving 85 to train on" in err and "Traceback" not in err
+    failures = [record for record in records if record.levelno >= logging.ERROR]
+    assert failures and not any(record.exc_info for record in failures)
+    assert not list((tmp_path / "runs").glob("*/shards/*.tar"))
+
+
 def test_bad_run_directories_are_refused_by_the_cli(capsys):
     from flows.cli import EXIT_BAD_INPUT, main
 
