@@ -23,6 +23,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -30,7 +31,9 @@ from pydantic import (
 )
 from timm.models import model_entrypoint
 
+from tasks.sources import CIFAR10_SIDE
 from vitmodels import CIFAR10_MEAN, CIFAR10_STD
+from vitmodels.factory import input_size_kwargs
 
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -171,7 +174,8 @@ class ModelSpec(_Section):
     # NHWC memory format for this model; None follows training.channels_last. It speeds up convolutional
     # nets (ResNet) and not ViTs, whose only convolution is the patch embedding (benchmarks/README.md).
     channels_last: bool | None = None
-    # Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model.
+    # Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model. The input size
+    # (img_size, and a Swin's window_size where its own does not fit) follows data.image_size by itself.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Distillation (DeiT): "baseline" means the pipeline's trained baseline checkpoint.
     teacher: str | None = None
@@ -212,9 +216,17 @@ class ModelSpec(_Section):
                              f"0.1 is DeiT's and MAE's fine-tuning rate) rather than take the architecture's default")
         return self
 
+    # The keywords that size the model for data.image_size, set when the PipelineConfig holding it is validated.
+    _input_size_kwargs: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     @property
     def is_pretrained(self) -> bool:
         return self.pretrained or self.pretrained_file is not None
+
+    @property
+    def build_kwargs(self) -> dict[str, Any]:
+        """model_kwargs with the input size the configuration's images have (see PipelineConfig)."""
+        return {**self.model_kwargs, **self._input_size_kwargs}
 
 
 class ModelConfig(_Section):
@@ -535,6 +547,35 @@ class PipelineConfig(_Section):
         if repeats > self.training.batch_size:
             raise ValueError(f"data.augment.repeated_augmentation ({repeats}) is more than training.batch_size "
                              f"({self.training.batch_size}): a batch holds every copy of its images")
+        return self
+
+    @model_validator(mode="after")
+    def _models_take_the_image_size(self) -> PipelineConfig:
+        """Every model is built for the images the loader hands it: data.image_size (CIFAR-10's own 32 px when
+        unset) decides img_size, and a Swin's window when its own does not tile the token grids, so the size is
+        set in one place. A model_kwargs size that disagrees, or a size a model cannot take, fails here."""
+        data = self.data
+        size = data.image_size or (CIFAR10_SIDE if data.dataset == "cifar10" else None)
+        if size is None:  # ImageFolder images at their own size, known once sharded
+            return self
+        size_field = (f"data.image_size ({size})" if data.image_size else
+                      f"data.image_size (unset: CIFAR-10's own {size} px)")
+        specs = [("model.baseline", self.model.baseline),
+                 *((f"model.transformers.{i}", spec) for i, spec in enumerate(self.model.transformers))]
+        problems = []
+        for path, spec in specs:
+            given = spec.model_kwargs.get("img_size")
+            if given is not None and given not in (size, [size, size], (size, size)):
+                problems.append(f"{path}.model_kwargs.img_size ({given}) differs from {size_field}, the size of "
+                                f"the images {spec.name} gets: leave img_size out, data.image_size decides it")
+                continue
+            try:
+                spec._input_size_kwargs = input_size_kwargs(spec.name, size, spec.model_kwargs)
+            except ValueError as error:
+                problems.append(f"{path} ({spec.name}) cannot take the images of {size_field}: {error}; "
+                                f"change data.image_size or {path}.model_kwargs")
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     @property
