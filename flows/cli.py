@@ -106,7 +106,7 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tasks.train import default_teacher_weights, train_model
 
-    config = _load(args, {"shards": "data.shard_dir"})
+    config = _load(args, {"shards": "data.shard_dir", "verify_shards": "data.verify_before_training"})
     model = args.model or config.model.baseline.name
     if args.pretrained_file is not None:
         config = with_pretrained_file(config, model, args.pretrained_file)
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pretrained-file", type=Path, metavar="PATH",
                        help="fine-tune --model from this checkpoint (.safetensors or torch state dict, any grid or "
                             "class count) instead of the one the config names")
+    train.add_argument("--verify-shards", action="store_true", default=None,
+                       help="re-read and re-hash every shard before training (data.verify_before_training); "
+                            "otherwise only the manifest and the shards' sizes are checked")
     train.set_defaults(handler=cmd_train)
 
     run = commands.add_parser("run", help="run the whole pipeline flow (shard, train, evaluate, attention, report)")

@@ -6,7 +6,8 @@
 
 Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
 runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
-cached by what decides them, so every flow run reuses them while the data stays the same. Trainings run
+cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
+per shard set (a training checks their sizes only). Trainings run
 again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
 model config, recipe, worker count, shards and teacher match a finished one is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
@@ -38,7 +39,7 @@ from tasks.publish import PublishError, publish_refused
 from tasks.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.recipe import trained_weights
 from tasks.samples import ShardFormatError
-from tasks.shard import shard_from_config, verify_shards
+from tasks.shard import read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.sources import SourceError
 from tasks.tracking import (
     dataset_artifact_name,
@@ -124,13 +125,22 @@ def shard_task(config: PipelineConfig, group: str) -> dict:
     return result.manifest
 
 
-@task(name="verify-shards", retry_condition_fn=_retry_transient)
-def verify_task(config: PipelineConfig) -> None:
+def verify_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """One full verification per shard set: its location, its manifest and what a listing says of every shard
+    file (size, modification time or ETag), so a shard written or touched since is verified again. Trainings
+    check only the shards' sizes (tasks.train)."""
+    location = parameters["config"].shard_location
+    return f"verify-{_digest(location, read_manifest(location), shard_listing(location))}"
+
+
+@task(name="verify-shards", cache_key_fn=verify_cache_key, persist_result=True, retry_condition_fn=_retry_transient)
+def verify_task(config: PipelineConfig) -> dict[str, int]:
     report = verify_shards(config.shard_location)
     if not report.ok:
         raise ShardFormatError(f"shards in {report.location} failed verification:\n  " + "\n  ".join(report.problems))
     get_run_logger().info("%s: %d shards, %d samples verified", report.location, report.shards_checked,
                           report.samples_checked)
+    return {"shards": report.shards_checked, "samples": report.samples_checked}
 
 
 # The tag carries the concurrency limit across flow runs (flows/operations.py).
@@ -336,7 +346,7 @@ def vit_pipeline(
     shard_limits = dict(timeout_seconds=options.shard_timeout_minutes * 60, **limits)
 
     manifest = shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
-    verify_task.with_options(**shard_limits)(config)
+    verify_task.with_options(result_storage=_result_storage(config), **shard_limits)(config)
 
     dashboard, slots = _connect_cluster(config)
     _links(config, dashboard)

@@ -114,6 +114,10 @@ class DataConfig(_Section):
     # How images are resized (RandomResizedCrop, the training resize and the evaluation resize).
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     shard_workers: PositiveInt = 2
+    # Re-read and re-hash every shard before each training (`vit-pipeline train --verify-shards`). Without it a
+    # training checks the manifest and each shard's size only: the flow's verify step re-hashes each shard set
+    # once, and `vit-pipeline verify-shards` does on demand.
+    verify_before_training: bool = False
     shuffle_seed: int | None = 0
     # Images held out of the source's training split for validation, stratified by class: a count, or a
     # fraction of the training split. Checkpoints are chosen on it; the test split is scored once, by evaluate.

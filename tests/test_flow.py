@@ -186,6 +186,69 @@ def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards)
     assert not ray.is_initialized()
 
 
+@pytest.fixture
+def shard_reads(monkeypatch) -> list[str]:
+    """Every shard file opened for reading in this process (listings and sizes open nothing)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    reads: list[str] = []
+    opened = LocalFileSystem._open
+
+    def spy(self, path, mode="rb", *args, **kwargs):
+        if str(path).endswith(".tar"):
+            reads.append(Path(path).name)
+        return opened(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", spy)
+    return reads
+
+
+def test_a_training_checks_shard_sizes_without_reading_them_unless_asked_to_verify(
+        tmp_path, data_root, val_shards, shard_reads, monkeypatch, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+    from tasks.shard import read_manifest
+    from tasks.train import TrainingError, train_model
+
+    def ray_would_start(config):  # every check before the workers is done by then
+        raise TrainingError("the workers would start here")
+
+    monkeypatch.setattr("tasks.train.ensure_ray", ray_would_start)
+    config = _config(tmp_path, data_root, model={"transformers": []})
+    config.data.shard_dir = val_shards
+    with pytest.raises(TrainingError, match="the workers would start here"):
+        train_model(config, config.model.baseline.name)
+    assert shard_reads == []
+
+    code = main(["train", "--verify-shards", "--shards", val_shards, "--set", f"data.data_root={data_root}",
+                 "--set", f"tracking.output_dir={tmp_path / 'runs'}", "--set", "tracking.mode=disabled"])
+    assert code == EXIT_BAD_INPUT and "the workers would start here" in capsys.readouterr().err
+    every_shard = [shard["name"] for split in read_manifest(val_shards)["splits"].values() for shard in split["shards"]]
+    assert sorted(shard_reads) == sorted(every_shard)
+
+
+def test_the_flow_verifies_a_shard_set_once_and_again_when_a_shard_changes(tmp_path, data_root, val_shards,
+                                                                          shard_reads):
+    import os
+
+    from flows.pipeline import _result_storage
+
+    shards = tmp_path / "shards"
+    shutil.copytree(val_shards, shards)
+    config = _config(tmp_path, data_root, storage={"results": str(tmp_path / "prefect-results")})
+    config.data.shard_dir = str(shards)
+
+    @flow
+    def verify_step():
+        return verify_task.with_options(result_storage=_result_storage(config))(config, return_state=True)
+
+    # Two flow runs, one verification.
+    assert (verify_step().name, verify_step().name) == ("Completed", "Cached")
+    shard_count = len(list(shards.glob("*.tar")))
+    assert len(shard_reads) == shard_count
+    os.utime(shards / "train-000001.tar")  # a shard written again, byte for byte
+    assert verify_step().name == "Completed" and len(shard_reads) == 2 * shard_count
+
+
 # ------------------------------------------------------------------ trainings: order, slots, reuse
 
 

@@ -15,6 +15,7 @@ from tasks.shard import (
     MANIFEST_NAME,
     ShardOptions,
     check_holdout,
+    check_shard_sizes,
     read_manifest,
     shard_dataset,
     verify_shards,
@@ -163,6 +164,19 @@ def test_verify_catches_missing_and_extra_shard(shard_copy, capsys):
     (shard_copy / "train-000001.tar").rename(shard_copy / "train-000099.tar")
     _assert_verify_fails(shard_copy, "train-000001.tar", "missing", capsys)
     _assert_verify_fails(shard_copy, "train-000099.tar", "unknown shard", capsys)
+
+
+def test_the_size_check_names_missing_resized_and_unknown_shards_without_reading_any(shard_copy):
+    assert check_shard_sizes(str(shard_copy)).ok and check_shard_sizes(str(shard_copy)).shards_checked == 8
+    recorded = read_manifest(str(shard_copy))["splits"]["train"]["shards"][2]["bytes"]
+    with open(shard_copy / "train-000002.tar", "r+b") as shard:
+        shard.truncate(4096)
+    (shard_copy / "train-000001.tar").rename(shard_copy / "train-000099.tar")
+    assert check_shard_sizes(str(shard_copy)).problems == [
+        "train-000001.tar: missing", f"train-000002.tar: size is 4096 bytes, manifest says {recorded}",
+        "train-000099.tar: unknown shard, not in the manifest"]
+    (shard_copy / MANIFEST_NAME).unlink()
+    assert check_shard_sizes(str(shard_copy)).problems == [f"{shard_copy / MANIFEST_NAME}: missing"]
 
 
 def test_verify_catches_duplicate_key_and_missing_manifest(shard_copy, capsys, tmp_path):
