@@ -9,7 +9,8 @@ runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/
 cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
 per shard set (a training checks their sizes only). Trainings run
 again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
-model config, recipe, worker count, shards and teacher match a finished one is taken from the cache and
+configuration (all of it but where and how things run: tasks.config.training_fields), shards, checkpoint and
+teacher match a finished one of the same run name is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
 Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json.
 """
@@ -34,7 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.checkpoints import CheckpointError
-from tasks.config import ConfigError, PipelineConfig, is_url, load_config
+from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
 from tasks.publish import PublishError, publish_refused
 from tasks.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.recipe import trained_weights
@@ -91,16 +92,17 @@ def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Everything a training reads: its configuration (tasks.config.training_fields), the shards' fingerprint
+    and the content of every weights file it starts from or distils from."""
     config: PipelineConfig = parameters["config"]
     name = parameters["model_name"]
     teacher = parameters.get("teacher_weights")
+    spec = config.model.spec(name)
     decisive = {
-        "model": config.model.spec(name).model_dump(mode="json"),
-        "training": config.training.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json", include={"augment", "mean", "std", "shuffle_buffer"}),
-        "num_workers": config.scaling.num_workers,
+        "config": training_fields(config, name),
         "manifest": parameters["manifest_fingerprint"],
         "teacher": file_digest(Path(teacher)) if teacher else None,
+        "checkpoints": [file_digest(path) if path else None for path in (spec.pretrained_file, spec.teacher_file)],
         # The run name, not the flow run: a later flow run may reuse this training when asked to.
         "outputs": str(Path(config.run_root).absolute()),
     }

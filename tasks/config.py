@@ -660,6 +660,35 @@ class PipelineConfig(_Section):
         return self
 
 
+# What only says where or how a training runs or is reported, never what it computes: left out of what identifies a
+# training (the cache key `--reuse-trainings` looks trainings up by, the model card's "config"). Everything else a
+# training reads is in, e.g. data.loader_workers (each loader process shuffles and augments with its own seed) and
+# scaling.num_workers (the global batch). data_root and shard_dir say where the data is: the shards' fingerprint
+# says what it is. cpus_per_worker and gpus_per_worker are what Ray reserves per worker.
+NOT_TRAINING_FIELDS = (
+    "data.data_root", "data.download_dir", "data.shard_dir", "data.shard_workers", "data.verify_before_training",
+    "training.checkpoints_to_keep", "training.max_failures", "training.log_every_steps",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.ray_address", "scaling.ray_num_cpus",
+    "scaling.multi_node",
+    "tracking", "orchestration", "storage",
+    "sweep",  # the pipeline's trainings ignore it; a sweep's trial has its parameters set in the other sections
+)
+
+
+def training_fields(config: PipelineConfig, model_name: str) -> dict[str, Any]:
+    """What decides `model_name`'s training, as the configuration holds it (JSON types): the whole configuration,
+    with `model` this model's spec alone (another model's fields do not change it), less NOT_TRAINING_FIELDS."""
+    tree = config.model_dump(mode="json")
+    tree["model"] = config.model.spec(model_name).model_dump(mode="json")
+    for path in NOT_TRAINING_FIELDS:
+        *sections, field = path.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        del node[field]
+    return tree
+
+
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """A copy whose local paths are absolute, for processes that run elsewhere (Ray workers, flow runs)."""
     tree = config.model_dump()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import yaml
 from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
+from pydantic import BaseModel, ValidationError
 
 from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
 from flows.pipeline import (
@@ -23,7 +27,17 @@ from flows.pipeline import (
     vit_pipeline,
 )
 from flows.sweep import vit_sweep
-from tasks.config import ConfigError, build_config, load_config
+from tasks.config import (
+    NOT_TRAINING_FIELDS,
+    ConfigError,
+    PipelineConfig,
+    SearchDimension,
+    SweepConfig,
+    build_config,
+    get_dotted,
+    load_config,
+    set_dotted,
+)
 from tests.conftest import REPO_ROOT
 from tests.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
     BASELINE,
@@ -70,6 +84,95 @@ def test_a_changed_model_config_changes_only_that_models_cache_key(tmp_path, dat
     longer = before.model_copy(deep=True)
     longer.training.epochs += 1
     assert all(_train_key(before, name) != _train_key(longer, name) for name in names)
+
+
+def _fields(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, annotation) of every field of a configuration, sections walked into, list items by index."""
+    for name, info in type(section).model_fields.items():
+        value, path = getattr(section, name), f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _fields(value, f"{path}.")
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            for index, item in enumerate(value):
+                yield from _fields(item, f"{path}.{index}.")
+        else:
+            yield path, info.annotation
+
+
+def _literals(annotation: Any) -> list[Any]:
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for argument in get_args(annotation) for value in _literals(argument)]
+
+
+def _changed(config: PipelineConfig, path: str, annotation: Any, tmp_path: Path) -> PipelineConfig:
+    """`config` with the field at `path` set to another value it accepts (every other field as it was)."""
+    tree = config.model_dump(mode="json")
+    value = get_dotted(tree, path)
+    names = [spec.name for spec in config.model.all_specs()]
+    existing_file = tmp_path / "a-file"
+    existing_file.touch()
+    if isinstance(value, bool):
+        candidates: list[Any] = [not value]
+    elif isinstance(value, int):
+        candidates = [value + 1, value - 1, 2 * value]
+    elif isinstance(value, float):
+        candidates = [value / 2, value + 0.1]
+    elif isinstance(value, str):
+        candidates = [*_literals(annotation), *names, str(tmp_path), f"{value}-changed"]
+    elif isinstance(value, list):
+        candidates = [[value[0] / 2, *value[1:]]]
+    elif isinstance(value, dict):
+        candidates = [{**value, "depth": 2}]
+    else:
+        candidates = [*_literals(annotation), 64, 0.5, True, str(existing_file), str(tmp_path), "changed",
+                      "kind/changed"]
+    for candidate in candidates:
+        changed = copy.deepcopy(tree)
+        set_dotted(changed, path, candidate)
+        try:
+            result = PipelineConfig.model_validate(changed)
+        except ValidationError:
+            continue
+        if get_dotted(result.model_dump(mode="json"), path) != value:
+            return result
+    pytest.fail(f"{path}: no other value of {candidates} is accepted; teach _changed one")
+
+
+def test_the_training_cache_key_follows_every_field_a_training_reads(tmp_path, data_root):
+    """Every field of the configuration changes the key of a training, but for NOT_TRAINING_FIELDS (where and how
+    it runs, how it is reported), other models' fields, and the model's name, which the key is named by."""
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"baseline weights")
+    # Set so that every field can change alone: crop_pct needs an image size, random_resized_crop no padding,
+    # multi_node a shared file system holding the outputs.
+    config = build_config({
+        "data": {"data_root": str(data_root), "image_size": 32, "augment": {"crop_padding": 0}},
+        "tracking": {"output_dir": str(tmp_path / "runs"), "mode": "disabled"},
+        "storage": {"shared_filesystem": str(tmp_path)},
+    })
+    student = config.model.transformers[1]
+    assert student.teacher == "baseline"
+    model_path = "model.transformers.1."
+    fields = [(path, annotation) for path, annotation in _fields(config) if path != "sweep"
+              and (not path.startswith("model.") or path.startswith(model_path)) and path != f"{model_path}name"]
+    denied = {path for path, _ in fields if any(path == entry or path.startswith(f"{entry}.")
+                                                 for entry in NOT_TRAINING_FIELDS)}
+    assert {entry for entry in NOT_TRAINING_FIELDS if entry != "sweep"} <= \
+        {entry for entry in NOT_TRAINING_FIELDS for path in denied if path == entry or path.startswith(f"{entry}.")}
+    # The cache is scoped to the run name: a training is reused within runs/<run name>/, not across run names.
+    run_root = {"tracking.output_dir", "tracking.run_name"}
+    key = _train_key(config, student.name, str(teacher))
+    for path, annotation in fields:
+        changed = _train_key(_changed(config, path, annotation, tmp_path), student.name, str(teacher))
+        if path in denied and path not in run_root:
+            assert changed == key, f"{path} does not change a training, yet changes its cache key"
+        else:
+            assert changed != key, f"{path} changes the training, yet not its cache key"
+    assert len(fields) - len(denied) >= 60  # the walk saw the configuration, not an empty section
+    with_sweep = config.model_copy(update={"sweep": SweepConfig(model=student.name, parameters={
+        "training.lr": SearchDimension(loguniform=(1e-4, 1e-3))})})
+    assert _train_key(with_sweep, student.name, str(teacher)) == key
 
 
 def test_a_retrained_teacher_changes_the_students_cache_key(tmp_path, data_root):
