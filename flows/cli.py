@@ -22,6 +22,22 @@ from tasks.training.train import TrainingError
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
+# Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
+BAD_INPUT_ERRORS = (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
+                    PublishError)
+# The loggers through which Prefect reports a step's or a flow's error, traceback included.
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class _BadInputWithoutTraceback(logging.Filter):
+    """Keeps Prefect's record of a bad-input error that `run` and `sweep` report themselves, without the
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BAD_INPUT_ERRORS):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +106,7 @@ def cmd_verify_shards(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tasks.training.train import default_teacher_weights, train_model
 
-    config = _load(args, {"shards": "data.shard_dir"})
+    config = _load(args, {"shards": "data.shard_dir", "verify_shards": "data.verify_before_training"})
     model = args.model or config.model.baseline.name
     if args.pretrained_file is not None:
         config = with_pretrained_file(config, model, args.pretrained_file)
@@ -221,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pretrained-file", type=Path, metavar="PATH",
                        help="fine-tune --model from this checkpoint (.safetensors or torch state dict, any grid or "
                             "class count) instead of the one the config names")
+    train.add_argument("--verify-shards", action="store_true", default=None,
+                       help="re-read and re-hash every shard before training (data.verify_before_training); "
+                            "otherwise only the manifest and the shards' sizes are checked")
     train.set_defaults(handler=cmd_train)
 
     run = commands.add_parser("run", help="run the whole pipeline flow (shard, train, evaluate, attention, report)")
@@ -265,12 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    without_traceback = _BadInputWithoutTraceback()
+    for name in PREFECT_RUN_LOGGERS:
+        logging.getLogger(name).addFilter(without_traceback)
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
-            PublishError) as error:
+    except BAD_INPUT_ERRORS as error:
         print(f"vit-pipeline {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        for name in PREFECT_RUN_LOGGERS:
+            logging.getLogger(name).removeFilter(without_traceback)
 
 
 if __name__ == "__main__":

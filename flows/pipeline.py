@@ -6,9 +6,11 @@
 
 Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
 runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
-cached by what decides them, so every flow run reuses them while the data stays the same. Trainings run
+cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
+per shard set (a training checks their sizes only). Trainings run
 again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
-model config, recipe, worker count, shards and teacher match a finished one is taken from the cache and
+configuration (all of it but where and how things run: tasks.config.training_fields), shards, checkpoint and
+teacher match a finished one of the same run name is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
 Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json.
 """
@@ -32,9 +34,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
-from tasks.config import ConfigError, PipelineConfig, is_url, load_config
+from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
 from tasks.data.samples import ShardFormatError
-from tasks.data.shard import shard_from_config, verify_shards
+from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
@@ -90,16 +92,17 @@ def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Everything a training reads: its configuration (tasks.config.training_fields), the shards' fingerprint
+    and the content of every weights file it starts from or distils from."""
     config: PipelineConfig = parameters["config"]
     name = parameters["model_name"]
     teacher = parameters.get("teacher_weights")
+    spec = config.model.spec(name)
     decisive = {
-        "model": config.model.spec(name).model_dump(mode="json"),
-        "training": config.training.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json", include={"augment", "mean", "std", "shuffle_buffer"}),
-        "num_workers": config.scaling.num_workers,
+        "config": training_fields(config, name),
         "manifest": parameters["manifest_fingerprint"],
         "teacher": file_digest(Path(teacher)) if teacher else None,
+        "checkpoints": [file_digest(path) if path else None for path in (spec.pretrained_file, spec.teacher_file)],
         # The run name, not the flow run: a later flow run may reuse this training when asked to.
         "outputs": str(Path(config.run_root).absolute()),
     }
@@ -124,13 +127,22 @@ def shard_task(config: PipelineConfig, group: str) -> dict:
     return result.manifest
 
 
-@task(name="verify-shards", retry_condition_fn=_retry_transient)
-def verify_task(config: PipelineConfig) -> None:
+def verify_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """One full verification per shard set: its location, its manifest and what a listing says of every shard
+    file (size, modification time or ETag), so a shard written or touched since is verified again. Trainings
+    check only the shards' sizes (tasks.training.train)."""
+    location = parameters["config"].shard_location
+    return f"verify-{_digest(location, read_manifest(location), shard_listing(location))}"
+
+
+@task(name="verify-shards", cache_key_fn=verify_cache_key, persist_result=True, retry_condition_fn=_retry_transient)
+def verify_task(config: PipelineConfig) -> dict[str, int]:
     report = verify_shards(config.shard_location)
     if not report.ok:
         raise ShardFormatError(f"shards in {report.location} failed verification:\n  " + "\n  ".join(report.problems))
     get_run_logger().info("%s: %d shards, %d samples verified", report.location, report.shards_checked,
                           report.samples_checked)
+    return {"shards": report.shards_checked, "samples": report.samples_checked}
 
 
 # The tag carries the concurrency limit across flow runs (flows/operations.py).
@@ -336,7 +348,7 @@ def vit_pipeline(
     shard_limits = dict(timeout_seconds=options.shard_timeout_minutes * 60, **limits)
 
     manifest = shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
-    verify_task.with_options(**shard_limits)(config)
+    verify_task.with_options(result_storage=_result_storage(config), **shard_limits)(config)
 
     dashboard, slots = _connect_cluster(config)
     _links(config, dashboard)

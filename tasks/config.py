@@ -25,6 +25,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -32,7 +33,9 @@ from pydantic import (
 )
 from timm.models import model_entrypoint
 
+from tasks.data.sources import CIFAR10_SIDE
 from vitmodels import CIFAR10_MEAN, CIFAR10_STD
+from vitmodels.factory import input_size_kwargs
 
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -205,11 +208,16 @@ class DataConfig(_Section):
     # How images are resized (RandomResizedCrop, the training resize and the evaluation resize).
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     shard_workers: PositiveInt = 2
+    # Re-read and re-hash every shard before each training (`vit-pipeline train --verify-shards`). Without it a
+    # training checks the manifest and each shard's size only: the flow's verify step re-hashes each shard set
+    # once, and `vit-pipeline verify-shards` does on demand.
+    verify_before_training: bool = False
     shuffle_seed: int | None = 0
     # Images held out of the source's training split for validation, stratified by class: a count, or a
     # fraction of the training split. Checkpoints are chosen on it; the test split is scored once, by evaluate.
-    # A source with a `val` split of its own (ImageFolder) keeps that one instead.
-    val_size: PositiveInt | Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    # A source with a `val` split of its own (ImageFolder) keeps that one instead. A hold-out that leaves fewer
+    # images to train on than to validate on is refused: a fraction above 0.5 here, a count when sharding.
+    val_size: PositiveInt | Annotated[float, Field(gt=0.0, le=0.5)] = 0.1
     split_seed: int = 0
     loader_workers: NonNegativeInt = 2
     shuffle_buffer: PositiveInt = 10_000
@@ -264,7 +272,8 @@ class ModelSpec(_Section):
     # NHWC memory format for this model; None follows training.channels_last. It speeds up convolutional
     # nets (ResNet) and not ViTs, whose only convolution is the patch embedding (benchmarks/README.md).
     channels_last: bool | None = None
-    # Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model.
+    # Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model. The input size
+    # (img_size, and a Swin's window_size where its own does not fit) follows data.image_size by itself.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Distillation (DeiT): "baseline" means the pipeline's trained baseline checkpoint.
     teacher: str | None = None
@@ -305,9 +314,17 @@ class ModelSpec(_Section):
                              f"0.1 is DeiT's and MAE's fine-tuning rate) rather than take the architecture's default")
         return self
 
+    # The keywords that size the model for data.image_size, set when the PipelineConfig holding it is validated.
+    _input_size_kwargs: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     @property
     def is_pretrained(self) -> bool:
         return self.pretrained or self.pretrained_file is not None
+
+    @property
+    def build_kwargs(self) -> dict[str, Any]:
+        """model_kwargs with the input size the configuration's images have (see PipelineConfig)."""
+        return {**self.model_kwargs, **self._input_size_kwargs}
 
 
 class ModelConfig(_Section):
@@ -614,6 +631,35 @@ class PipelineConfig(_Section):
                              f"({self.training.batch_size}): a batch holds every copy of its images")
         return self
 
+    @model_validator(mode="after")
+    def _models_take_the_image_size(self) -> PipelineConfig:
+        """Every model is built for the images the loader hands it: data.image_size (CIFAR-10's own 32 px when
+        unset) decides img_size, and a Swin's window when its own does not tile the token grids, so the size is
+        set in one place. A model_kwargs size that disagrees, or a size a model cannot take, fails here."""
+        data = self.data
+        size = data.image_size or (CIFAR10_SIDE if data.dataset == "cifar10" else None)
+        if size is None:  # ImageFolder images at their own size, known once sharded
+            return self
+        size_field = (f"data.image_size ({size})" if data.image_size else
+                      f"data.image_size (unset: CIFAR-10's own {size} px)")
+        specs = [("model.baseline", self.model.baseline),
+                 *((f"model.transformers.{i}", spec) for i, spec in enumerate(self.model.transformers))]
+        problems = []
+        for path, spec in specs:
+            given = spec.model_kwargs.get("img_size")
+            if given is not None and given not in (size, [size, size], (size, size)):
+                problems.append(f"{path}.model_kwargs.img_size ({given}) differs from {size_field}, the size of "
+                                f"the images {spec.name} gets: leave img_size out, data.image_size decides it")
+                continue
+            try:
+                spec._input_size_kwargs = input_size_kwargs(spec.name, size, spec.model_kwargs)
+            except ValueError as error:
+                problems.append(f"{path} ({spec.name}) cannot take the images of {size_field}: {error}; "
+                                f"change data.image_size or {path}.model_kwargs")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
     @property
     def run_root(self) -> Path:
         """runs/<run_name>/: every flow run of this run name, and the shards they share."""
@@ -690,6 +736,35 @@ class PipelineConfig(_Section):
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
+
+
+# What only says where or how a training runs or is reported, never what it computes: left out of what identifies a
+# training (the cache key `--reuse-trainings` looks trainings up by, the model card's "config"). Everything else a
+# training reads is in, e.g. data.loader_workers (each loader process shuffles and augments with its own seed) and
+# scaling.num_workers (the global batch). data_root and shard_dir say where the data is: the shards' fingerprint
+# says what it is. cpus_per_worker and gpus_per_worker are what Ray reserves per worker.
+NOT_TRAINING_FIELDS = (
+    "data.data_root", "data.download_dir", "data.shard_dir", "data.shard_workers", "data.verify_before_training",
+    "training.checkpoints_to_keep", "training.max_failures", "training.log_every_steps",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.ray_address", "scaling.ray_num_cpus",
+    "scaling.multi_node",
+    "tracking", "orchestration", "storage",
+    "sweep",  # the pipeline's trainings ignore it; a sweep's trial has its parameters set in the other sections
+)
+
+
+def training_fields(config: PipelineConfig, model_name: str) -> dict[str, Any]:
+    """What decides `model_name`'s training, as the configuration holds it (JSON types): the whole configuration,
+    with `model` this model's spec alone (another model's fields do not change it), less NOT_TRAINING_FIELDS."""
+    tree = config.model_dump(mode="json")
+    tree["model"] = config.model.spec(model_name).model_dump(mode="json")
+    for path in NOT_TRAINING_FIELDS:
+        *sections, field = path.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        del node[field]
+    return tree
 
 
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:

@@ -1,6 +1,11 @@
 """Pretrained-cfg presets for our registrations and create_model, the one entry point for any timm name."""
+import functools
+import inspect
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -86,6 +91,78 @@ def create_model(name: str, num_classes: int | None = None, pretrained_file: str
     report = load_pretrained(model, state_dict)
     log.info("%s from %s: %s", name, pretrained_file, report.summary())
     return model
+
+
+def input_size_kwargs(name: str, image_size: int, model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The create_model keywords that make `name` (built with `model_kwargs`) take square images of image_size px.
+
+    A model of any input size (a ResNet: its pretrained cfg says fixed_input_size false) takes none, nor does one
+    whose preset is that size already. Others (ViT, DeiT, Swin) take img_size; a Swin whose window does not tile
+    every stage's token grid at that size takes the largest smaller window that does (a window model_kwargs sets
+    is kept). load_pretrained resamples a checkpoint's position embeddings and Swin tables to what is built.
+    The model is built and run on the meta device (no memory, no arithmetic) to prove it takes the images.
+
+    Raises:
+        ValueError: saying why no keywords fit (no whole number of patches, no window that tiles the grids, a
+            stage that cannot halve its grid).
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    given = dict(model_kwargs or {})
+    if cfg is not None and (not cfg.fixed_input_size or (cfg.input_size[-1] == image_size and not
+                                                          {"img_size", "window_size"} & given.keys())):
+        return {}
+    return dict(_fitting_size_kwargs(name, image_size, json.dumps(given, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=256)
+def _fitting_size_kwargs(name: str, image_size: int, model_kwargs_json: str) -> tuple[tuple[str, Any], ...]:
+    """input_size_kwargs's search, cached: configurations are validated many times over (sweeps, Ray workers)."""
+    given = json.loads(model_kwargs_json)
+    size = {"img_size": image_size}
+    model = _built_on_meta(name, {**given, **size})
+    if model is None and "window_size" in given:
+        raise ValueError(f"window_size {given['window_size']} does not tile every stage's token grid at "
+                         f"{image_size} px")
+    if model is None:
+        window = _preset_window(name, given)
+        for candidate in range(window - 1, 1, -1):
+            size = {"img_size": image_size, "window_size": candidate}
+            if (model := _built_on_meta(name, {**given, **size})) is not None:
+                break
+        else:
+            raise ValueError(f"no window size from its {window} down to 2 tiles every stage's token grid at "
+                             f"{image_size} px")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and image_size % patch[0]:
+        raise ValueError(f"{image_size} px is no whole number of its {patch[0]} px patches")
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size))
+    except RuntimeError as error:
+        raise ValueError(f"it cannot run on {image_size} px images ({str(error).splitlines()[0]})") from None
+    return tuple(size.items())
+
+
+def _built_on_meta(name: str, kwargs: Mapping[str, Any]) -> torch.nn.Module | None:
+    """The model on the meta device, or None when its windows do not tile its token grids (vitmodels' Swin
+    refuses them when built)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, **kwargs)
+    except ValueError as error:
+        if "window" in str(error):
+            return None
+        raise
+
+
+def _preset_window(name: str, model_kwargs: Mapping[str, Any]) -> int:
+    """The window side of a windowed model (Swin) at its preset size."""
+    with torch.device("meta"):
+        model = timm.create_model(name, **model_kwargs)
+    if "window_size" not in inspect.signature(type(model)).parameters:
+        raise ValueError(f"{type(model).__name__} refused its windows but takes no window_size")
+    window: tuple[int, int] = model.get_submodule("layers.0.blocks.0").window_size  # type: ignore[assignment]
+    return window[0]
 
 
 # the files timm's Hugging Face repositories hold weights in, preferred first

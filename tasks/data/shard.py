@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# What a file listing says about a file without reading it, where the store says it: local files their size and
+# modification time, object stores their size, LastModified and ETag.
+FILE_IDENTITY_KEYS = ("size", "mtime", "LastModified", "ETag")
 MANIFEST_VERSION = 2  # 2: a validation split held out of the training split
 VAL_SPLIT = "val"
 HOLDOUT_SOURCE_SPLIT = "train"
@@ -87,6 +90,20 @@ def holdout_count(val_size: int | float, total: int) -> int:
     return max(1, round(val_size * total)) if isinstance(val_size, float) else int(val_size)
 
 
+def check_holdout(val_size: int | float, count: int, dataset: str, total: int) -> None:
+    """Refuse a hold-out that leaves fewer images to train on than to validate on: a count meant for a larger
+    source (5,000 of CIFAR-10's 50,000) would otherwise swallow a smaller one's training split without a word."""
+    kept = total - count
+    if kept >= count:
+        return
+    fraction = holdout_count(0.1, total)
+    raise SourceError(
+        f"data.val_size {val_size} holds out {count} of the {total} training images of this {dataset} source, "
+        f"leaving {kept} to train on, fewer than the {count} it validates on; give a fraction of the training "
+        f"split (0.1 holds out {fraction}) or a count of at most {total // 2}"
+    )
+
+
 def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """Sorted indices of `count` samples drawn per class in proportion to the class's size.
 
@@ -121,7 +138,9 @@ def output_splits(source: Source, options: ShardOptions) -> list[OutputSplit]:
         raise SourceError(f"data.val_size needs a {HOLDOUT_SOURCE_SPLIT!r} split to hold images out of; "
                           f"the source has {sorted(source.splits)}")
     train = source.splits[HOLDOUT_SOURCE_SPLIT]
-    held_out = stratified_holdout(train.labels, holdout_count(options.val_size, len(train)), options.split_seed)
+    count = holdout_count(options.val_size, len(train))
+    check_holdout(options.val_size, count, source.dataset, len(train))
+    held_out = stratified_holdout(train.labels, count, options.split_seed)
     kept = np.setdiff1d(np.arange(len(train)), held_out, assume_unique=True)
     replaced = [s for s in splits if s.name != HOLDOUT_SOURCE_SPLIT]
     return [OutputSplit(HOLDOUT_SOURCE_SPLIT, HOLDOUT_SOURCE_SPLIT, kept),
@@ -476,6 +495,44 @@ def _check_shard(
     if count != expected["num_samples"]:
         problems.append(f"{name}: holds {count} samples, manifest says {expected['num_samples']}")
     return problems, count, class_counts
+
+
+def shard_listing(location: str) -> dict[str, dict]:
+    """Every shard file in `location`, name -> what one listing says of it (FILE_IDENTITY_KEYS); nothing is read.
+
+    A shard rewritten or touched since shows another modification time (or ETag)."""
+    fs, root = fsspec.core.url_to_fs(location)
+    fs.invalidate_cache(root)  # object stores cache listings; a shard replaced since must show
+    if not fs.exists(root):
+        return {}
+    files = [entry for entry in fs.ls(root, detail=True) if entry["type"] == "file" and entry["name"].endswith(".tar")]
+    return {entry["name"].rsplit("/", 1)[-1]: {key: entry[key] for key in FILE_IDENTITY_KEYS if key in entry}
+            for entry in files}
+
+
+def check_shard_sizes(location: str) -> VerifyReport:
+    """The cheap check before a training: the manifest is there, every shard it lists is there at the size it
+    records, and no other shard is, from one listing of the directory. No shard is read: verify_shards re-reads
+    and re-hashes them all, once per shard set (the flow's verify step, `vit-pipeline verify-shards`)."""
+    report = VerifyReport(location)
+    manifest = read_manifest(location)
+    if manifest is None:
+        report.problems.append(f"{_join(location, MANIFEST_NAME)}: missing")
+        return report
+    listing = shard_listing(location)
+    listed = set()
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            name = shard["name"]
+            listed.add(name)
+            if name not in listing:
+                report.problems.append(f"{name}: missing")
+            elif listing[name]["size"] != shard["bytes"]:
+                report.problems.append(f"{name}: size is {listing[name]['size']} bytes, manifest says {shard['bytes']}")
+            else:
+                report.shards_checked += 1
+    report.problems.extend(f"{name}: unknown shard, not in the manifest" for name in sorted(listing.keys() - listed))
+    return report
 
 
 def verify_shards(location: str) -> VerifyReport:

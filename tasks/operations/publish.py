@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import read_manifest
 from tasks.judging.evaluate import read_evaluation
 from tasks.operations.alerts import alert
@@ -124,8 +124,6 @@ def decide(card: dict, registered: dict | None, margin: float) -> Decision:
 
 def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Path) -> dict:
     """The artifact's metadata: what the model is, what it was trained on, how it scored, where its report is."""
-    spec = config.model.spec(record["model"])
-    data = config.data
     return {
         "model": record["model"],
         "role": record.get("role"),
@@ -151,13 +149,7 @@ def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Pa
         "device_hours": record.get("device_hours"),
         "weights_sha256": file_digest(weights),
         "report": _report_link(config),
-        "config": {
-            "model": spec.model_dump(mode="json"),
-            "training": config.training.model_dump(mode="json"),
-            "data": data.model_dump(mode="json", include={"dataset", "val_size", "split_seed", "shuffle_seed",
-                                                          "image_size", "mean", "std", "augment"}),
-            "num_workers": config.scaling.num_workers,
-        },
+        "config": training_fields(config, record["model"]),
     }
 
 

@@ -45,7 +45,7 @@ def build_model(spec: ModelSpec, num_classes: int) -> nn.Module:
         pretrained=spec.pretrained,
         pretrained_file=spec.pretrained_file,
         **regularisers,
-        **spec.model_kwargs,
+        **spec.build_kwargs,
     )
 
 

@@ -28,7 +28,7 @@ from tasks.config import (
 )
 from tasks.data.loader import batches_per_rank
 from tasks.data.samples import ShardFormatError
-from tasks.data.shard import require_manifest, verify_shards
+from tasks.data.shard import check_shard_sizes, require_manifest, verify_shards
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import start_wandb_run
 from tasks.training.checkpoints import (
@@ -276,9 +276,9 @@ def alert_nonfinite_loss(config: PipelineConfig, model_name: str, error: Trainin
 
 
 def _check_before_start(config: PipelineConfig, location: str) -> None:
-    """What can be found wrong before a single worker starts: bad shards, no validation split, an EMA
-    that the run is too short for."""
-    report = verify_shards(location)
+    """What can be found wrong before a single worker starts: missing or resized shards (every shard re-hashed
+    with data.verify_before_training), no validation split, an EMA that the run is too short for."""
+    report = verify_shards(location) if config.data.verify_before_training else check_shard_sizes(location)
     if not report.ok:
         raise TrainingError(f"refusing to train on bad shards in {location}:\n  " + "\n  ".join(report.problems),
                             retryable=False)

@@ -11,9 +11,17 @@ from PIL import Image
 
 from flows.cli import main as cli
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
-from tasks.data.shard import MANIFEST_NAME, ShardOptions, read_manifest, shard_dataset, verify_shards
+from tasks.data.shard import (
+    MANIFEST_NAME,
+    ShardOptions,
+    check_holdout,
+    check_shard_sizes,
+    read_manifest,
+    shard_dataset,
+    verify_shards,
+)
 from tasks.data.sources import SourceError, read_cifar10, read_imagefolder
-from tests.conftest import SUBSET_TEST, SUBSET_TRAIN
+from tests.conftest import REPO_ROOT, SUBSET_TEST, SUBSET_TRAIN
 from tests.support.source_files import PIXELS_PER_IMAGE, valid_batch, write_cifar_dir, write_unusable_entry
 
 
@@ -155,6 +163,19 @@ def test_verify_catches_missing_and_extra_shard(shard_copy, capsys):
     (shard_copy / "train-000001.tar").rename(shard_copy / "train-000099.tar")
     _assert_verify_fails(shard_copy, "train-000001.tar", "missing", capsys)
     _assert_verify_fails(shard_copy, "train-000099.tar", "unknown shard", capsys)
+
+
+def test_the_size_check_names_missing_resized_and_unknown_shards_without_reading_any(shard_copy):
+    assert check_shard_sizes(str(shard_copy)).ok and check_shard_sizes(str(shard_copy)).shards_checked == 8
+    recorded = read_manifest(str(shard_copy))["splits"]["train"]["shards"][2]["bytes"]
+    with open(shard_copy / "train-000002.tar", "r+b") as shard:
+        shard.truncate(4096)
+    (shard_copy / "train-000001.tar").rename(shard_copy / "train-000099.tar")
+    assert check_shard_sizes(str(shard_copy)).problems == [
+        "train-000001.tar: missing", f"train-000002.tar: size is 4096 bytes, manifest says {recorded}",
+        "train-000099.tar: unknown shard, not in the manifest"]
+    (shard_copy / MANIFEST_NAME).unlink()
+    assert check_shard_sizes(str(shard_copy)).problems == [f"{shard_copy / MANIFEST_NAME}: missing"]
 
 
 def test_verify_catches_duplicate_key_and_missing_manifest(shard_copy, capsys, tmp_path):
@@ -417,6 +438,28 @@ def test_validation_split_is_held_out_of_train_stratified_seeded_and_recorded(va
     labels = cifar_source.splits["train"].labels
     assert np.array_equal(stratified_holdout(labels, 500, seed=0), stratified_holdout(labels, 500, seed=0))
     assert not np.array_equal(stratified_holdout(labels, 500, seed=0), stratified_holdout(labels, 500, seed=1))
-    with pytest.raises(SourceError, match="data.val_size asks for 5085 validation images"):
+    with pytest.raises(SourceError, match="data.val_size 5085 holds out 5085 of the 5085 training images"):
         shard_dataset("cifar10", data_root, str(tmp_path / "all"), ShardOptions(shard_size=5000, val_size=5085),
                       progress=False)
+
+
+def test_the_shipped_hold_out_fits_the_subset_and_one_that_swallows_its_training_split_is_refused(
+        tmp_path, data_root, capsys):
+    """configs/cifar10.yaml holds out a tenth: 508 of the subset's 5,085 training images. A count meant for full
+    CIFAR-10 (5,000) would leave 85 to train on: refused by name, before anything is written."""
+    shipped = ["-q", "shard", "--config", str(REPO_ROOT / "configs" / "cifar10.yaml"), "--data-root", str(data_root),
+               "--workers", "1"]
+    assert cli([*shipped, "--out", str(tmp_path / "shipped")]) == 0
+    splits = read_manifest(str(tmp_path / "shipped"))["splits"]
+    assert (splits["val"]["num_samples"], splits["train"]["num_samples"]) == (508, SUBSET_TRAIN - 508)
+
+    swallowed = tmp_path / "swallowed"
+    _assert_refused_by_cli(["--config", str(REPO_ROOT / "configs" / "cifar10.yaml"), "--data-root", str(data_root),
+                            "--set", "data.val_size=5000"], swallowed,
+                           ["data.val_size 5000", "5000 of the 5085 training images", "leaving 85 to train on"],
+                           capsys)
+    assert read_manifest(str(swallowed)) is None
+    # Half and half is the most a hold-out may take.
+    check_holdout(SUBSET_TRAIN // 2, SUBSET_TRAIN // 2, "cifar10", SUBSET_TRAIN)
+    with pytest.raises(SourceError, match=f"leaving {SUBSET_TRAIN // 2} to train on"):
+        check_holdout(SUBSET_TRAIN // 2 + 1, SUBSET_TRAIN // 2 + 1, "cifar10", SUBSET_TRAIN)

@@ -2,7 +2,7 @@
 
 
 from tasks.data.loader import ShardStream
-from tasks.data.shard import ShardOptions, read_manifest, shard_dataset, verify_shards
+from tasks.data.shard import ShardOptions, check_shard_sizes, read_manifest, shard_dataset, shard_listing, verify_shards
 from tests.conftest import SUBSET_TEST
 
 
@@ -13,6 +13,8 @@ def test_shard_verify_and_stream_on_s3(s3_bucket, data_root):
     manifest = read_manifest(s3_bucket)
     assert manifest["splits"]["test"]["num_samples"] == SUBSET_TEST
     assert verify_shards(s3_bucket).ok
+    assert check_shard_sizes(s3_bucket).shards_checked == 3 and check_shard_sizes(s3_bucket).ok
+    assert all({"size", "ETag"} <= set(identity) for identity in shard_listing(s3_bucket).values())
     again = shard_dataset("cifar10", data_root, s3_bucket, ShardOptions(shard_size=3000, workers=1), progress=False)
     assert again.skipped
     stream = ShardStream(s3_bucket, "test", 256, train=False)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import yaml
 from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
+from pydantic import BaseModel, ValidationError
 
 from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
 from flows.pipeline import (
@@ -23,7 +27,17 @@ from flows.pipeline import (
     vit_pipeline,
 )
 from flows.sweep import vit_sweep
-from tasks.config import ConfigError, build_config, load_config
+from tasks.config import (
+    NOT_TRAINING_FIELDS,
+    ConfigError,
+    PipelineConfig,
+    SearchDimension,
+    SweepConfig,
+    build_config,
+    get_dotted,
+    load_config,
+    set_dotted,
+)
 from tests.conftest import REPO_ROOT
 from tests.support.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
     BASELINE,
@@ -68,6 +82,96 @@ def test_a_changed_model_config_changes_only_that_models_cache_key(tmp_path, dat
     longer = before.model_copy(deep=True)
     longer.training.epochs += 1
     assert all(_train_key(before, name) != _train_key(longer, name) for name in names)
+
+
+def _fields(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, annotation) of every field of a configuration, sections walked into, list items by index."""
+    for name, info in type(section).model_fields.items():
+        value, path = getattr(section, name), f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _fields(value, f"{path}.")
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            for index, item in enumerate(value):
+                yield from _fields(item, f"{path}.{index}.")
+        else:
+            yield path, info.annotation
+
+
+def _literals(annotation: Any) -> list[Any]:
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for argument in get_args(annotation) for value in _literals(argument)]
+
+
+def _changed(config: PipelineConfig, path: str, annotation: Any, tmp_path: Path) -> PipelineConfig:
+    """`config` with the field at `path` set to another value it accepts (every other field as it was)."""
+    tree = config.model_dump(mode="json")
+    value = get_dotted(tree, path)
+    names = [spec.name for spec in config.model.all_specs()]
+    existing_file = tmp_path / "a-file"
+    existing_file.touch()
+    if isinstance(value, bool):
+        candidates: list[Any] = [not value]
+    elif isinstance(value, int):
+        candidates = [value + 1, value - 1, 2 * value]
+    elif isinstance(value, float):
+        candidates = [value / 2, value + 0.1]
+    elif isinstance(value, str):
+        # a timm RandAugment policy for data.augment.auto_augment, a string only timm's grammar accepts
+        candidates = [*_literals(annotation), *names, str(tmp_path), f"{value}-changed", "rand-m7-mstd0.5-inc1"]
+    elif isinstance(value, list):
+        candidates = [[value[0] / 2, *value[1:]]]
+    elif isinstance(value, dict):
+        candidates = [{**value, "depth": 2}]
+    else:
+        candidates = [*_literals(annotation), 64, 0.5, True, str(existing_file), str(tmp_path), "changed",
+                      "kind/changed"]
+    for candidate in candidates:
+        changed = copy.deepcopy(tree)
+        set_dotted(changed, path, candidate)
+        try:
+            result = PipelineConfig.model_validate(changed)
+        except ValidationError:
+            continue
+        if get_dotted(result.model_dump(mode="json"), path) != value:
+            return result
+    pytest.fail(f"{path}: no other value of {candidates} is accepted; teach _changed one")
+
+
+def test_the_training_cache_key_follows_every_field_a_training_reads(tmp_path, data_root):
+    """Every field of the configuration changes the key of a training, but for NOT_TRAINING_FIELDS (where and how
+    it runs, how it is reported), other models' fields, and the model's name, which the key is named by."""
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"baseline weights")
+    # Set so that every field can change alone: crop_pct needs an image size, random_resized_crop no padding,
+    # multi_node a shared file system holding the outputs.
+    config = build_config({
+        "data": {"data_root": str(data_root), "image_size": 32, "augment": {"crop_padding": 0}},
+        "tracking": {"output_dir": str(tmp_path / "runs"), "mode": "disabled"},
+        "storage": {"shared_filesystem": str(tmp_path)},
+    })
+    student = config.model.transformers[1]
+    assert student.teacher == "baseline"
+    model_path = "model.transformers.1."
+    fields = [(path, annotation) for path, annotation in _fields(config) if path != "sweep"
+              and (not path.startswith("model.") or path.startswith(model_path)) and path != f"{model_path}name"]
+    denied = {path for path, _ in fields if any(path == entry or path.startswith(f"{entry}.")
+                                                 for entry in NOT_TRAINING_FIELDS)}
+    assert {entry for entry in NOT_TRAINING_FIELDS if entry != "sweep"} <= \
+        {entry for entry in NOT_TRAINING_FIELDS for path in denied if path == entry or path.startswith(f"{entry}.")}
+    # The cache is scoped to the run name: a training is reused within runs/<run name>/, not across run names.
+    run_root = {"tracking.output_dir", "tracking.run_name"}
+    key = _train_key(config, student.name, str(teacher))
+    for path, annotation in fields:
+        changed = _train_key(_changed(config, path, annotation, tmp_path), student.name, str(teacher))
+        if path in denied and path not in run_root:
+            assert changed == key, f"{path} does not change a training, yet changes its cache key"
+        else:
+            assert changed != key, f"{path} changes the training, yet not its cache key"
+    assert len(fields) - len(denied) >= 55  # the walk saw the configuration, not an empty section
+    with_sweep = config.model_copy(update={"sweep": SweepConfig(model=student.name, parameters={
+        "training.lr": SearchDimension(loguniform=(1e-4, 1e-3))})})
+    assert _train_key(with_sweep, student.name, str(teacher)) == key
 
 
 def test_a_retrained_teacher_changes_the_students_cache_key(tmp_path, data_root):
@@ -184,6 +288,69 @@ def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards)
     assert not ray.is_initialized()
 
 
+@pytest.fixture
+def shard_reads(monkeypatch) -> list[str]:
+    """Every shard file opened for reading in this process (listings and sizes open nothing)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    reads: list[str] = []
+    opened = LocalFileSystem._open
+
+    def spy(self, path, mode="rb", *args, **kwargs):
+        if str(path).endswith(".tar"):
+            reads.append(Path(path).name)
+        return opened(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", spy)
+    return reads
+
+
+def test_a_training_checks_shard_sizes_without_reading_them_unless_asked_to_verify(
+        tmp_path, data_root, val_shards, shard_reads, monkeypatch, capsys):
+    from flows.cli import EXIT_BAD_INPUT, main
+    from tasks.data.shard import read_manifest
+    from tasks.training.train import TrainingError, train_model
+
+    def ray_would_start(config):  # every check before the workers is done by then
+        raise TrainingError("the workers would start here")
+
+    monkeypatch.setattr("tasks.training.train.ensure_ray", ray_would_start)
+    config = _config(tmp_path, data_root, model={"transformers": []})
+    config.data.shard_dir = val_shards
+    with pytest.raises(TrainingError, match="the workers would start here"):
+        train_model(config, config.model.baseline.name)
+    assert shard_reads == []
+
+    code = main(["train", "--verify-shards", "--shards", val_shards, "--set", f"data.data_root={data_root}",
+                 "--set", f"tracking.output_dir={tmp_path / 'runs'}", "--set", "tracking.mode=disabled"])
+    assert code == EXIT_BAD_INPUT and "the workers would start here" in capsys.readouterr().err
+    every_shard = [shard["name"] for split in read_manifest(val_shards)["splits"].values() for shard in split["shards"]]
+    assert sorted(shard_reads) == sorted(every_shard)
+
+
+def test_the_flow_verifies_a_shard_set_once_and_again_when_a_shard_changes(tmp_path, data_root, val_shards,
+                                                                          shard_reads):
+    import os
+
+    from flows.pipeline import _result_storage
+
+    shards = tmp_path / "shards"
+    shutil.copytree(val_shards, shards)
+    config = _config(tmp_path, data_root, storage={"results": str(tmp_path / "prefect-results")})
+    config.data.shard_dir = str(shards)
+
+    @flow
+    def verify_step():
+        return verify_task.with_options(result_storage=_result_storage(config))(config, return_state=True)
+
+    # Two flow runs, one verification.
+    assert (verify_step().name, verify_step().name) == ("Completed", "Cached")
+    shard_count = len(list(shards.glob("*.tar")))
+    assert len(shard_reads) == shard_count
+    os.utime(shards / "train-000001.tar")  # a shard written again, byte for byte
+    assert verify_step().name == "Completed" and len(shard_reads) == 2 * shard_count
+
+
 # ------------------------------------------------------------------ trainings: order, slots, reuse
 
 
@@ -266,6 +433,33 @@ def test_every_flow_run_gets_its_own_directory_and_a_finished_one_is_never_conti
     assert record["finished"] is True and record["flow_run_id"] == "0a1b2c3d-0000"
     # A retry of the same flow run (same id) is the same directory: its trainings resume there.
     assert claim_run_directory(config, "9f8e7d6c-0000", "crimson-fox").config.run_dir == manual.config.run_dir
+
+
+def test_run_refuses_a_hold_out_that_swallows_the_training_split_by_name(tmp_path, data_root, capsys):
+    """`vit-pipeline run` on the subset with full CIFAR-10's 5,000-image hold-out: exit 2, the error named once,
+    and Prefect's record of the failed flow run without a traceback."""
+    import logging
+
+    from flows.cli import EXIT_BAD_INPUT, main
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    flow_runs.addHandler(handler)
+    try:
+        code = main(["-q", "run", "--set", f"data.data_root={data_root}", "--set", "data.val_size=5000",
+                     "--set", "data.shard_workers=1", "--set", f"tracking.output_dir={tmp_path / 'runs'}",
+                     "--set", "tracking.mode=disabled"])
+    finally:
+        flow_runs.removeHandler(handler)
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "vit-pipeline run: error: data.val_size 5000 holds out 5000 of the 5085 training images" in err
+    assert "leaving 85 to train on" in err and "Traceback" not in err
+    failures = [record for record in records if record.levelno >= logging.ERROR]
+    assert failures and not any(record.exc_info for record in failures)
+    assert not list((tmp_path / "runs").glob("*/shards/*.tar"))
 
 
 def test_bad_run_directories_are_refused_by_the_cli(capsys):

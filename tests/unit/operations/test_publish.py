@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks.config import ConfigError, build_config
+from tasks.config import ConfigError, build_config, training_fields
 from tasks.operations.publish import (
     BEST_ALIAS,
     LATEST_ALIAS,
@@ -92,6 +92,7 @@ def test_offline_the_plan_is_written_with_each_models_card(evaluated_run, capsys
     assert card["val_split_sha256"] == split_sha256(MANIFEST, "val") != card["test_split_sha256"]
     assert (card["test_top1"], card["val_top1"], card["best_epoch"], card["flow_run"]) == (0.75, 0.76, 2, "weekly-2")
     assert card["config"]["model"]["name"] == VIT and card["config"]["training"]["epochs"] == config.training.epochs
+    assert card["config"] == training_fields(config, VIT)  # what a training's cache key hashes (flows/pipeline.py)
     assert card["report"]["file"] == "report/report.html" and card["report"]["wandb_run"].startswith("weekly-2-report")
     assert "Test top-1 0.7500" in vit["description"] and "epoch 2 of 3, chosen on validation" in vit["description"]
 
