@@ -29,7 +29,7 @@ from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 
 from tasks.config import DataConfig, load_config
-from tasks.data import augment
+from tasks.data import auto_augment as augment
 from tasks.data.sources import read_cifar10
 
 from harness import let_timm_posterize_to_no_bits, sync

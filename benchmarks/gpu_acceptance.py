@@ -63,7 +63,7 @@ import yaml
 from torch import nn
 
 from tasks.config import PipelineConfig, build_config, set_dotted
-from tasks.data.augment import AugmentPlan, BatchAugmenter, BatchEraser, BatchMixer, EvalResize, MixDraw, OpRound
+from tasks.data.auto_augment import AugmentPlan, BatchAugmenter, BatchEraser, BatchMixer, EvalResize, MixDraw, OpRound
 from tasks.data.loader import ShardStream, normalize
 from tasks.data.shard import ShardOptions, require_manifest, write_shards
 from tasks.data.sources import Source, SplitSource, read_cifar10

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tasks.config import PipelineConfig
-from tasks.data.augment import BatchAugmenter, BatchEraser, BatchMixer, EvalResize
+from tasks.data.auto_augment import BatchAugmenter, BatchEraser, BatchMixer, EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.data.shard import read_manifest
 from tasks.operations.tracking import (

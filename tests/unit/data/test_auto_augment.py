@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import RandomResizedCrop, v2
 
 from tasks.config import AugmentConfig, ConfigError, build_config, parse_rand_augment
-from tasks.data.augment import (
+from tasks.data.auto_augment import (
     ERASING_AREA,
     GEOMETRIC_OPS,
     RAND_AUGMENT_INCREASING_OPS,
