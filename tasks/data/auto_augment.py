@@ -1,19 +1,13 @@
-"""Batched training augmentation that runs where the images are: loader workers (CPU) or the training device.
+"""RandAugment as timm defines it, batched: the policy's op sets, timm's level functions and PIL's ops.
 
-`BatchAugmenter` turns a uint8 N x C x H x W batch into an augmented one of the same dtype: pad-and-crop
-and horizontal flips as one gather (or RandomResizedCrop and flips as one grid_sample), then RandAugment as
-timm defines it (`data.augment.auto_augment`, e.g. DeiT's "rand-m9-mstd0.5-inc1": timm's op set, level
-scale, magnitude noise, per-op probability and random signs, and PIL's definition of every op), applied op
-by op to the images that drew it instead of image by image, and a resize to the training resolution.
-`EvalResize` is evaluation's resize and centre crop. `BatchEraser` does random erasing on normalised
-batches, `BatchMixer` timm's Mixup/CutMix on float batches of any size, odd ones and 1 included.
-
-Both draw every random choice on the host (a CPU `torch.Generator`, a NumPy `Generator`) and send the
-device only index and parameter tensors, copied with `non_blocking=True` from pinned memory. How many images
-took which op is therefore known on the host, so nothing here reads a device tensor back: no `.item()`,
-`.tolist()` or `nonzero()` of device data and no boolean-mask indexing with a data-dependent shape. On CUDA a
-batch is queued without waiting for the GPU. (tests/unit/data/test_augment.py runs both on the meta device, which has
-no values to read, and fails on blocking host-to-device copies.)
+`BatchRandAugment` carries out a timm RandAugment string (`data.augment.auto_augment`, e.g. DeiT's
+"rand-m9-mstd0.5-inc1"; tasks/config.py parses it into a `RandAugmentPolicy`) on uint8 N x C x H x W batches:
+timm's op sets (`RAND_AUGMENT_OPS`, `RAND_AUGMENT_INCREASING_OPS`), its level scale, magnitude noise,
+per-op probability and random signs (`OpRound`, one per round, drawn on the host), the arguments timm's
+level functions make of the levels (`op_arguments`, `op_parameters`), and PIL's definition of every op,
+applied op by op to the images that drew it instead of image by image: per-image factors, thresholds and
+masks for the colour and pixel ops, lookup tables for AutoContrast and Equalize, and one resampling per
+group of geometric ops with PIL's matrices (`pil_affine`) and PIL's bicubic kernel (`_pil_bicubic`).
 """
 
 from __future__ import annotations
@@ -24,12 +18,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as nnf
-import torchvision.transforms.v2.functional as tvf
 
-from tasks.config import RAND_AUGMENT_LEVELS, AugmentConfig, DataConfig, RandAugmentPolicy
+from tasks.config import RAND_AUGMENT_LEVELS, RandAugmentPolicy
+from tasks.data.host_to_device import pinned_to
 from vitmodels import CIFAR10_MEAN
 
 # timm's RandAugment op sets, in timm's order (timm.data.auto_augment._RAND_TRANSFORMS and
@@ -60,16 +53,9 @@ _ROTATE = range(IMPLEMENTATIONS.index("Rotate"), IMPLEMENTATIONS.index("Rotate")
 GEOMETRIC_OPS = frozenset(IMPLEMENTATIONS[_ALONG_X.start : _ROTATE.stop])
 # Per-image parameters travel as rows of this many float32: a 3x2 affine matrix is the widest.
 _PARAMS = 6
-_INTERPOLATION = {"bilinear": tvf.InterpolationMode.BILINEAR, "bicubic": tvf.InterpolationMode.BICUBIC}
 # Added before the geometric ops truncate to integers as PIL does: float32 grids land a hair off the pixel
 # centres PIL's double-precision ones hit, which would otherwise turn an exact v into v - 1.
 _TRUNCATION_SLACK = 1e-3
-# Tries per image for a RandomResizedCrop box (torchvision) and a random-erasing box (timm) before giving up.
-RRC_ATTEMPTS = 10
-ERASING_ATTEMPTS = 10
-# timm's RandomErasing defaults: the erased share of the image area and the box's aspect ratio range.
-ERASING_AREA = (0.02, 1 / 3)
-ERASING_MIN_ASPECT = 0.3
 
 
 def rand_augment_ops(policy: RandAugmentPolicy) -> tuple[str, ...]:
@@ -186,32 +172,7 @@ class OpRound:
     negative: torch.Tensor
 
 
-@dataclass(frozen=True)
-class AugmentPlan:
-    """Every random choice for one batch, drawn on the host; `BatchAugmenter.apply` carries it out."""
-
-    crop_offsets: torch.Tensor | None  # N x 2 (dy, dx) in 0..2*padding, int64
-    flips: torch.Tensor | None  # N, bool
-    rounds: list[OpRound]
-    # RandomResizedCrop boxes, N x 4 (top, left, height, width) in source pixels, int64; replaces crop_offsets.
-    crops: torch.Tensor | None = None
-
-
-def _pinned_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without making the host wait: pinned memory, non-blocking copy."""
-    if device.type == "cpu":
-        return tensor
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def _require_host_generator(generator: torch.Generator, user: str) -> None:
-    if generator.device.type != "cpu":
-        raise ValueError(f"{user} draws on the host: pass a CPU torch.Generator, not one on {generator.device}")
-
-
-def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+def to_uint8(values: torch.Tensor) -> torch.Tensor:
     """Float pixel values -> uint8, clamped to [0, 255] and truncated as PIL's and torchvision's casts do.
     Through int16, which is the same for values in range and several times faster on CPU than the direct cast."""
     return values.clamp_(0, 255).to(torch.int16).to(torch.uint8)
@@ -227,7 +188,7 @@ def _blend(degenerate: torch.Tensor, images: torch.Tensor, factors: torch.Tensor
     """PIL's Image.blend(degenerate, images, factor) per image, the core of ImageEnhance: degenerate +
     factor * (images - degenerate) in float32 (PIL's float alpha, the same two roundings), clipped and
     truncated to uint8. `degenerate` is float and broadcasts against the images."""
-    return _to_uint8(images.float().sub_(degenerate).mul_(factors.view(-1, 1, 1, 1)).add_(degenerate))
+    return to_uint8(images.float().sub_(degenerate).mul_(factors.view(-1, 1, 1, 1)).add_(degenerate))
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -259,7 +220,7 @@ def _identity(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def _brightness(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     # Blending with black: 0 + factor * (images - 0).
-    return _to_uint8(images.float().mul_(params[:, 0].view(-1, 1, 1, 1)))
+    return to_uint8(images.float().mul_(params[:, 0].view(-1, 1, 1, 1)))
 
 
 def _color(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -287,7 +248,7 @@ def _sharpness(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     inner = output[..., 1:-1, 1:-1]
     smoothed = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(inner, alpha=4).div_(13).round_()
     inner.sub_(smoothed).mul_(params[:, 0].view(-1, 1, 1, 1)).add_(smoothed)
-    return _to_uint8(output)
+    return to_uint8(output)
 
 
 def _invert(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -345,147 +306,35 @@ def _equalize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return table.view(-1).index_select(0, bins.view(-1)).view_as(images)
 
 
+class BatchRandAugment:
+    """RandAugment as timm's rand_augment_transform does it for a policy, on uint8 N x C x H x W batches on any
+    device, without a loop over images.
 
+    `draw` makes the policy's n rounds for a batch on the host: in each, every image draws one op of timm's
+    set uniformly, applies it with probability p, at a level drawn from N(m, mstd) clipped to [0, mmax] and
+    turned into the op's argument by timm's level function, with a random sign for the signed ops.
 
-def draw_resized_crops(count: int, height: int, width: int, *, scale: tuple[float, float],
-                       ratio: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
-    """N x 4 int64 boxes (top, left, height, width): torchvision's RandomResizedCrop.get_params for N images at
-    once. Each image gets up to RRC_ATTEMPTS tries of an area share uniform in `scale` and an aspect ratio
-    (width / height) log-uniform in `ratio`, and keeps the first box that fits, at a uniform position; when none
-    fits, the centred box of the whole image clamped to the ratio range."""
-    shares = torch.empty(count, RRC_ATTEMPTS).uniform_(scale[0], scale[1], generator=generator)
-    log_ratios = torch.empty(count, RRC_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                           generator=generator)
-    target_area, aspect = shares * (height * width), log_ratios.exp()
-    crop_widths = (target_area * aspect).sqrt().round().long()
-    crop_heights = (target_area / aspect).sqrt().round().long()
-    fits = (crop_widths > 0) & (crop_widths <= width) & (crop_heights > 0) & (crop_heights <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (any try when none does)
-    found = fits.any(dim=1)
-    image_ratio = width / height
-    fallback_width, fallback_height = width, height
-    if image_ratio < ratio[0]:
-        fallback_height = int(round(width / ratio[0]))
-    elif image_ratio > ratio[1]:
-        fallback_width = int(round(height * ratio[1]))
-    crop_heights = torch.where(found, crop_heights.gather(1, first).squeeze(1), fallback_height)
-    crop_widths = torch.where(found, crop_widths.gather(1, first).squeeze(1), fallback_width)
-    position = torch.rand(count, 2, generator=generator)
-    top = torch.where(found, (position[:, 0] * (height - crop_heights + 1)).long(), (height - crop_heights) // 2)
-    left = torch.where(found, (position[:, 1] * (width - crop_widths + 1)).long(), (width - crop_widths) // 2)
-    return torch.stack([top, left, crop_heights, crop_widths], dim=1)
-
-
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, *, flips: torch.Tensor | None = None,
-                  interpolation: str = "bicubic") -> torch.Tensor:
-    """Each image's box (host N x 4 top, left, height, width) resized to size x size, mirrored where `flips`
-    says: one affine grid_sample for the batch, uint8 in and out.
-
-    Output pixel centres are spread evenly over the box as a resize of the crop spaces them (align_corners
-    False); the first and last half pixel sample the image beside the box instead of repeating its edge.
-    No antialiasing: RandomResizedCrop enlarges, except for boxes larger than the output."""
-    count, channels, height, width = images.shape
-    top, left, box_height, box_width = boxes.double().unbind(dim=1)
-    # grid = theta @ (u, v, 1) maps output coordinates in [-1, 1] to input coordinates in [-1, 1].
-    scale_x, scale_y = box_width / width, box_height / height
-    if flips is not None:
-        scale_x = torch.where(flips, -scale_x, scale_x)
-    theta = torch.zeros(count, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0], theta[:, 0, 2] = scale_x, (2 * left + box_width) / width - 1
-    theta[:, 1, 1], theta[:, 1, 2] = scale_y, (2 * top + box_height) / height - 1
-    theta = _pinned_to(theta.float(), images.device)
-    grid = nnf.affine_grid(theta, [count, channels, size, size], align_corners=False)
-    sampled = nnf.grid_sample(images.float(), grid, mode=interpolation, padding_mode="border", align_corners=False)
-    return _to_uint8(sampled.round_())
-
-
-def resize_center_crop(images: torch.Tensor, size: int, *, crop_pct: float = 1.0,
-                       interpolation: str = "bicubic") -> torch.Tensor:
-    """timm's evaluation transform on a uint8 batch: the shorter side resized to floor(size / crop_pct)
-    (torchvision's resize, antialiased when shrinking), then the centre size x size. crop_pct 1.0 on square
-    images is a plain resize; a batch already at size x size is returned as it is."""
-    height, width = images.shape[-2:]
-    if (height, width) == (size, size) and crop_pct == 1.0:
-        return images
-    scale_size = math.floor(size / crop_pct)
-    if height <= width:
-        new_height, new_width = scale_size, int(scale_size * width / height)
-    else:
-        new_height, new_width = int(scale_size * height / width), scale_size
-    if (new_height, new_width) != (height, width):
-        images = tvf.resize(images, [new_height, new_width], interpolation=_INTERPOLATION[interpolation],
-                            antialias=True)
-    top, left = int(round((new_height - size) / 2)), int(round((new_width - size) / 2))
-    return images[..., top : top + size, left : left + size].contiguous()
-
-
-@dataclass(frozen=True)
-class EvalResize:
-    """Evaluation's view of a uint8 batch (validation, test, attention maps): `resize_center_crop` to
-    data.image_size with data.crop_pct; nothing to do when image_size is None or already the batch's."""
-
-    size: int | None
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
-
-    @classmethod
-    def from_config(cls, data: DataConfig) -> EvalResize:
-        return cls(data.image_size, data.crop_pct, data.interpolation)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.size is None:
-            return images
-        return resize_center_crop(images, self.size, crop_pct=self.crop_pct, interpolation=self.interpolation)
-
-    def output_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        """C x H x W of what a batch of C x H x W images becomes."""
-        return shape if self.size is None else (shape[0], self.size, self.size)
-
-
-class BatchAugmenter:
-    """Training augmentation of uint8 N x C x H x W batches on any device, without a loop over images.
-
-    In order: zero-pad by `crop_padding` and crop back to H x W at a random offset per image, flip half the
-    images horizontally (both one gather with per-image indices) -- or, with `random_resized_crop`, crop a
-    RandomResizedCrop box of each image, resized to `image_size`, and flip, in one grid_sample (DeiT's order)
-    -- then RandAugment as timm's rand_augment_transform does it for the config's `auto_augment` string: n
-    rounds; in each, every image draws one op of timm's set uniformly, applies it with probability p, at a
-    level drawn from N(m, mstd) clipped to [0, mmax] and turned into the op's argument by timm's level
-    function, with a random sign for the signed ops.
-
-    Images are sorted by the op they drew, each op runs once on its slice (one resampling for each group of
-    geometric ops, per-image factors, thresholds and masks for the colour ops, one histogram scatter for
-    Equalize, per-channel tables for AutoContrast), and the results are put back in order. Every op follows
-    PIL as timm's ops call it: on CPU the colour and pixel ops equal PIL's image by image, pixel for pixel;
-    the geometric ops resample with `interpolation` (PIL's own bicubic kernel, or bilinear), filling what
-    falls outside with the dataset mean in 0..255 (timm's img_mean), and differ from PIL by one level in a few
-    pixels where PIL's double-precision arithmetic truncates a hair below an integer (tests/unit/data/test_augment.py
-    measures it). Last, images not yet at `image_size` are resized to it (pad-and-crop and RandAugment ran at
-    the source size: at 32 px, 1/49 of the work at 224).
+    `apply` carries the rounds out. Images are sorted by the op they drew, each op runs once on its slice (one
+    resampling for each group of geometric ops, per-image factors, thresholds and masks for the colour ops,
+    one histogram scatter for Equalize, per-channel tables for AutoContrast), and the results are put back in
+    order. Every op follows PIL as timm's ops call it: on CPU the colour and pixel ops equal PIL's image by
+    image, pixel for pixel; the geometric ops resample with `interpolation` (PIL's own bicubic kernel, or
+    bilinear), filling what falls outside with the dataset mean in 0..255 (timm's img_mean), and differ from
+    PIL by one level in a few pixels where PIL's double-precision arithmetic truncates a hair below an integer
+    (tests/unit/data/test_auto_augment.py measures it).
 
     Args:
-        config: the recipe's augmentation settings (the Mixup/CutMix, erasing and repeat fields are others').
-        generator: CPU generator every random choice is drawn from; seed it per (seed, epoch, rank, worker)
-            for reproducible runs. The same seed gives the same batch on CPU.
-        image_size: the square training resolution (data.image_size); None keeps the batch's size.
-        interpolation: how RandomResizedCrop, the geometric ops and the resize sample ("bilinear" or "bicubic").
+        policy: the parsed `auto_augment` string (data.augment.rand_augment).
+        interpolation: how the geometric ops sample, "bilinear" or "bicubic" (`BatchAugmenter` checks it).
         mean: the dataset's per-channel mean in 0..1 (data.mean): the geometric ops' fill, rounded to 0..255 as
             timm's create_transform rounds its img_mean. A 1-channel batch is filled with the first value.
     """
 
-    def __init__(self, config: AugmentConfig, generator: torch.Generator, *, image_size: int | None = None,
-                 interpolation: str = "bicubic", mean: tuple[float, float, float] = CIFAR10_MEAN):
-        _require_host_generator(generator, "BatchAugmenter")
-        if config.random_resized_crop and image_size is None:
-            raise ValueError("random_resized_crop needs the output size: pass image_size (data.image_size)")
-        if interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATION)}, got {interpolation!r}")
-        self.config = config
-        self.generator = generator
-        self.image_size = image_size
+    def __init__(self, policy: RandAugmentPolicy, *, interpolation: str = "bicubic",
+                 mean: tuple[float, float, float] = CIFAR10_MEAN):
+        self.policy = policy
         self.interpolation = interpolation
-        self.policy = config.rand_augment
-        self.ops = rand_augment_ops(self.policy) if self.policy is not None else ()
+        self.ops = rand_augment_ops(policy)
         self.fill = tuple(min(255, round(255 * value)) for value in mean)
         # The policy's op index -> its implementation's index.
         self._implementation_index = torch.tensor([IMPLEMENTATIONS.index(implementation_of(op)) for op in self.ops],
@@ -507,30 +356,15 @@ class BatchAugmenter:
             *((range(IMPLEMENTATIONS.index(name), IMPLEMENTATIONS.index(name) + 1), op) for name, op in single.items()),
         ]
 
-    @property
-    def num_rounds(self) -> int:
-        return 0 if self.policy is None else self.policy.num_ops
+    def draw(self, count: int, generator: torch.Generator) -> list[OpRound]:
+        """The policy's rounds for a batch of `count` images, from the CPU `generator`."""
+        return [self._draw_round(count, generator) for _ in range(self.policy.num_ops)]
 
-    def draw(self, count: int, size: tuple[int, int] | None = None) -> AugmentPlan:
-        """All random choices for a batch of `count` images, from the generator, on the host. `size` (height,
-        width) of the source images is needed for RandomResizedCrop boxes only."""
-        generator, pad = self.generator, self.config.crop_padding
-        offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator) if pad else None
-        crops = None
-        if self.config.random_resized_crop:
-            if size is None:
-                raise ValueError("random_resized_crop draws boxes for a source size: pass size=(height, width)")
-            crops = draw_resized_crops(count, *size, scale=self.config.rrc_scale, ratio=self.config.rrc_ratio,
-                                       generator=generator)
-        flips = torch.rand(count, generator=generator) < 0.5 if self.config.hflip else None
-        rounds = [] if self.policy is None else [self._draw_round(self.policy, count) for _ in range(self.num_rounds)]
-        return AugmentPlan(offsets, flips, rounds, crops)
-
-    def _draw_round(self, policy: RandAugmentPolicy, count: int) -> OpRound:
+    def _draw_round(self, count: int, generator: torch.Generator) -> OpRound:
         """timm's AugmentOp choices for one round of `count` images: the op (uniform, with replacement across
         rounds), applied when a uniform draw is below p, the level N(m, mstd) (uniform in [0, m] for an
         infinite mstd) clipped to [0, mmax], and the sign (negated half the time)."""
-        generator = self.generator
+        policy = self.policy
         ops = torch.randint(len(self.ops), (count,), generator=generator)
         applied = torch.rand(count, generator=generator) < policy.prob
         if policy.magnitude_std == math.inf:
@@ -543,53 +377,11 @@ class BatchAugmenter:
         negative = torch.rand(count, generator=generator) < 0.5
         return OpRound(ops, applied, levels.clamp_(0.0, policy.magnitude_max), negative)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.draw(images.shape[0], (images.shape[-2], images.shape[-1])))
-
-    def apply(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
-        """Carry out `plan` on uint8 N x C x H x W `images` on their own device; uint8 of the same shape."""
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
-                f"BatchAugmenter takes uint8 N x C x H x W images, got {images.dtype} {tuple(images.shape)}"
-            )
-        if images.shape[0] == 0:
-            return images.contiguous()
-        if plan.rounds and images.shape[1] not in (1, 3):
-            raise ValueError(f"{self.config.auto_augment} needs 1 or 3 channels, got {images.shape[1]}")
-        if plan.crops is not None:
-            if self.image_size is None:  # a plan drawn by another augmenter, one with RandomResizedCrop
-                raise ValueError("a plan with RandomResizedCrop boxes needs the output size: pass image_size")
-            images = resized_crops(images, plan.crops, self.image_size, flips=plan.flips,
-                                   interpolation=self.interpolation)
-        elif plan.crop_offsets is not None or plan.flips is not None:
-            images = self._crop_and_flip(images, plan)
-        for op_round in plan.rounds:
+    def apply(self, images: torch.Tensor, rounds: list[OpRound]) -> torch.Tensor:
+        """Carry out `rounds` (from `draw`) on uint8 N x C x H x W `images`, C 1 or 3, on their own device."""
+        for op_round in rounds:
             images = self._apply_round(images, op_round)
-        if self.image_size is not None:
-            images = resize_center_crop(images, self.image_size, interpolation=self.interpolation)
-        return images.contiguous()
-
-    def _crop_and_flip(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
-        count, channels, height, width = images.shape
-        device, pad = images.device, self.config.crop_padding if plan.crop_offsets is not None else 0
-        if pad:
-            # A zeroed canvas plus one slice copy: cheaper than F.pad on uint8.
-            canvas = images.new_zeros(count, channels, height + 2 * pad, width + 2 * pad)
-            canvas[:, :, pad : pad + height, pad : pad + width] = images
-        else:
-            canvas = images
-        # Host side: offsets and flips as one small int64 tensor, so a single copy reaches the device.
-        offsets = plan.crop_offsets if plan.crop_offsets is not None else torch.zeros(count, 2, dtype=torch.int64)
-        flips = plan.flips if plan.flips is not None else torch.zeros(count, dtype=torch.bool)
-        per_image = _pinned_to(torch.cat([offsets, flips.long().unsqueeze(1)], dim=1), device)
-        row_offset, column_offset, flip = per_image.unbind(dim=1)
-        columns = torch.arange(width, device=device)
-        # out[y, x] = canvas[y + dy, dx + x], or dx + (W - 1 - x) when flipped.
-        columns = torch.where(flip.bool()[:, None], width - 1 - columns, columns) + column_offset[:, None]
-        rows = torch.arange(height, device=device) + row_offset[:, None]
-        source = (rows[:, :, None] * canvas.shape[-1] + columns[:, None, :]).view(count, 1, height * width)
-        flat = canvas.reshape(count, channels, -1)
-        return flat.gather(2, source.expand(count, channels, height * width)).view(count, channels, height, width)
+        return images
 
     def _apply_round(self, images: torch.Tensor, op_round: OpRound) -> torch.Tensor:
         count, _, height, width = images.shape
@@ -602,8 +394,8 @@ class BatchAugmenter:
         restore[order] = torch.arange(count)
         counts = torch.bincount(implementations, minlength=len(IMPLEMENTATIONS)).tolist()  # a CPU tensor: no sync
         params = op_parameters(self.ops, op_round.ops, op_round.levels, op_round.negative, height, width)[order]
-        indices = _pinned_to(torch.stack([order, restore]), device)
-        params = _pinned_to(params, device)
+        indices = pinned_to(torch.stack([order, restore]), device)
+        params = pinned_to(params, device)
 
         sorted_images = images.index_select(0, indices[0])
         starts = [0, *itertools.accumulate(counts)]
@@ -658,7 +450,7 @@ class BatchAugmenter:
             sampled = nnf.grid_sample(images.float(), points, mode="bilinear", padding_mode="border",
                                       align_corners=False)
         filled = torch.where(inside, sampled, self._fill(channels, images.device))
-        return _to_uint8(filled.add_(_TRUNCATION_SLACK))
+        return to_uint8(filled.add_(_TRUNCATION_SLACK))
 
 
 def _cubic_weights(offsets: torch.Tensor) -> list[torch.Tensor]:
@@ -710,210 +502,3 @@ def _pil_bicubic(images: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, alon
                       for values, (_, weight) in zip(gathered, columns, strict=True)])
 
     return total([weighted(tap_row(row * width), weight) for row, weight in rows])
-
-
-class BatchEraser:
-    """Random erasing (Zhong et al., timm's RandomErasing with one box) of normalised float N x C x H x W
-    batches on any device, after normalisation and before Mixup/CutMix as in timm and DeiT.
-
-    Each image is erased with probability `probability`: up to ERASING_ATTEMPTS tries of an area share uniform
-    in ERASING_AREA and an aspect ratio log-uniform in [0.3, 1/0.3] (timm's defaults), keeping the first box
-    strictly inside the image, at a uniform position. The box is filled with zeros ("const": the dataset mean
-    after normalisation), one standard normal value per channel ("rand") or per pixel ("pixel").
-
-    The boxes are drawn on the host (CPU `generator`) and reach the device as one small non-blocking copy; the
-    fill is drawn on the device from a device generator seeded from the host one, so nothing is read back.
-
-    Args:
-        probability: the chance each image is erased (data.augment.random_erasing).
-        mode: "const", "rand" or "pixel" (data.augment.random_erasing_mode).
-        generator: CPU generator for the boxes and the fill's seed; seed it per (seed, epoch, rank).
-    """
-
-    def __init__(self, probability: float, mode: str, generator: torch.Generator):
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"erasing probability must be in [0, 1], got {probability}")
-        if mode not in ("const", "rand", "pixel"):
-            raise ValueError(f"erasing mode must be 'const', 'rand' or 'pixel', got {mode!r}")
-        _require_host_generator(generator, "BatchEraser")
-        self.probability = probability
-        self.mode = mode
-        self.generator = generator
-        self._device_generators: dict[torch.device, torch.Generator | None] = {}
-
-    def draw(self, count: int, height: int, width: int) -> torch.Tensor:
-        """N x 4 int64 boxes (top, left, height, width) on the host; height 0 where an image is not erased."""
-        generator = self.generator
-        erased = torch.rand(count, generator=generator) < self.probability
-        shares = torch.empty(count, ERASING_ATTEMPTS).uniform_(*ERASING_AREA, generator=generator)
-        log_aspect = math.log(ERASING_MIN_ASPECT)
-        aspect = torch.empty(count, ERASING_ATTEMPTS).uniform_(log_aspect, -log_aspect, generator=generator).exp()
-        target_area = shares * (height * width)
-        box_heights = (target_area * aspect).sqrt().round().long()
-        box_widths = (target_area / aspect).sqrt().round().long()
-        fits = (box_heights < height) & (box_widths < width)
-        first = fits.int().argmax(dim=1, keepdim=True)
-        erased &= fits.any(dim=1)
-        box_heights = torch.where(erased, box_heights.gather(1, first).squeeze(1), 0)
-        box_widths = torch.where(erased, box_widths.gather(1, first).squeeze(1), 0)
-        position = torch.rand(count, 2, generator=generator)
-        top = (position[:, 0] * (height - box_heights + 1)).long()
-        left = (position[:, 1] * (width - box_widths + 1)).long()
-        return torch.stack([top, left, box_heights, box_widths], dim=1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.draw(images.shape[0], images.shape[-2], images.shape[-1]))
-
-    def apply(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Erase host `boxes` of float `images`; a new tensor, the input left as it is."""
-        if not images.is_floating_point() or images.dim() != 4:
-            raise ValueError(f"BatchEraser takes float N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
-        count, channels, height, width = images.shape
-        device = images.device
-        top, left, box_height, box_width = _pinned_to(boxes, device).view(count, 4, 1, 1).unbind(dim=1)
-        rows = torch.arange(height, device=device).view(1, height, 1)
-        columns = torch.arange(width, device=device).view(1, 1, width)
-        inside = ((rows >= top) & (rows < top + box_height) & (columns >= left) & (columns < left + box_width))
-        fill_shape = {"const": (1, 1, 1, 1), "rand": (count, channels, 1, 1), "pixel": images.shape}[self.mode]
-        if self.mode == "const":
-            fill = images.new_zeros(fill_shape)
-        else:
-            seed = int(torch.randint(2**62, (1,), generator=self.generator))
-            device_generator = self._device_generator(device)
-            if device_generator is not None:
-                device_generator.manual_seed(seed)
-            fill = torch.randn(fill_shape, dtype=images.dtype, device=device, generator=device_generator)
-        return torch.where(inside.unsqueeze(1), fill, images)
-
-    def _device_generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator on `device`, made once; None where torch has none (the meta device): the global one."""
-        if device not in self._device_generators:
-            try:
-                self._device_generators[device] = torch.Generator(device=device)
-            except RuntimeError:
-                self._device_generators[device] = None
-        return self._device_generators[device]
-
-
-@dataclass(frozen=True)
-class MixDraw:
-    """One batch's mixing, drawn on the host: the weight of each sample's own image and label, for CutMix the
-    pasted box (rows top:bottom, columns left:right; lam already corrected to its area), and each sample's
-    partner (sample i is mixed with sample partners[i]); no partners for an unmixed batch."""
-
-    lam: float
-    box: tuple[int, int, int, int] | None = None
-    partners: tuple[int, ...] | None = None
-
-
-def random_cycle(count: int, rng: np.random.Generator) -> tuple[int, ...]:
-    """Partners along one random cycle through `count` samples: shuffle, then each sample is paired with the
-    one before it in the shuffled order. For count >= 2 nobody is their own partner and everybody is
-    somebody's partner exactly once."""
-    order = rng.permutation(count)
-    partners = np.empty(count, dtype=np.int64)
-    partners[order] = np.roll(order, 1)
-    return tuple(partners.tolist())
-
-
-class BatchMixer:
-    """Mixup / CutMix with label smoothing on the training device, for every batch size.
-
-    timm's Mixup in "batch" mode: with probability `mixup_prob` a batch is mixed, by CutMix with
-    probability `switch_prob` when both alphas are set (else by whichever is set), with lam ~ Beta(alpha,
-    alpha); CutMix pastes a box of area ~(1 - lam) centred anywhere (clipped at the borders) and corrects lam
-    to the pasted area. Targets are the smoothed one-hots (1 - s + s/K on the label, s/K elsewhere) mixed
-    with the same lam; an unmixed batch gets plain smoothed one-hots.
-
-    Pairing: each mixed batch draws a random cycle through its samples (`random_cycle`, on the host), and
-    each sample is mixed with its predecessor on it. Every sample is some other sample's partner exactly
-    once, for every N >= 2, so no sample is dropped or counted twice. A fresh cycle per batch matters for
-    repeated augmentation, whose batches hold each image k times ([a b c ... a b c ...], tasks/data/loader.py): a
-    fixed pairing such as a roll by one would give every copy of an image the same partner, where DeiT mixes
-    the copies independently on different ranks. timm pairs by `flip(0)` instead, which in an odd batch
-    pairs the middle sample with itself (timm therefore refuses odd batches); an even-batch plan would have
-    to drop or repeat samples, breaking the loader's exact once-per-epoch coverage. A batch of 1 has no
-    partner: its image and smoothed target come back unmixed.
-
-    Args:
-        config: mixup_alpha, cutmix_alpha, mixup_prob and label_smoothing are used.
-        num_classes: width of the soft targets.
-        rng: host random generator for lam, the switch, the box and the pairing; seed it per (seed, epoch,
-            rank) for runs that replay exactly.
-        switch_prob: chance of CutMix rather than Mixup when both alphas are set (timm's default 0.5).
-    """
-
-    def __init__(self, config: AugmentConfig, *, num_classes: int, rng: np.random.Generator,
-                 switch_prob: float = 0.5):
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        if not 0.0 <= switch_prob <= 1.0:
-            raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
-        self.mixup_alpha = config.mixup_alpha
-        self.cutmix_alpha = config.cutmix_alpha
-        self.prob = config.mixup_prob
-        self.label_smoothing = config.label_smoothing
-        self.num_classes = num_classes
-        self.rng = rng
-        self.switch_prob = switch_prob
-
-    @property
-    def mixes(self) -> bool:
-        """False when the config switches mixing off; the mixer then only smooths labels."""
-        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
-
-    def draw(self, count: int, height: int, width: int) -> MixDraw:
-        """lam, the box for CutMix and the partners for one batch of `count` height x width images, from the
-        host generator."""
-        if not self.mixes or self.rng.random() >= self.prob:
-            return MixDraw(lam=1.0)
-        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or self.rng.random() < self.switch_prob)
-        lam = float(self.rng.beta(self.cutmix_alpha, self.cutmix_alpha) if use_cutmix
-                    else self.rng.beta(self.mixup_alpha, self.mixup_alpha))
-        box = None
-        if use_cutmix:
-            # A box with sides sqrt(1 - lam) of the image's, centred uniformly, clipped at the borders.
-            side = math.sqrt(1.0 - lam)
-            cut_height, cut_width = int(height * side), int(width * side)
-            center_y, center_x = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
-            top, bottom = max(center_y - cut_height // 2, 0), min(center_y + (cut_height + 1) // 2, height)
-            left, right = max(center_x - cut_width // 2, 0), min(center_x + (cut_width + 1) // 2, width)
-            lam = 1.0 - (bottom - top) * (right - left) / float(height * width)
-            box = (top, bottom, left, right)
-        return MixDraw(lam=lam, box=box, partners=random_cycle(count, self.rng))
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.apply(images, labels, self.draw(*images.shape[:1], *images.shape[-2:]))
-
-    def smoothed_one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """N x num_classes float32 on the labels' device: 1 - s + s/K at the label, s/K elsewhere."""
-        off_value = self.label_smoothing / self.num_classes
-        targets = torch.full((labels.shape[0], self.num_classes), off_value, dtype=torch.float32, device=labels.device)
-        return targets.scatter_(1, labels.view(-1, 1), 1.0 - self.label_smoothing + off_value)
-
-    def apply(self, images: torch.Tensor, labels: torch.Tensor, draw: MixDraw) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix float N x C x H x W `images` and int64 N `labels` as `draw` says; returns (images, N x K targets).
-        The inputs are left as they are."""
-        if not images.is_floating_point() or images.dim() != 4:
-            raise ValueError(f"BatchMixer takes float N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
-        count = images.shape[0]
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise ValueError(
-                f"BatchMixer takes int64 labels of shape ({count},), got {labels.dtype} {tuple(labels.shape)}"
-            )
-        targets = self.smoothed_one_hot(labels)
-        if draw.lam == 1.0 or count < 2:  # unmixed, or a single sample without a partner
-            return images, targets
-        if draw.partners is None or len(draw.partners) != count:
-            given = "none" if draw.partners is None else len(draw.partners)
-            raise ValueError(f"a mixing draw needs a partner for each of the {count} samples, got {given}")
-        lam = draw.lam
-        partners = _pinned_to(torch.tensor(draw.partners, dtype=torch.int64), images.device)
-        if draw.box is None:
-            # lam * own + (1 - lam) * partner, with one new tensor (the partners' copy) instead of three.
-            mixed = images.index_select(0, partners).mul_(1.0 - lam).add_(images, alpha=lam)
-        else:
-            top, bottom, left, right = draw.box
-            mixed = images.clone()
-            mixed[:, :, top:bottom, left:right] = images[:, :, top:bottom, left:right].index_select(0, partners)
-        return mixed, targets.index_select(0, partners).mul_(1.0 - lam).add_(targets, alpha=lam)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tasks.config import AugmentConfig
-from tasks.data.auto_augment import BatchAugmenter
+from tasks.data.augment import BatchAugmenter
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.data.shard import require_manifest
 from vitmodels import CIFAR10_MEAN
