@@ -332,7 +332,7 @@ def plan_slice(plan: AugmentPlan, index: int) -> AugmentPlan:
     def part(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor[one]
 
-    rounds = [OpRound(r.ops[one], r.bins[one], r.negative[one]) for r in plan.rounds]
+    rounds = [OpRound(r.ops[one], r.applied[one], r.levels[one], r.negative[one]) for r in plan.rounds]
     return AugmentPlan(part(plan.crop_offsets), part(plan.flips), rounds, part(plan.crops))
 
 
