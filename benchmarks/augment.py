@@ -1,4 +1,4 @@
-"""Augmented images/s per core: timm's per-image RandAugment (PIL) against the batched one (tasks/data/augment.py).
+"""Augmented images/s per core: timm's per-image RandAugment (PIL) against the batched one (tasks/data/auto_augment.py).
 
 Times the image augmentation of a config's recipe (default configs/cifar10.yaml: pad-and-crop 4, horizontal
 flip, RandAugment "rand-m9-mstd0.5-inc1") on batches of real CIFAR-10 images, uint8 in and out, with one
@@ -29,7 +29,8 @@ from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 
 from tasks.config import DataConfig, load_config
-from tasks.data import augment
+from tasks.data.augment import BatchAugmenter
+from tasks.data.mixup import BatchMixer
 from tasks.data.sources import read_cifar10
 
 from harness import let_timm_posterize_to_no_bits, sync
@@ -56,7 +57,7 @@ def per_image_reference(data: DataConfig, size: int, generator: torch.Generator)
     """How a per-image loader augments: batched crop and flip, then timm's RandAugment one PIL image at a time
     (each image draws its own ops), with create_transform's hyperparameters for the training size."""
     recipe = data.augment
-    crop_flip = augment.BatchAugmenter(recipe.model_copy(update={"auto_augment": "none"}), generator)
+    crop_flip = BatchAugmenter(recipe.model_copy(update={"auto_augment": "none"}), generator)
     hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in data.mean),
                "interpolation": {"bilinear": Image.Resampling.BILINEAR,
                                  "bicubic": Image.Resampling.BICUBIC}[data.interpolation]}
@@ -110,13 +111,13 @@ def main() -> None:
         cases.append((f"crop+flip+{recipe.auto_augment}", "timm (PIL), per image",
                       per_image_reference(data, pixels.shape[-1], torch.Generator().manual_seed(0)), batches))
     cases += [
-        ("crop+flip", "tasks/data/augment.py", augment.BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
+        ("crop+flip", "tasks/data/augment.py", BatchAugmenter(crop_flip, torch.Generator().manual_seed(0)),
          batches),
         (f"crop+flip+{recipe.auto_augment}", "tasks/data/augment.py (batched)",
-         augment.BatchAugmenter(recipe, torch.Generator().manual_seed(0), interpolation=data.interpolation,
-                                mean=data.mean), batches),
+         BatchAugmenter(recipe, torch.Generator().manual_seed(0), interpolation=data.interpolation,
+                        mean=data.mean), batches),
     ]
-    mixer = augment.BatchMixer(recipe, num_classes=10, rng=np.random.default_rng(0))
+    mixer = BatchMixer(recipe, num_classes=10, rng=np.random.default_rng(0))
     cases.append(("mixup/cutmix", "BatchMixer", lambda batch: mixer(*batch), float_batches))
     if args.batch_size % 2 == 0:
         timm_mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mixup_prob,

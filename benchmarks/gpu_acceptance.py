@@ -63,17 +63,12 @@ import yaml
 from torch import nn
 
 from tasks.config import PipelineConfig, build_config, set_dotted
-from tasks.data.augment import (
-    AugmentPlan,
-    BatchAugmenter,
-    BatchEraser,
-    BatchMixer,
-    EvalResize,
-    MixDraw,
-    OpRound,
-    random_cycle,
-)
+from tasks.data.augment import AugmentPlan, BatchAugmenter
+from tasks.data.auto_augment import OpRound
+from tasks.data.crops import EvalResize
 from tasks.data.loader import ShardStream, normalize
+from tasks.data.mixup import BatchMixer, MixDraw, random_cycle
+from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import ShardOptions, require_manifest, write_shards
 from tasks.data.sources import Source, SplitSource, read_cifar10
 from tasks.judging.attention import model_panels, select_images

@@ -19,7 +19,7 @@ def sync(device: torch.device) -> None:
 
 
 def _posterize_to_no_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
-    """timm's posterize, 0 bits included: a black image, as tasks/data/augment.py keeps. timm's
+    """timm's posterize, 0 bits included: a black image, as tasks/data/auto_augment.py keeps. timm's
     PosterizeIncreasing asks for 0 bits at level 10 (rand-m9-mstd0.5-inc1 draws it); Pillow 13 refuses fewer
     than 1 bit with a ValueError where older Pillow gave that black image."""
     if bits_to_keep <= 0:

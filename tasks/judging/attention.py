@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import PipelineConfig
-from tasks.data.augment import EvalResize
+from tasks.data.crops import EvalResize
 from tasks.data.loader import ShardStream, normalize
 from tasks.data.shard import require_manifest
 from tasks.judging.evaluate import evaluation_device, load_trained_model

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.config import PipelineConfig
-from tasks.data.augment import EvalResize
+from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.data.shard import VAL_SPLIT, require_manifest
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run

@@ -37,8 +37,11 @@ import torch.distributed as dist
 from torch import nn
 
 from tasks.config import PipelineConfig
-from tasks.data.augment import BatchAugmenter, BatchEraser, BatchMixer, EvalResize
+from tasks.data.augment import BatchAugmenter
+from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
+from tasks.data.mixup import BatchMixer
+from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import read_manifest
 from tasks.operations.tracking import (
     dataset_artifact_name,
