@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tasks.training.train
 from tasks.config import build_config
+from tasks.operations.alerts import alert
 from tasks.operations.tracking import wandb_run_id
 from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata
 from tasks.training.recipe import build_model
@@ -137,18 +139,29 @@ def test_a_bug_in_a_worker_fails_at_once_without_retries(tmp_path, data_root, va
     assert "not retried" in str(raised.value)
 
 
-def test_a_nan_loss_fails_at_once_and_alerts_in_the_trainings_group(tmp_path, data_root, val_shards, ray_cluster):
+def test_a_nan_loss_fails_at_once_and_alerts_in_the_trainings_group(tmp_path, data_root, val_shards, ray_cluster,
+                                                                    monkeypatch):
     config = _config(tmp_path, data_root, val_shards, "nan", [TINY_VIT], epochs=1, lr=1e30, grad_clip_norm=None,
                      warmup_epochs=0, log_every_steps=2, max_failures=2)
+    # What the driver asks of W&B, recorded: W&B's offline writer can lose an alert record when the machine is
+    # loaded (seen in full CI runs, as in test_publish), so the file is checked only when it holds the alert.
+    asked = []
+    def recording_alert(title, text, level="WARN", *, run=None, details=None):
+        asked.append({"title": title, "text": text, "level": level,
+                      "run_id": None if run is None else run.id})
+        return alert(title, text, level, run=run, details=details)
+
+    monkeypatch.setattr(tasks.training.train, "alert", recording_alert)
     with pytest.raises(TrainingError) as raised:
         train_model(config, "vit_tiny_patch4_32")
     assert not raised.value.retryable and isinstance(raised.value.cause, NonFiniteLossError)
     assert "NaN or infinite" in str(raised.value) and "not retried" in str(raised.value)
-    # The driver alerts on a W&B run of the training's group: the alert waits in that offline run's file.
-    alerts = [(path.parent.name.split("-", 3)[3], record.alert)
-              for path in Path(config.run_dir).glob("wandb/offline-run-*/*.wandb")
-              for record in read_records(path) if record.WhichOneof("record_type") == "alert"]
-    [(run_id, alert)] = alerts
-    assert run_id == wandb_run_id(config.tracking.run_name, "alert", "vit_tiny_patch4_32")
-    assert (alert.title, alert.level) == ("vit_tiny_patch4_32: the training loss became NaN or infinite", "ERROR")
-    assert "NaN or infinite" in alert.text
+    # The driver alerts on a W&B run of the training's group (offline: the alert waits in that run's file).
+    [sent] = asked
+    assert sent["run_id"] == wandb_run_id(config.tracking.run_name, "alert", "vit_tiny_patch4_32")
+    assert (sent["title"], sent["level"]) == ("vit_tiny_patch4_32: the training loss became NaN or infinite", "ERROR")
+    assert "NaN or infinite" in sent["text"]
+    recorded = [(path.parent.name.split("-", 3)[3], record.alert.title)
+                for path in Path(config.run_dir).glob("wandb/offline-run-*/*.wandb")
+                for record in read_records(path) if record.WhichOneof("record_type") == "alert"]
+    assert recorded in ([], [(sent["run_id"], sent["title"])])
