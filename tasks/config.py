@@ -144,27 +144,46 @@ def parse_rand_augment(text: str) -> RandAugmentPolicy:
 
 
 class AugmentConfig(_Section):
-    crop_padding: NonNegativeInt = 4
-    hflip: bool = True
-    # RandAugment as timm writes it (`parse_rand_augment`): DeiT's is "rand-m9-mstd0.5-inc1"; "none" is off.
-    auto_augment: str = "none"
-    mixup_alpha: NonNegativeFloat = 0.0
-    cutmix_alpha: NonNegativeFloat = 0.0
-    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    # RandomResizedCrop (DeiT, Inception): a random area share (rrc_scale) and aspect ratio (rrc_ratio, w/h) of
-    # each image, resized to data.image_size. It replaces pad-and-crop, so crop_padding must then be 0.
-    random_resized_crop: bool = False
-    rrc_scale: tuple[Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]] = (0.08, 1.0)
-    rrc_ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
-    # Random erasing (Zhong et al.; timm's RandomErasing, DeiT: 0.25 and "pixel"): the chance that one box of each
-    # normalised image is replaced by zeros ("const"), one normal draw per channel ("rand") or per pixel ("pixel").
-    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
-    random_erasing_mode: Literal["const", "rand", "pixel"] = "pixel"
-    # Repeated augmentation (Hoffer et al.; DeiT: 3): every training image appears this many times per epoch,
-    # each copy augmented on its own, the copies in one batch (tasks/data/loader.py). An epoch is then this many
-    # passes over the images; 1 is off.
-    repeated_augmentation: PositiveInt = 1
+    """How training images are augmented and labels softened; validation and test images are never augmented."""
+
+    crop_padding: NonNegativeInt = Field(
+        4, description="Pixels of zero padding on each side before a random crop back to the image's size; 0 turns "
+                       "pad-and-crop off (it must be 0 with random_resized_crop).")
+    hflip: bool = Field(True, description="Flip each training image horizontally with probability 0.5.")
+    auto_augment: str = Field(
+        "none", description="RandAugment as timm writes it (parsed by parse_rand_augment), e.g. DeiT's "
+                            "\"rand-m9-mstd0.5-inc1\"; \"none\" is off.")
+    mixup_alpha: NonNegativeFloat = Field(
+        0.0, description="Mixup's Beta(alpha, alpha) parameter for the mixing weight of two images and their labels; "
+                         "0 is off.")
+    cutmix_alpha: NonNegativeFloat = Field(
+        0.0, description="CutMix's Beta(alpha, alpha) parameter for the pasted box's area share; 0 is off. With "
+                         "mixup_alpha also above 0, each batch uses one of the two at random.")
+    mixup_prob: float = Field(
+        1.0, ge=0.0, le=1.0, description="The chance that a batch is mixed (mixup or CutMix) at all, when either "
+                                         "alpha is above 0; 0 is off.")
+    label_smoothing: float = Field(
+        0.1, ge=0.0, lt=1.0, description="The share of each target's probability spread evenly over all classes "
+                                         "(also applied to mixed targets); 0 is off.")
+    random_resized_crop: bool = Field(
+        False, description="RandomResizedCrop (DeiT, Inception): crop a random area share (rrc_scale) and aspect "
+                           "ratio (rrc_ratio) of each image and resize it to data.image_size. It replaces "
+                           "pad-and-crop, so crop_padding must then be 0.")
+    rrc_scale: tuple[Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        (0.08, 1.0), description="[low, high] of the share of the image's area that random_resized_crop keeps.")
+    rrc_ratio: tuple[PositiveFloat, PositiveFloat] = Field(
+        (3 / 4, 4 / 3), description="[low, high] of the crop's aspect ratio (width / height) for random_resized_crop.")
+    random_erasing: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Random erasing (Zhong et al.; timm's RandomErasing, DeiT: 0.25): the chance that one box of "
+                    "each normalised training image is erased; 0 is off.")
+    random_erasing_mode: Literal["const", "rand", "pixel"] = Field(
+        "pixel", description="What fills an erased box: zeros (\"const\"), one normal draw per channel (\"rand\") "
+                             "or per pixel (\"pixel\", DeiT's).")
+    repeated_augmentation: PositiveInt = Field(
+        1, description="Repeated augmentation (Hoffer et al.; DeiT: 3): every training image appears this many times "
+                       "per epoch, each copy augmented on its own, the copies in one batch (tasks/data/loader.py). "
+                       "An epoch is then this many passes over the images; 1 is off.")
 
     @field_validator("auto_augment")
     @classmethod
@@ -190,40 +209,67 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
-    # None means: take $DATA_ROOT, else download CIFAR-10 into download_dir.
-    data_root: Path | None = None
-    download_dir: Path = Path("data")
-    # A local directory or any fsspec URL (s3://bucket/prefix); None puts shards in the run directory.
-    shard_dir: str | None = None
-    shard_size: PositiveInt = 5000
-    image_format: Literal["npy", "png"] = "npy"
-    # The square resolution models train and evaluate at. ImageFolder images are resized to it when sharded;
-    # CIFAR-10's are sharded as they are (32 px) and resized in the loader when it differs (on the training
-    # device on GPUs). None: the shards' own size (ImageFolder images must then all be one size).
-    image_size: PositiveInt | None = None
-    # Evaluation (validation, test, attention maps) resizes to image_size / crop_pct and takes the centre
-    # image_size square (timm's crop_pct); 1.0 is a plain resize, as CIFAR-10 upsampled for fine-tuning wants.
-    crop_pct: float = Field(1.0, gt=0.0, le=1.0)
-    # How images are resized (RandomResizedCrop, the training resize and the evaluation resize).
-    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
-    shard_workers: PositiveInt = 2
-    # Re-read and re-hash every shard before each training (`vit-pipeline train --verify-shards`). Without it a
-    # training checks the manifest and each shard's size only: the flow's verify step re-hashes each shard set
-    # once, and `vit-pipeline verify-shards` does on demand.
-    verify_before_training: bool = False
-    shuffle_seed: int | None = 0
-    # Images held out of the source's training split for validation, stratified by class: a count, or a
-    # fraction of the training split. Checkpoints are chosen on it; the test split is scored once, by evaluate.
-    # A source with a `val` split of its own (ImageFolder) keeps that one instead. A hold-out that leaves fewer
-    # images to train on than to validate on is refused: a fraction above 0.5 here, a count when sharding.
-    val_size: PositiveInt | Annotated[float, Field(gt=0.0, le=0.5)] = 0.1
-    split_seed: int = 0
-    loader_workers: NonNegativeInt = 2
-    shuffle_buffer: PositiveInt = 10_000
-    mean: tuple[float, float, float] = CIFAR10_MEAN
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = CIFAR10_STD
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Where the images come from, how they are sharded, split and loaded."""
+
+    dataset: Literal["cifar10", "imagefolder"] = Field(
+        "cifar10", description="The source: CIFAR-10 (python batches), or an ImageFolder tree of class directories "
+                               "under data_root.")
+    data_root: Path | None = Field(
+        None, description="The source's directory; None takes $DATA_ROOT, else downloads CIFAR-10 into "
+                          "download_dir.")
+    download_dir: Path = Field(
+        Path("data"), description="Where CIFAR-10 is downloaded when neither data_root nor $DATA_ROOT is set.")
+    shard_dir: str | None = Field(
+        None, description="Where the shards are written: a local directory or any fsspec URL (s3://bucket/prefix); "
+                          "None puts them in the run directory (runs/<run_name>/shards).")
+    shard_size: PositiveInt = Field(
+        5000, description="Images per shard file (the last shard of a split may hold fewer).")
+    image_format: Literal["npy", "png"] = Field(
+        "npy", description="How each image is stored in a shard: raw uint8 arrays (npy, fastest to read) or "
+                           "lossless PNG (smaller).")
+    image_size: PositiveInt | None = Field(
+        None, description="The square resolution (pixels) models train and evaluate at. ImageFolder images are "
+                          "resized to it when sharded; CIFAR-10's are sharded as they are (32 px) and resized in "
+                          "the loader when it differs (on the training device on GPUs). None: the shards' own size "
+                          "(ImageFolder images must then all be one size).")
+    crop_pct: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Evaluation (validation, test, attention maps) resizes to image_size / crop_pct and takes the "
+                    "centre image_size square (timm's crop_pct); 1.0 is a plain resize, as CIFAR-10 upsampled for "
+                    "fine-tuning wants.")
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bicubic", description="How images are resized (RandomResizedCrop, the training resize and the evaluation "
+                               "resize).")
+    shard_workers: PositiveInt = Field(2, description="Processes that encode and write shards in parallel.")
+    verify_before_training: bool = Field(
+        False, description="Re-read and re-hash every shard before each training (`vit-pipeline train "
+                           "--verify-shards`). Without it a training checks the manifest and each shard's size only: "
+                           "the flow's verify step re-hashes each shard set once, and `vit-pipeline verify-shards` "
+                           "does on demand.")
+    shuffle_seed: int | None = Field(
+        0, description="Seeds the shuffle of each split's image order before it is cut into shards; None keeps the "
+                       "source's order.")
+    val_size: PositiveInt | Annotated[float, Field(gt=0.0, le=0.5)] = Field(
+        0.1, description="Images held out of the source's training split for validation, stratified by class: a "
+                         "count, or a fraction of the training split. Checkpoints are chosen on it; the test split is "
+                         "scored once, by evaluate. A source with a `val` split of its own (ImageFolder) keeps that "
+                         "one instead. A hold-out that leaves fewer images to train on than to validate on is "
+                         "refused: a fraction above 0.5 here, a count when sharding.")
+    split_seed: int = Field(0, description="Seeds which images val_size holds out for validation.")
+    loader_workers: NonNegativeInt = Field(
+        2, description="Loader processes per training worker that read, decode and augment shards; 0 loads in the "
+                       "training process.")
+    shuffle_buffer: PositiveInt = Field(
+        10_000, description="Images the training loader holds and draws from at random, to shuffle across shard "
+                            "boundaries; larger shuffles better and takes more memory.")
+    mean: tuple[float, float, float] = Field(
+        CIFAR10_MEAN, description="Per-channel (RGB) mean subtracted from images scaled to [0, 1]; CIFAR-10's by "
+                                  "default.")
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        CIFAR10_STD, description="Per-channel (RGB) standard deviation images are divided by after the mean is "
+                                 "subtracted; CIFAR-10's by default.")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Training-time augmentation and label smoothing.")
 
     @field_validator("data_root")
     @classmethod
@@ -257,30 +303,50 @@ class DataConfig(_Section):
 class ModelSpec(_Section):
     """One model of the comparison: any name timm.create_model knows, ours included."""
 
-    name: str
-    # The checkpoint fine-tuning starts from: a local file (state dict or safetensors, timm's or ours, of any
-    # grid or class count: vitmodels.load_pretrained adapts it), or the hub (pretrained: true; a vp_ preset
-    # takes its timm twin's weights). `vit-pipeline train --pretrained-file` replaces it for one run.
-    pretrained: bool = False
-    pretrained_file: Path | None = None
-    # This model's layer-wise LR decay when it should differ from training.layer_decay (a ResNet-50 has 18
-    # layer groups, a ViT-B 14); 1.0 switches it off for this model.
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
-    # None leaves the architecture's own default; 0.0 means no dropout / stochastic depth.
-    drop_rate: float | None = Field(None, ge=0.0, lt=1.0)
-    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
-    # NHWC memory format for this model; None follows training.channels_last. It speeds up convolutional
-    # nets (ResNet) and not ViTs, whose only convolution is the patch embedding (benchmarks/README.md).
-    channels_last: bool | None = None
-    # Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model. The input size
-    # (img_size, and a Swin's window_size where its own does not fit) follows data.image_size by itself.
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Distillation (DeiT): "baseline" means the pipeline's trained baseline checkpoint.
-    teacher: str | None = None
-    teacher_file: Path | None = None
-    distillation: Literal["none", "soft", "hard"] = "none"
-    distillation_alpha: float = Field(0.5, ge=0.0, le=1.0)
-    distillation_tau: PositiveFloat = 1.0
+    name: str = Field(description="The model's name in timm's registry (timm.list_models()), ours included.")
+    pretrained: bool = Field(
+        False, description="Start fine-tuning from the hub's weights for this name (a vp_ preset takes its timm "
+                           "twin's weights); False trains from a random initialisation unless pretrained_file is "
+                           "set.")
+    pretrained_file: Path | None = Field(
+        None, description="A local checkpoint fine-tuning starts from (state dict or safetensors, timm's or ours, "
+                          "of any grid or class count: vitmodels.load_pretrained adapts it). `vit-pipeline train "
+                          "--pretrained-file` replaces it for one run.")
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="This model's layer-wise LR decay when it should differ from training.layer_decay (a ResNet-50 "
+                    "has 18 layer groups, a ViT-B 14); 1.0 switches it off for this model.")
+    drop_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Dropout probability; None leaves the architecture's own default, 0.0 is "
+                                          "no dropout.")
+    drop_path_rate: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="Stochastic depth: the deepest block's chance of being skipped; None leaves the architecture's "
+                    "own default (refused for a pretrained model), 0.0 is none.")
+    channels_last: bool | None = Field(
+        None, description="NHWC memory format for this model; None follows training.channels_last. It speeds up "
+                          "convolutional nets (ResNet) and not ViTs, whose only convolution is the patch embedding "
+                          "(benchmarks/README.md).")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further timm.create_model keywords, e.g. {depth: 4} for a shallower smoke-test model. The input "
+                    "size (img_size, and a Swin's window_size where its own does not fit) follows data.image_size by "
+                    "itself.")
+    teacher: str | None = Field(
+        None, description="The distillation teacher (DeiT): a timm model name, or \"baseline\" for the pipeline's "
+                          "trained baseline checkpoint.")
+    teacher_file: Path | None = Field(
+        None, description="The checkpoint a named (not baseline) teacher loads; None builds it from the hub's or "
+                          "its own initial weights.")
+    distillation: Literal["none", "soft", "hard"] = Field(
+        "none", description="How the distillation token learns from the teacher: its softened probabilities "
+                            "(\"soft\", KL divergence) or its top class (\"hard\", cross entropy); \"none\" is off.")
+    distillation_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="The distillation term's weight in the loss: (1 - alpha) x label loss + "
+                                         "alpha x distillation loss.")
+    distillation_tau: PositiveFloat = Field(
+        1.0, description="The temperature both logits are divided by in soft distillation (the loss is scaled by "
+                         "tau^2).")
 
     @field_validator("name")
     @classmethod
@@ -328,14 +394,20 @@ class ModelSpec(_Section):
 
 
 class ModelConfig(_Section):
-    baseline: ModelSpec = Field(default_factory=lambda: ModelSpec(name="resnet18_cifar", drop_path_rate=0.0))
+    """The models the pipeline trains and compares: one convolutional baseline and the transformers."""
+
+    baseline: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(name="resnet18_cifar", drop_path_rate=0.0),
+        description="The convolutional reference model, trained first; distilled transformers with teacher "
+                    "\"baseline\" learn from its trained weights.")
     transformers: list[ModelSpec] = Field(
         default_factory=lambda: [
             ModelSpec(name="vit_tiny_patch4_32", drop_path_rate=0.1),
             ModelSpec(name="deit_tiny_distilled_patch4_32", drop_path_rate=0.1, teacher="baseline",
                       distillation="hard"),
             ModelSpec(name="swin_tiny_patch2_window4_32", drop_path_rate=0.1),
-        ]
+        ],
+        description="The transformer models compared against the baseline, each trained with the same recipe.",
     )
 
     def all_specs(self) -> list[ModelSpec]:
@@ -350,40 +422,61 @@ class ModelConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: PositiveInt = 100
-    batch_size: PositiveInt = 128
-    lr: PositiveFloat = 1e-3
-    min_lr: NonNegativeFloat = 1e-5
-    weight_decay: NonNegativeFloat = 0.05
-    warmup_epochs: NonNegativeFloat = 5.0
-    grad_clip_norm: PositiveFloat | None = 1.0
-    grad_accum_steps: PositiveInt = 1
-    # EMA of the weights; when on, the EMA is what is validated, selected, exported, evaluated and taught from.
-    # ema_decay is the ceiling; with ema_warmup the decay grows as 1 - (1 + step)^(-2/3) up to it (timm's
-    # ModelEmaV3), so short runs do not keep their random initialisation in the average. Without warm-up,
-    # a run too short for its decay is refused before it starts (tasks.training.train.check_ema_horizon).
-    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
-    ema_warmup: bool = True
-    bf16: bool = True
-    compile: bool = False
-    channels_last: bool = False
-    seed: int = 0
-    checkpoints_to_keep: PositiveInt = 2
-    max_failures: NonNegativeInt = 1
-    log_every_steps: PositiveInt = 20
-    # Fine-tuning. Layer-wise LR decay (BEiT, MAE): a parameter in layer group i of L trains at
-    # lr * layer_decay ** (L - 1 - i). Groups by the model's group_matcher, as timm's param_groups_layer_decay
-    # makes them: the embeddings 0, then each block (the final norm with the last), the heads L - 1.
-    # None (or 1.0) is off; a model's own layer_decay wins.
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
-    # Every parameter outside the classifier head(s) trains at lr * backbone_lr_scale (on top of layer decay).
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
-    # The first N epochs train the classifier head(s) alone: the backbone gets no gradients or updates and runs
-    # in eval mode (no dropout, drop-path or BatchNorm statistics). Its optimizer state starts when it joins.
-    freeze_backbone_epochs: NonNegativeInt = 0
-    # DeiT's linear scaling: lr (not min_lr) is multiplied by global batch / lr_reference_batch (DeiT: 512),
-    # the global batch being batch_size x scaling.num_workers x grad_accum_steps. None leaves lr as it is.
-    lr_reference_batch: PositiveInt | None = None
+    """The training recipe every model shares: schedule, optimiser, precision, checkpoints and fine-tuning."""
+
+    epochs: PositiveInt = Field(
+        100, description="Passes over the training split (see data.augment.repeated_augmentation).")
+    batch_size: PositiveInt = Field(128, description="Images per optimiser micro-step on each training worker.")
+    lr: PositiveFloat = Field(
+        1e-3, description="The peak learning rate AdamW reaches after warm-up (scaled by lr_reference_batch when "
+                          "set), followed by cosine decay to min_lr.")
+    min_lr: NonNegativeFloat = Field(1e-5, description="The learning rate the cosine schedule ends at.")
+    weight_decay: NonNegativeFloat = Field(
+        0.05, description="AdamW's decoupled weight decay; norms, biases, tokens and position tables get none.")
+    warmup_epochs: NonNegativeFloat = Field(
+        5.0, description="Epochs (fractions allowed) of linear learning-rate warm-up before the cosine decay.")
+    grad_clip_norm: PositiveFloat | None = Field(
+        1.0, description="Gradients are clipped to this global L2 norm before each optimiser step; None is off.")
+    grad_accum_steps: PositiveInt = Field(
+        1, description="Micro-batches whose gradients are summed before each optimiser step; the global batch is "
+                       "batch_size x scaling.num_workers x grad_accum_steps.")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="An exponential moving average of the weights with this decay (the ceiling, see ema_warmup); "
+                    "when on, the EMA is what is validated, selected, exported, evaluated and taught from. None is "
+                    "off.")
+    ema_warmup: bool = Field(
+        True, description="The EMA decay grows as 1 - (1 + step)^(-2/3) up to ema_decay (timm's ModelEmaV3), so "
+                          "short runs do not keep their random initialisation in the average. Without it, a run too "
+                          "short for its decay is refused before it starts (tasks.training.train.check_ema_horizon).")
+    bf16: bool = Field(True, description="Run forward and backward passes in bfloat16 autocast (weights stay float32).")
+    compile: bool = Field(False, description="Compile the model with torch.compile before training.")
+    channels_last: bool = Field(
+        False, description="NHWC memory format for every model whose own channels_last is unset.")
+    seed: int = Field(0, description="Seeds model initialisation, augmentation and dropout on every worker.")
+    checkpoints_to_keep: PositiveInt = Field(
+        2, description="Epoch checkpoints Ray Train keeps per training (the best by validation accuracy).")
+    max_failures: NonNegativeInt = Field(
+        1, description="How many times a training whose workers fail for a transient reason resumes from its last "
+                       "checkpoint; deterministic errors fail at once.")
+    log_every_steps: PositiveInt = Field(20, description="Optimiser steps between logged training metrics.")
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Layer-wise LR decay for fine-tuning (BEiT, MAE): a parameter in layer group i of L trains at "
+                    "lr * layer_decay ** (L - 1 - i), groups as timm's param_groups_layer_decay makes them (the "
+                    "embeddings 0, each block, the heads L - 1). None (or 1.0) is off; a model's own layer_decay "
+                    "wins.")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=1.0, description="Every parameter outside the classifier head(s) trains at lr x this (on "
+                                         "top of layer decay); 1.0 is off.")
+    freeze_backbone_epochs: NonNegativeInt = Field(
+        0, description="The first N epochs train the classifier head(s) alone: the backbone gets no gradients or "
+                       "updates and runs in eval mode (no dropout, drop-path or BatchNorm statistics). Its optimizer "
+                       "state starts when it joins.")
+    lr_reference_batch: PositiveInt | None = Field(
+        None, description="DeiT's linear scaling: lr (not min_lr) is multiplied by global batch / lr_reference_batch "
+                          "(DeiT: 512), the global batch being batch_size x scaling.num_workers x grad_accum_steps. "
+                          "None leaves lr as it is.")
 
     @model_validator(mode="after")
     def _freeze_within_run(self) -> TrainingConfig:
@@ -394,16 +487,25 @@ class TrainingConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: PositiveInt = 2
-    use_gpu: bool = False
-    cpus_per_worker: PositiveFloat = 1.0
-    gpus_per_worker: NonNegativeFloat = 0.0
-    # None: $RAY_ADDRESS if set, else a local Ray started in-process. "auto" or host:port: this process is
-    # a Ray driver on a node of that cluster; http(s)://host:8265: trainings go there as Ray Jobs.
-    ray_address: str | None = None
-    ray_num_cpus: PositiveInt | None = None
-    # Ray Train workers may land on several machines: checkpoints must then be on storage all of them reach.
-    multi_node: bool = False
+    """How each training is spread over Ray Train workers (DDP), and which Ray cluster runs them."""
+
+    num_workers: PositiveInt = Field(
+        2, description="Ray Train workers (DDP processes) per training; each takes batch_size images per step.")
+    use_gpu: bool = Field(
+        False, description="Give each training worker a GPU (gpus_per_worker of one) and train on it.")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs Ray reserves for each training worker.")
+    gpus_per_worker: NonNegativeFloat = Field(
+        0.0, description="GPUs (fractions allowed) Ray reserves for each training worker when use_gpu is on; 0 "
+                         "takes Ray's default of one.")
+    ray_address: str | None = Field(
+        None, description="The Ray cluster: None takes $RAY_ADDRESS if set, else starts a local Ray in-process; "
+                          "\"auto\" or host:port makes this process a Ray driver on a node of that cluster; "
+                          "http(s)://host:8265 submits trainings there as Ray Jobs.")
+    ray_num_cpus: PositiveInt | None = Field(
+        None, description="CPUs a local, in-process Ray may use; None: all of the machine's.")
+    multi_node: bool = Field(
+        False, description="Ray Train workers may land on several machines: checkpoints must then be on storage "
+                           "all of them reach (storage.checkpoints or storage.shared_filesystem).")
 
     @field_validator("ray_address")
     @classmethod
@@ -414,26 +516,34 @@ class ScalingConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    project: str = "vit-pipeline"
-    entity: str | None = None
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    run_name: str = "default"
-    output_dir: Path = Path("runs")
-    # One flow run's directory under runs/<run_name>/, set by the flow (its flow run's name and id);
-    # None (the step commands' default) means runs/<run_name>/ itself.
-    flow_run: str | None = None
-    # The flow's last step links the best model of each model family into the W&B Registry
-    # (tasks/operations/publish.py).
-    # "auto": when W&B is online; offline it writes what it would link to <run directory>/registry.json for
-    # `vit-pipeline publish --run-dir` after `wandb sync`. "always": the same, but the flow refuses to start
-    # unless W&B is online. "never": no publish step.
-    publish: Literal["auto", "always", "never"] = "auto"
-    # The W&B registry, without its "wandb-registry-" prefix; "model" is the one every organisation has. Each
-    # model family is a collection <project>-<model> in it.
-    registry: str = "model"
-    # Alert when a retrained model's test top-1 is more than this (absolute: 0.02 is 2 points) below the one
-    # registered as `best` on the same test split.
-    regression_margin: float = Field(0.02, ge=0.0, le=1.0)
+    """Where runs write and how they are tracked in Weights & Biases and published to its Registry."""
+
+    project: str = Field("vit-pipeline", description="The W&B project runs are logged to.")
+    entity: str | None = Field(
+        None, description="The W&B team or user owning the project; None: the API key's default.")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B's mode: \"online\" logs to the server, \"offline\" to local files for "
+                               "`wandb sync`, \"disabled\" not at all.")
+    run_name: str = Field(
+        "default", description="Names the run directory runs/<run_name>/ and the W&B runs: 1-100 letters, digits, "
+                               "'_', '.' or '-'.")
+    output_dir: Path = Field(Path("runs"), description="The directory every run directory is made in.")
+    flow_run: str | None = Field(
+        None, description="One flow run's directory under runs/<run_name>/, set by the flow (its flow run's name "
+                          "and id); None (the step commands' default) means runs/<run_name>/ itself.")
+    publish: Literal["auto", "always", "never"] = Field(
+        "auto", description="The flow's last step links the best model of each model family into the W&B Registry "
+                            "(tasks/operations/publish.py). \"auto\": when W&B is online; offline it writes what it "
+                            "would link to <run directory>/registry.json for `vit-pipeline publish --run-dir` after "
+                            "`wandb sync`. \"always\": the same, but the flow refuses to start unless W&B is online. "
+                            "\"never\": no publish step.")
+    registry: str = Field(
+        "model", description="The W&B registry, without its \"wandb-registry-\" prefix; \"model\" is the one every "
+                             "organisation has. Each model family is a collection <project>-<model> in it.")
+    regression_margin: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="Alert when a retrained model's validation top-1 is more than this (absolute: 0.02 is 2 points) "
+                    "below that of the model registered as `best`, on the same validation split.")
 
     @field_validator("run_name", "flow_run")
     @classmethod
@@ -467,15 +577,21 @@ class OrchestrationConfig(_Section):
     Ray Train's failure handling and the epoch checkpoints bound what a hung training costs instead.
     """
 
-    retries: NonNegativeInt = 2
-    retry_delay_seconds: list[NonNegativeFloat] = Field(default_factory=lambda: [10.0, 60.0])
-    shard_timeout_minutes: PositiveFloat = 120
-    evaluate_timeout_minutes: PositiveFloat = 120
-    # None: as many trainings at once as the Ray cluster has room for.
-    max_concurrent_trainings: PositiveInt | None = None
-    # The Prefect notification block ("<block type>/<name>", e.g. slack-webhook/vit-pipeline) that the
-    # automations of infra/prefect/automations.yaml notify when a flow run fails or crashes.
-    notify_block: str | None = None
+    retries: NonNegativeInt = Field(
+        2, description="Prefect retries of a failed step (shard, verify, train, evaluate...).")
+    retry_delay_seconds: list[NonNegativeFloat] = Field(
+        default_factory=lambda: [10.0, 60.0],
+        description="Seconds to wait before each retry, in order (the last repeats for further retries).")
+    shard_timeout_minutes: PositiveFloat = Field(
+        120, description="Minutes the shard and verify steps may run before Prefect fails them.")
+    evaluate_timeout_minutes: PositiveFloat = Field(
+        120, description="Minutes the evaluate step may run before Prefect fails it.")
+    max_concurrent_trainings: PositiveInt | None = Field(
+        None, description="Trainings run at once; None: as many as the Ray cluster has room for.")
+    notify_block: str | None = Field(
+        None, description="The Prefect notification block (\"<block type>/<name>\", e.g. slack-webhook/vit-pipeline) "
+                          "that the automations of infra/prefect/automations.yaml notify when a flow run fails or "
+                          "crashes.")
 
     @field_validator("notify_block")
     @classmethod
@@ -488,14 +604,16 @@ class OrchestrationConfig(_Section):
 class StorageConfig(_Section):
     """Where state that must outlive one machine lives: a local path, or any fsspec URL (s3://bucket/prefix)."""
 
-    # Ray Train's RunConfig(storage_path); None: <run directory>/ray.
-    checkpoints: str | None = None
-    # Prefect's result storage for the cached steps (shards, trainings); None: Prefect's default, local to
-    # the machine running the flow (PREFECT_LOCAL_STORAGE_PATH).
-    results: str | None = None
-    # A file system mounted at the same path on every node and on the machine running the flow
-    # (EFS, NFS, FSx, a ReadWriteMany volume): local paths under it are fine for multi-node checkpoints.
-    shared_filesystem: Path | None = None
+    checkpoints: str | None = Field(
+        None, description="Where training checkpoints go (Ray Train's RunConfig(storage_path)), under "
+                          "<run_name>/<flow run>; None: <run directory>/ray.")
+    results: str | None = Field(
+        None, description="Prefect's result storage for the cached steps (shards, trainings); None: Prefect's "
+                          "default, local to the machine running the flow (PREFECT_LOCAL_STORAGE_PATH).")
+    shared_filesystem: Path | None = Field(
+        None, description="A file system mounted at the same absolute path on every node and on the machine running "
+                          "the flow (EFS, NFS, FSx, a ReadWriteMany volume): local paths under it are fine for "
+                          "multi-node checkpoints.")
 
     @field_validator("shared_filesystem")
     @classmethod
@@ -516,9 +634,11 @@ SWEEPABLE_SECTIONS = ("training.", "data.augment.")
 class SearchDimension(_Section):
     """The values one swept field takes: exactly one of `choice` (a list), `uniform` or `loguniform` ([low, high])."""
 
-    choice: list[Any] | None = Field(None, min_length=1)
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+    choice: list[Any] | None = Field(None, min_length=1, description="The values to sample from, uniformly.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high]: any number between, uniformly.")
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        None, description="[low, high], both above 0: any number between, uniformly on a log scale (for learning "
+                          "rates, weight decays).")
 
     @model_validator(mode="after")
     def _one_distribution(self) -> SearchDimension:
@@ -551,11 +671,15 @@ class SearchDimension(_Section):
 class SweepSchedulerConfig(_Section):
     """How trials are stopped early: ASHA (asynchronous successive halving) on the sweep's metric, or never (fifo)."""
 
-    name: Literal["asha", "fifo"] = "asha"
-    # Epochs every trial trains before ASHA may stop it; then at grace_period * reduction_factor^k epochs
-    # a trial continues only if it is in the best 1/reduction_factor of the trials that got that far.
-    grace_period: PositiveInt = 1
-    reduction_factor: float = Field(3.0, gt=1.0)
+    name: Literal["asha", "fifo"] = Field(
+        "asha", description="\"asha\" stops poor trials early; \"fifo\" trains every trial for training.epochs.")
+    grace_period: PositiveInt = Field(
+        1, description="Epochs every trial trains before ASHA may stop it; then at grace_period x "
+                       "reduction_factor^k epochs a trial continues only if it is in the best 1/reduction_factor of "
+                       "the trials that got that far.")
+    reduction_factor: float = Field(
+        3.0, gt=1.0, description="ASHA's halving rate: the share 1/reduction_factor of trials kept at each rung, and "
+                                 "the growth of the epochs between rungs.")
 
 
 class SweepConfig(_Section):
@@ -567,17 +691,22 @@ class SweepConfig(_Section):
     `model.transformers.0.model_kwargs.depth`.
     """
 
-    model: str
-    parameters: dict[str, SearchDimension]
-    metric: str = "val_acc"
-    # None: the metric's own direction (max for val_acc, min for val_loss).
-    mode: Literal["max", "min"] | None = None
-    num_trials: PositiveInt = 8
-    # None: as many trials at once as the Ray cluster holds trainings of this scaling config.
-    max_concurrent_trials: PositiveInt | None = None
-    scheduler: SweepSchedulerConfig = Field(default_factory=SweepSchedulerConfig)
-    # Seeds the sampling of parameters: the same config samples the same trials.
-    seed: int = 0
+    model: str = Field(description="The configured model (model.baseline or one of model.transformers) every "
+                                   "trial trains.")
+    parameters: dict[str, SearchDimension] = Field(
+        description="The search space: each swept field's dotted path and the values it takes.")
+    metric: str = Field(
+        "val_acc", description="The validation metric trials are compared and stopped on: val_acc or val_loss.")
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Whether the metric is better higher or lower; None: the metric's own direction (max for "
+                          "val_acc, min for val_loss).")
+    num_trials: PositiveInt = Field(8, description="Parameter samples to train.")
+    max_concurrent_trials: PositiveInt | None = Field(
+        None, description="Trials run at once; None: as many as the Ray cluster holds trainings of this scaling "
+                          "config.")
+    scheduler: SweepSchedulerConfig = Field(
+        default_factory=SweepSchedulerConfig, description="How trials are stopped early.")
+    seed: int = Field(0, description="Seeds the sampling of parameters: the same config samples the same trials.")
 
     @field_validator("parameters")
     @classmethod
@@ -614,14 +743,21 @@ def is_url(location: str | Path) -> bool:
 
 
 class PipelineConfig(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    sweep: SweepConfig | None = None
+    """The whole pipeline's configuration, one section per concern (configs/*.yaml)."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="The data: source, shards, split and loading.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The models to train and compare.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="The training recipe.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers and the Ray cluster.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Run directories, W&B tracking and the model registry.")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Prefect retries, time limits and notifications.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Checkpoint and result storage that outlives one machine.")
+    sweep: SweepConfig | None = Field(
+        None, description="A hyperparameter search (`vit-pipeline sweep`); None: no sweep. The pipeline flow "
+                          "ignores it.")
 
     @model_validator(mode="after")
     def _repeats_fit_the_batch(self) -> PipelineConfig:
