@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tasks.config import ConfigError, PipelineConfig, load_config, with_pretrained_file
+from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_config, with_pretrained_file
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import shard_from_config, verify_shards
 from tasks.data.sources import SourceError
@@ -20,7 +20,6 @@ from tasks.operations.publish import PublishError
 from tasks.training.checkpoints import CheckpointError
 from tasks.training.train import TrainingError
 
-EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
 # Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
 BAD_INPUT_ERRORS = (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,

@@ -21,11 +21,10 @@ from typing import Any
 
 import yaml
 
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_config
 
 TRAINING_TAG = "gpu-training"
 AUTOMATIONS_FILE = Path(__file__).resolve().parents[1] / "infra" / "prefect" / "automations.yaml"
-EXIT_BAD_INPUT = 2
 
 
 def automations(notify_block_id: str | None, *, zombie_seconds: float | None = None) -> list[dict[str, Any]]:

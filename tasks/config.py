@@ -54,6 +54,10 @@ def our_model_names() -> list[str]:
     return [name for name in timm.list_models() if model_entrypoint(name).__module__.startswith("vitmodels")]
 
 
+# The exit status of every command for input that cannot be used (a config, a file, a flag), as argparse uses.
+EXIT_BAD_INPUT = 2
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every offending field."""
 
