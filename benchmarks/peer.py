@@ -62,8 +62,9 @@ from tasks.data.samples import decode_image, decode_label, iter_samples
 from tasks.data.shard import ShardOptions, require_manifest, write_shards
 from tasks.data.sources import Source, open_source
 from tasks.judging.evaluate import evaluate_models
-from tasks.training.checkpoints import BEST_WEIGHTS, checkpoint_dirs
-from tasks.training.recipe import effective_lr, trained_weights, uses_channels_last
+from tasks.layout import BEST_WEIGHTS, RunLayout
+from tasks.training.checkpoints import checkpoint_dirs
+from tasks.training.recipe import effective_lr, uses_channels_last
 from tasks.training.train_loop import TrainingJob, fit_to_cores, run_training
 from tasks.training.worker_context import LocalContext
 
@@ -306,7 +307,7 @@ def train_ours_with_ray(config: PipelineConfig, args: argparse.Namespace, work: 
     if result.returncode != 0:
         sys.exit(f"vit-pipeline train failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-8000:]}")
     print(result.stdout.strip(), flush=True)
-    metrics = json.loads((trained_weights(config, args.model).parent / "metrics.json").read_text())
+    metrics = json.loads(RunLayout.of(config).metrics(args.model).read_text())
     return metrics["history"], wall
 
 
@@ -318,7 +319,7 @@ def train_ours_in_process(config: PipelineConfig, args: argparse.Namespace, work
     started = time.perf_counter()
     history = run_training(LocalContext(args.device, checkpoint_root=checkpoints), job)
     wall = time.perf_counter() - started
-    weights = trained_weights(config, args.model)
+    weights = RunLayout.of(config).weights(args.model)
     weights.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(checkpoint_dirs(checkpoints)[0] / BEST_WEIGHTS, weights)
     return history, wall
@@ -331,7 +332,7 @@ def train_ours(config: PipelineConfig, args: argparse.Namespace, work: Path) -> 
                "seconds": e["epoch_seconds"], "train_loss": e["train_loss"], "val_top1": e["val_acc"]}
               for e in history]
     best = max(epochs, key=lambda e: e["val_top1"])  # the first of equals, as the loop keeps it
-    [record] = evaluate_models(config, {args.model: trained_weights(config, args.model)})
+    [record] = evaluate_models(config, {args.model: RunLayout.of(config).weights(args.model)})
     return summary(epochs, wall, best["val_top1"], best["epoch"], record["top1"])
 
 

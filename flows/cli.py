@@ -138,6 +138,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     killed, it continues the same sweep (same config) instead of starting over."""
     from flows.run_owner import flow_run_directory
     from flows.sweep import vit_sweep
+    from tasks.layout import RunLayout
     from tasks.operations.sweep import BEST_CONFIG_FILE, RESULTS_FILE, require_sweep
 
     if args.flow_run:
@@ -147,7 +148,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = require_sweep(config, str(args.config or "the default configuration"))
     state = vit_sweep(config=config, return_state=True)
     state.result()  # the flow's error, if it failed
-    out = flow_run_directory(config.run_root, str(state.state_details.flow_run_id)) / "sweep"
+    out = RunLayout(flow_run_directory(config.run_root, str(state.state_details.flow_run_id))).sweep_dir
     results = json.loads((out / RESULTS_FILE).read_text())
     for trial in results["trials"]:
         chosen = ", ".join(f"{path}={value:.4g}" if isinstance(value, float) else f"{path}={value}"
@@ -163,10 +164,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.judging.evaluate import evaluate_models, markdown_table
+    from tasks.layout import RunLayout
 
     config = _load(args, {"shards": "data.shard_dir"})
     print(markdown_table(evaluate_models(config)), end="")
-    print(f"written to {config.run_dir / 'evaluation.json'}")
+    print(f"written to {RunLayout.of(config).evaluation}")
     return 0
 
 

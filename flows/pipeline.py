@@ -38,6 +38,7 @@ from tasks.config import ConfigError, PipelineConfig, is_url, load_config, train
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
+from tasks.layout import RunLayout
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.operations.tracking import (
@@ -49,7 +50,6 @@ from tasks.operations.tracking import (
     sync_command,
 )
 from tasks.training.checkpoints import CheckpointError
-from tasks.training.recipe import trained_weights
 from tasks.training.train import (
     TrainingError,
     TrainOutcome,
@@ -120,7 +120,7 @@ def shard_task(config: PipelineConfig, group: str) -> dict:
     if run is not None:
         summary = {f"{split}_samples": info["num_samples"] for split, info in result.manifest["splits"].items()}
         run.summary.update(summary)
-        manifest = manifest_snapshot(result.location, Path(config.run_dir) / "wandb-inputs")
+        manifest = manifest_snapshot(result.location, RunLayout.of(config).wandb_inputs)
         run.log_artifact(files_artifact(dataset_artifact_name(config), "dataset", [manifest],
                                         metadata={"location": result.location, **summary}))
         run.finish()
@@ -227,7 +227,7 @@ def _artifact_key(name: str) -> str:
 
 
 def _links(config: PipelineConfig, dashboard: str | None) -> None:
-    wandb_dir = (Path(config.run_dir) / "wandb").absolute()
+    wandb_dir = RunLayout.of(config).wandb_dir.absolute()
     create_link_artifact(key="wandb-runs", link=wandb_dir.as_uri(), link_text="W&B run directories (offline)",
                          description=f"Upload with: {sync_command(config)}")
     if dashboard:
@@ -258,7 +258,7 @@ def _connect_cluster(config: PipelineConfig) -> tuple[str | None, int]:
 
 def _this_runs_copy(config: PipelineConfig, outcome: TrainOutcome) -> TrainOutcome:
     """A training reused from an earlier flow run, copied into this run's models/ (its directory is whole)."""
-    out = trained_weights(config, outcome.model).parent
+    out = RunLayout.of(config).model_dir(outcome.model)
     if outcome.best_weights.parent.resolve() == out.resolve():
         return outcome
     out.mkdir(parents=True, exist_ok=True)
@@ -371,6 +371,6 @@ def vit_pipeline(
     published = None
     if config.tracking.publish != "never" and config.tracking.mode != "disabled":
         published = publish_task.with_options(**limits)(config)
-    return {"run_dir": str(Path(config.run_dir).absolute()), "report": report, "attention": grids,
+    return {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
             "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
             "published": published}

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.layout import RUN_OWNER_FILE, RunLayout
 
-RUN_OWNER_FILE = "flow-run.json"
 LATEST_LINK = "latest"
 CLAIM_LOCK = ".claim.lock"
 PIPELINE_KIND = "pipeline"
@@ -136,11 +136,11 @@ def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name:
                 continuable.append((path.parent.name, owner["flow_run_id"]))
         # A retry of this very flow run finds its own directory; otherwise the newest continuable one.
         label, continued = own_label, None
-        if not (run_root / own_label / RUN_OWNER_FILE).is_file() and continuable:
+        if not RunLayout(run_root / own_label).run_owner.is_file() and continuable:
             label, continued = continuable[-1]
         claimed = config.model_copy(deep=True)
         claimed.tracking.flow_run = label
-        _write(Path(claimed.run_dir) / RUN_OWNER_FILE,
+        _write(RunLayout.of(claimed).run_owner,
                {"flow_run_id": flow_run_id, "flow_run_name": flow_run_name, "host": host, "pid": os.getpid(),
                 "start": process_start(os.getpid()), "config": digest, "kind": kind, "finished": False})
     return Claim(claimed, continued, crashed)
@@ -148,7 +148,7 @@ def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name:
 
 def finish_run_directory(config: PipelineConfig) -> None:
     """Record that the directory's flow run finished (it is never continued), and point runs/<run>/latest at it."""
-    path = Path(config.run_dir) / RUN_OWNER_FILE
+    path = RunLayout.of(config).run_owner
     _write(path, {**(_read(path) or {}), "finished": True})
     link = Path(config.run_root) / LATEST_LINK
     temporary = link.with_name(f".{LATEST_LINK}.{os.getpid()}.tmp")

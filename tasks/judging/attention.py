@@ -26,8 +26,8 @@ from tasks.data.crops import EvalResize
 from tasks.data.loader import ShardStream, normalize
 from tasks.data.shard import require_manifest
 from tasks.judging.evaluate import evaluation_device, load_trained_model
+from tasks.layout import RunLayout
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run
-from tasks.training.recipe import trained_weights
 from vitmodels import SwinAttentionMap, SwinTransformer, VisionTransformer, capture_attention
 from vitmodels.swin import window_merge
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 ATTENTION_IMAGES = 10  # one per class on CIFAR-10
 ATTENTION_SEED = 0
-ATTENTION_DIR = "attention"
 PREFIX_TOKEN_NAMES = ("cls", "dist")  # token 0 is the class token, token 1 DeiT's distillation token
 ROLLOUT_RESIDUAL = 0.5  # Abnar & Zuidema: A' = 0.5 A + 0.5 I accounts for the residual connection
 PANEL_INCHES = 1.6
@@ -209,8 +208,9 @@ def plot_attention_grid(images: torch.Tensor, panels: list[Panel], row_titles: l
 def attention_maps(config: PipelineConfig, models: dict[str, Path] | None = None,
                    shard_location: str | None = None, group: str | None = None) -> dict[str, Path]:
     """Attention grids of every transformer (or `models`: name -> weights) under runs/<run>/attention/."""
+    layout = RunLayout.of(config)
     models = models if models is not None else {
-        spec.name: trained_weights(config, spec.name) for spec in config.model.transformers
+        spec.name: layout.weights(spec.name) for spec in config.model.transformers
     }
     location = shard_location or config.shard_location
     images, labels, keys = select_images(location)
@@ -229,7 +229,7 @@ def attention_maps(config: PipelineConfig, models: dict[str, Path] | None = None
         predicted = logits.argmax(1).cpu()
         titles = [f"true {classes[t]}\npred {classes[p]}"
                   for t, p in zip(labels.tolist(), predicted.tolist(), strict=True)]
-        path = Path(config.run_dir) / ATTENTION_DIR / f"{name}.png"
+        path = layout.attention_map(name)
         written[name] = plot_attention_grid(images, panels, titles, path)
         if tracker is not None:
             _log_table(tracker, name, images, labels, keys, logits, panels, classes)

@@ -24,12 +24,12 @@ from tasks.config import PipelineConfig
 from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.data.shard import VAL_SPLIT, require_manifest
+from tasks.layout import METRICS_FILE, RunLayout
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run
-from tasks.training.recipe import autocast_context, build_model, trained_weights, uses_channels_last
+from tasks.training.recipe import autocast_context, build_model, uses_channels_last
 
 log = logging.getLogger(__name__)
 
-EVALUATION_FILE = "evaluation.json"
 EVALUATION_ARTIFACT = "evaluation"
 ECE_BINS = 15
 TOP_K = 5
@@ -115,7 +115,7 @@ def _require_weights(name: str, weights: Path) -> None:
 
 
 def default_models(config: PipelineConfig) -> dict[str, Path]:
-    return {spec.name: trained_weights(config, spec.name) for spec in config.model.all_specs()}
+    return {spec.name: RunLayout.of(config).weights(spec.name) for spec in config.model.all_specs()}
 
 
 def evaluation_device() -> torch.device:
@@ -185,7 +185,7 @@ def training_cost(config: PipelineConfig, name: str, weights: Path) -> dict:
     GPUs when training used GPUs (1 when gpus_per_worker is 0, as the train step then asks for 1), else its
     CPU cores. metrics.json does not record the scaling, so it is read from the current configuration.
     """
-    metrics_file = Path(weights).parent / "metrics.json"
+    metrics_file = Path(weights).parent / METRICS_FILE
     if not metrics_file.is_file():
         return {"train_seconds": None, "train_images_per_s": None, "device_hours": None, "device_kind": None,
                 "epochs": None, "best_epoch": None, "train_val_top1": None}
@@ -262,7 +262,7 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
     device = evaluation_device()
     records = [evaluate_model(config, name, Path(weights), location, manifest, device)
                for name, weights in models.items()]
-    out = Path(config.run_dir) / EVALUATION_FILE
+    out = RunLayout.of(config).evaluation
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": records, "classes": classes}, indent=2))
     _log_to_wandb(config, records, group, models, out)
@@ -270,7 +270,7 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
 
 
 def read_evaluation(config: PipelineConfig) -> dict:
-    path = Path(config.run_dir) / EVALUATION_FILE
+    path = RunLayout.of(config).evaluation
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `vit-pipeline evaluate` first")
     return json.loads(path.read_text())

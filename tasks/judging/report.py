@@ -17,15 +17,13 @@ from pathlib import Path
 import matplotlib
 
 from tasks.config import PipelineConfig
-from tasks.judging.attention import ATTENTION_DIR
-from tasks.judging.evaluate import EVALUATION_ARTIFACT, EVALUATION_FILE, markdown, read_evaluation
+from tasks.judging.evaluate import EVALUATION_ARTIFACT, markdown, read_evaluation
+from tasks.layout import RunLayout
 from tasks.operations.tracking import files_artifact, record_input, start_wandb_run
-from tasks.training.recipe import trained_weights
 
 matplotlib.use("Agg")  # files only: no display on workers or CI
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-REPORT_DIR = "report"
 PLOT_DPI = 110
 PLOT_SIZE = (6.0, 4.0)
 CONFUSION_INCHES = 3.6
@@ -118,8 +116,9 @@ def plot_tradeoff(records: list[dict], cost_key: str, cost_label: str, lower_cos
 def read_histories(config: PipelineConfig, names: list[str]) -> dict[str, list[dict]]:
     """Per-epoch histories from each model's metrics.json; models without one are left out."""
     histories = {}
+    layout = RunLayout.of(config)
     for name in names:
-        metrics_file = trained_weights(config, name).parent / "metrics.json"
+        metrics_file = layout.metrics(name)
         if metrics_file.is_file():
             histories[name] = json.loads(metrics_file.read_text()).get("history") or []
     return {name: history for name, history in histories.items() if history}
@@ -170,8 +169,8 @@ def make_plots(config: PipelineConfig, records: list[dict], classes: list[str], 
 
 
 def attention_grids(config: PipelineConfig, records: list[dict]) -> dict[str, Path]:
-    directory = Path(config.run_dir) / ATTENTION_DIR
-    grids = {record["model"]: directory / f"{record['model']}.png" for record in records}
+    layout = RunLayout.of(config)
+    grids = {record["model"]: layout.attention_map(record["model"]) for record in records}
     return {name: path for name, path in grids.items() if path.is_file()}
 
 
@@ -230,16 +229,17 @@ def render_html(config: PipelineConfig, rows: list[list[str]], plots: dict[str, 
 def write_report(config: PipelineConfig, evaluation: list[dict] | None = None,
                  group: str | None = None) -> dict[str, Path]:
     """Write report.md, report.html and the plots under runs/<run>/report/; returns every file by name."""
+    layout = RunLayout.of(config)
     stored = read_evaluation(config)
     records = evaluation if evaluation is not None else stored["models"]
     if not records:
-        raise ValueError(f"{Path(config.run_dir) / 'evaluation.json'}: no evaluated models to report on")
-    out = Path(config.run_dir) / REPORT_DIR
+        raise ValueError(f"{layout.evaluation}: no evaluated models to report on")
+    out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = report_rows(records)
     plots = make_plots(config, records, stored["classes"], out)
     grids = attention_grids(config, records)
-    files = {"markdown": out / "report.md", "html": out / "report.html", **plots}
+    files = {"markdown": out / "report.md", "html": layout.report, **plots}
     files["markdown"].write_text(render_markdown(config, rows, plots, grids, out))
     files["html"].write_text(render_html(config, rows, plots, grids))
     _log_to_wandb(config, rows, plots, files, group)
@@ -253,7 +253,7 @@ def _log_to_wandb(config: PipelineConfig, rows: list[list[str]], plots: dict[str
         return
     import wandb
 
-    record_input(run, EVALUATION_ARTIFACT, "evaluation", Path(config.run_dir) / EVALUATION_FILE)
+    record_input(run, EVALUATION_ARTIFACT, "evaluation", RunLayout.of(config).evaluation)
     run.log({
         # a copy: a Table keeps the list it is given and add_column extends it
         "report/table": wandb.Table(columns=list(REPORT_COLUMNS), data=rows),

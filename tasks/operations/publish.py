@@ -31,13 +31,12 @@ from urllib.parse import urlsplit
 from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import read_manifest
 from tasks.judging.evaluate import read_evaluation
+from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
 from tasks.operations.tracking import file_digest, init_wandb_run, wandb_mode, wandb_run_id
-from tasks.training.recipe import trained_weights
 
 log = logging.getLogger(__name__)
 
-REGISTRY_FILE = "registry.json"
 PLAN_VERSION = 1
 BEST_ALIAS = "best"
 LATEST_ALIAS = "latest"
@@ -155,11 +154,10 @@ def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Pa
 
 def _report_link(config: PipelineConfig) -> dict:
     """The report: its file in the run directory and its W&B run (a URL once linked online)."""
-    from tasks.judging.report import REPORT_DIR  # matplotlib: only when planning
-
+    layout = RunLayout.of(config)
     group = config.tracking.flow_run or config.tracking.run_name
-    return {"file": f"{REPORT_DIR}/report.html", "wandb_run": wandb_run_id(group, "report", "comparison"),
-            "url": None}
+    return {"file": layout.report.relative_to(layout.root).as_posix(),
+            "wandb_run": wandb_run_id(group, "report", "comparison"), "url": None}
 
 
 def describe(card: dict) -> str:
@@ -190,7 +188,7 @@ def describe(card: dict) -> str:
 
 def offline_run_ids(run_dir: Path) -> list[str]:
     """The W&B runs this run directory holds offline (wandb/offline-run-<time>-<id>), which `wandb sync` uploads."""
-    return sorted({path.name.split("-", 3)[3] for path in (run_dir / "wandb").glob("offline-run-*-*")})
+    return sorted({path.name.split("-", 3)[3] for path in RunLayout(run_dir).wandb_dir.glob("offline-run-*-*")})
 
 
 def plan_publication(config: PipelineConfig) -> dict:
@@ -198,7 +196,8 @@ def plan_publication(config: PipelineConfig) -> dict:
 
     Every model of the run's evaluation.json, with its card; the shards' manifest gives the test split.
     """
-    run_dir = Path(config.run_dir)
+    layout = RunLayout.of(config)
+    run_dir = layout.root
     evaluation = read_evaluation(config)
     manifest = read_manifest(config.shard_location)
     if manifest is None:
@@ -207,11 +206,11 @@ def plan_publication(config: PipelineConfig) -> dict:
     tracking = config.tracking
     # Links already made for the same weights into the same collection stay recorded: planning again never
     # makes a publish link them twice.
-    previous = read_plan(run_dir)["models"] if (run_dir / REGISTRY_FILE).is_file() else []
+    previous = read_plan(run_dir)["models"] if layout.registry.is_file() else []
     done = {(entry["target"], entry["metadata"]["weights_sha256"]): entry["linked"] for entry in previous}
     models = []
     for record in evaluation["models"]:
-        weights = trained_weights(config, record["model"])
+        weights = layout.weights(record["model"])
         if not weights.is_file():
             raise FileNotFoundError(f"{record['model']}: evaluated, but its weights are not at {weights}")
         card = model_card(config, record, manifest, weights)
@@ -238,7 +237,7 @@ def plan_publication(config: PipelineConfig) -> dict:
 
 
 def write_plan(run_dir: Path, plan: dict) -> Path:
-    path = run_dir / REGISTRY_FILE
+    path = RunLayout(run_dir).registry
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(plan, indent=2))
     os.replace(temporary, path)
@@ -246,7 +245,7 @@ def write_plan(run_dir: Path, plan: dict) -> Path:
 
 
 def read_plan(run_dir: Path) -> dict:
-    path = run_dir / REGISTRY_FILE
+    path = RunLayout(run_dir).registry
     if not path.is_file():
         raise PublishError(f"{path} does not exist: it is written by the flow's publish step or by "
                            f"`vit-pipeline publish --flow-run DIR` (tracking.publish must not be 'never')")
@@ -267,7 +266,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
     missing = registry.missing_runs(plan["wandb"]["offline_runs"])
     if missing:
         raise PublishError(f"W&B does not have the run(s) {', '.join(missing)} of {run_dir} yet (their cards link "
-                           f"them): upload them first with `wandb sync {run_dir / 'wandb'}/offline-run-*`")
+                           f"them): upload them first with `wandb sync {RunLayout(run_dir).wandb_dir}/offline-run-*`")
     for entry in plan["models"]:
         if entry["linked"]:
             log.info("%s: already linked to %s", entry["model"], entry["linked"]["version"])
@@ -375,7 +374,7 @@ def publish_run_dir(run_dir: Path) -> list[dict]:
 
 
 def publish_run_command(config: PipelineConfig) -> str:
-    return f"vit-pipeline publish --run-dir {Path(config.run_dir).absolute()}"
+    return f"vit-pipeline publish --run-dir {RunLayout.of(config).root.absolute()}"
 
 
 def publish_refused(config: PipelineConfig) -> str | None:
@@ -392,10 +391,10 @@ def publish(config: PipelineConfig) -> tuple[Path, list[dict] | None]:
     Returns registry.json and the linked entries (None when the plan waits for `vit-pipeline publish --run-dir`).
     """
     plan = plan_publication(config)
-    path = Path(config.run_dir) / REGISTRY_FILE
+    path = RunLayout.of(config).registry
     if (refused := publish_refused(config)) is not None:
         raise PublishError(f"{refused}; the plan is in {path}")
     if wandb_mode(config) != "online":
         log.info("W&B is offline: what would be linked is in %s (%d models)", path, len(plan["models"]))
         return path, None
-    return path, publish_run_dir(Path(config.run_dir))
+    return path, publish_run_dir(RunLayout.of(config).root)

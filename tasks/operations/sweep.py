@@ -38,6 +38,7 @@ from tasks.config import (
     set_dotted,
     with_absolute_paths,
 )
+from tasks.layout import RunLayout
 from tasks.operations.tracking import files_artifact, start_wandb_run
 from tasks.training.checkpoints import latest_valid_checkpoint, read_checkpoint_metadata
 from tasks.training.train import TrainingError, concurrent_trainings, ensure_ray, fit_with_retries, training_run
@@ -101,7 +102,7 @@ def sweep_storage(config: PipelineConfig) -> str:
 
 def sweep_directory(config: PipelineConfig) -> Path:
     """runs/<run>/<flow run>/sweep/: results.json and best.yaml."""
-    return Path(config.run_dir) / "sweep"
+    return RunLayout.of(config).sweep_dir
 
 
 def require_sweep(config: PipelineConfig, source: str) -> SweepConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import PipelineConfig
+from tasks.layout import RunLayout
 
 WANDB_ID_LIMIT = 64
 WandbMode = Literal["offline", "online", "disabled"]
@@ -58,7 +59,7 @@ def start_wandb_run(
         return None
     return init_wandb_run(project=config.tracking.project, entity=config.tracking.entity,
                           group=group or config.tracking.run_name, job_type=job_type, name=name, mode=mode,
-                          directory=Path(config.run_dir), config={**config_for_logging(config), **(extra or {})})
+                          directory=RunLayout.of(config).root, config={**config_for_logging(config), **(extra or {})})
 
 
 def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: str, name: str, mode: WandbMode,
@@ -85,7 +86,7 @@ def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: st
 
 
 def sync_command(config: PipelineConfig) -> str:
-    return f"wandb sync {Path(config.run_dir).absolute() / 'wandb'}/offline-run-*"
+    return f"wandb sync {RunLayout.of(config).wandb_dir.absolute()}/offline-run-*"
 
 
 def manifest_snapshot(location: str, directory: Path) -> Path:

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tasks.layout import BEST_WEIGHTS
+
 log = logging.getLogger(__name__)
 
 METADATA = "metadata.json"
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
-# The scored weights (EMA when on) of the best epoch so far, carried by every checkpoint.
-BEST_WEIGHTS = "best.safetensors"
 STATE = "state.pt"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -264,7 +263,3 @@ def autocast_context(config: PipelineConfig, device: torch.device) -> AbstractCo
 def uses_channels_last(training: TrainingConfig, spec: ModelSpec) -> bool:
     return training.channels_last if spec.channels_last is None else spec.channels_last
 
-
-def trained_weights(config: PipelineConfig, model_name: str, which: str = "best") -> Path:
-    """Where the train step exports a model's weights: runs/<run>/models/<model>/{best,last}.safetensors."""
-    return Path(config.run_dir) / "models" / model_name / f"{which}.safetensors"

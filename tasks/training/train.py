@@ -29,16 +29,16 @@ from tasks.config import (
 from tasks.data.loader import batches_per_rank
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import check_shard_sizes, require_manifest, verify_shards
+from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import start_wandb_run
 from tasks.training.checkpoints import (
-    BEST_WEIGHTS,
     WEIGHTS,
     CheckpointError,
     latest_valid_checkpoint,
     read_checkpoint_metadata,
 )
-from tasks.training.recipe import check_ema_horizon, trained_weights
+from tasks.training.recipe import check_ema_horizon
 from tasks.training.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class TrainOutcome:
 def default_teacher_weights(config: PipelineConfig, model_name: str) -> str | None:
     """The run's trained baseline, when `model_name` distils from it and it has been trained."""
     spec = config.model.spec(model_name)
-    weights = trained_weights(config, config.model.baseline.name)
+    weights = RunLayout.of(config).weights(config.model.baseline.name)
     return str(weights) if spec.teacher == "baseline" and weights.is_file() else None
 
 
@@ -190,7 +190,7 @@ def training_run(
     if spec.distillation != "none" and spec.teacher == "baseline" and teacher_weights is None:
         raise TrainingError(
             f"{model_name} distils from the baseline, whose weights are not there "
-            f"({trained_weights(config, config.model.baseline.name)}); train {config.model.baseline.name} first",
+            f"({RunLayout.of(config).weights(config.model.baseline.name)}); train {config.model.baseline.name} first",
             retryable=False,
         )
     location = shard_location or config.shard_location
@@ -347,19 +347,20 @@ def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> 
     """
     if result.checkpoint is None:
         raise TrainingError(f"training {model_name} finished without a checkpoint")
-    out = trained_weights(config, model_name).parent
+    layout = RunLayout.of(config)
+    out = layout.model_dir(model_name)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as directory:
         metadata = read_checkpoint_metadata(Path(directory))  # raises CheckpointError on a damaged checkpoint
-        shutil.copyfile(Path(directory) / BEST_WEIGHTS, out / "best.safetensors")
-        shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), out / "last.safetensors")
+        shutil.copyfile(Path(directory) / BEST_WEIGHTS, layout.weights(model_name))
+        shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), layout.weights(model_name, "last"))
     history, best_epoch = metadata["history"], metadata["best_epoch"]
     best_val_acc = history[best_epoch - 1]["val_acc"]
     checkpoint_dir = _checkpoint_location(config, model_name, result.checkpoint)
     summary = {"model": model_name, "history": history, "best_epoch": best_epoch, "best_val_acc": best_val_acc,
                "train_seconds": seconds, "checkpoint_dir": checkpoint_dir}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", history, best_epoch,
+    layout.metrics(model_name).write_text(json.dumps(summary, indent=2))
+    return TrainOutcome(model_name, layout.weights(model_name), layout.weights(model_name, "last"), history, best_epoch,
                         best_val_acc, checkpoint_dir, seconds)
 
 

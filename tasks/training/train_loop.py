@@ -43,6 +43,7 @@ from tasks.data.loader import Normalizer, ShardStream, device_batches, make_load
 from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import read_manifest
+from tasks.layout import BEST_WEIGHTS
 from tasks.operations.tracking import (
     dataset_artifact_name,
     detach_from_parent_wandb_service,
@@ -52,7 +53,6 @@ from tasks.operations.tracking import (
     start_wandb_run,
 )
 from tasks.training.checkpoints import (
-    BEST_WEIGHTS,
     EMA_WEIGHTS,
     WEIGHTS,
     find_resume_checkpoint,

@@ -30,8 +30,9 @@ from tasks.data.loader import ShardStream
 from tasks.data.shard import read_manifest
 from tasks.data.sources import read_cifar10
 from tasks.judging.evaluate import read_evaluation
+from tasks.layout import RunLayout
 from tasks.operations.sweep import BEST_CONFIG_FILE, RESULTS_FILE
-from tasks.training.recipe import effective_lr, global_batch, trained_weights
+from tasks.training.recipe import effective_lr, global_batch
 from tests.conftest import MINI_TEST_IMAGES, REPO_ROOT
 from vitmodels import ResNet, SwinTransformer, VisionTransformer
 
@@ -217,7 +218,7 @@ def check_sweep(config: PipelineConfig, best: PipelineConfig) -> None:
 
 
 def record_history(config: PipelineConfig, name: str) -> list[dict]:
-    return json.loads((trained_weights(config, name).parent / "metrics.json").read_text())["history"]
+    return json.loads(RunLayout.of(config).metrics(name).read_text())["history"]
 
 
 def test_miniature_keeps_every_switch(data_root, tmp_path, monkeypatch):

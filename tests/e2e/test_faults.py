@@ -323,7 +323,8 @@ def test_only_a_flow_run_whose_process_is_gone_is_marked_crashed(tmp_path):
     from prefect.states import Running
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.run_owner import RUN_OWNER_FILE, claim_run_directory, config_digest, process_start
+    from flows.run_owner import claim_run_directory, config_digest, process_start
+    from tasks.layout import RUN_OWNER_FILE
 
     @flow(name="orphan-check")
     def noop() -> None:

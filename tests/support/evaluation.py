@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.config import PipelineConfig, build_config
-from tasks.training.recipe import build_model, trained_weights
+from tasks.layout import RunLayout
+from tasks.training.recipe import build_model
 
 # timm's resnet10t stands in for the ResNet baseline: the ImageNet stem makes it cheap on 32x32 images.
 TINY_BASELINE = {"name": "resnet10t", "drop_path_rate": 0.0}
@@ -44,7 +45,7 @@ def save_random_weights(config: PipelineConfig, seed: int = 0, scramble: bool = 
             with torch.no_grad():
                 for parameter in model.parameters():
                     parameter.normal_(0, SCRAMBLE_STD)
-        path = trained_weights(config, spec.name)
+        path = RunLayout.of(config).weights(spec.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         written[spec.name] = path

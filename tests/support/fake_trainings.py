@@ -17,7 +17,7 @@ DURATIONS = {BASELINE: 2.0, VIT: 0.5, SWIN: 0.5, DEIT: 0.5}
 def fake_trainings_fixture(monkeypatch):
     """train_model replaced by one that takes DURATIONS[model] seconds, records when it ran, and writes weights."""
     import flows.pipeline
-    from tasks.training.recipe import trained_weights
+    from tasks.layout import RunLayout
     from tasks.training.train import TrainOutcome
 
     calls: list[dict] = []
@@ -25,7 +25,7 @@ def fake_trainings_fixture(monkeypatch):
     def train_model(config, model_name, *, teacher_weights=None, group=None):
         started = time.monotonic()
         time.sleep(DURATIONS[model_name])
-        out = trained_weights(config, model_name).parent
+        out = RunLayout.of(config).model_dir(model_name)
         out.mkdir(parents=True, exist_ok=True)
         for which in ("best", "last"):
             (out / f"{which}.safetensors").write_text(f"{model_name} of {config.tracking.flow_run}")

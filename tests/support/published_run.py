@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import build_config
-from tasks.training.recipe import trained_weights
+from tasks.layout import RunLayout
 
 BASELINE, VIT = "resnet18_cifar", "vit_tiny_patch4_32"
 SPLIT = "a" * 64
@@ -40,7 +40,7 @@ def evaluated_run(tmp_path, monkeypatch):
     })
     records = []
     for name, top1 in ((BASELINE, 0.81), (VIT, 0.75)):
-        weights = trained_weights(config, name)
+        weights = RunLayout.of(config).weights(name)
         weights.parent.mkdir(parents=True)
         weights.write_bytes(f"weights of {name}".encode())
         records.append({"model": name, "role": "x", "top1": top1, "top5": 0.99, "loss": 0.6, "ece": 0.03,

@@ -417,7 +417,8 @@ def test_a_new_flow_run_trains_again_unless_asked_to_reuse(tmp_path, data_root, 
 
 
 def test_every_flow_run_gets_its_own_directory_and_a_finished_one_is_never_continued(tmp_path):
-    from flows.run_owner import LATEST_LINK, RUN_OWNER_FILE, claim_run_directory, finish_run_directory
+    from flows.run_owner import LATEST_LINK, claim_run_directory, finish_run_directory
+    from tasks.layout import RUN_OWNER_FILE
 
     config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"}})
     scheduled = claim_run_directory(config, "0a1b2c3d-0000", "crimson-fox")

@@ -13,17 +13,16 @@ import pytest
 
 from flows.cli import main
 from tasks.config import ConfigError, build_config, training_fields
+from tasks.layout import REGISTRY_FILE, RunLayout
 from tasks.operations.publish import (
     BEST_ALIAS,
     LATEST_ALIAS,
-    REGISTRY_FILE,
     PublishError,
     decide,
     publish_plan,
     read_plan,
     split_sha256,
 )
-from tasks.training.recipe import trained_weights
 from tests.support.published_run import BASELINE, MANIFEST, SPLIT, VIT
 from tests.support.wandb_records import read_records
 
@@ -163,7 +162,7 @@ def test_a_plan_waits_for_its_runs_to_be_synced_and_for_its_own_weights(evaluate
     run_dir = Path(config.run_dir)
     with pytest.raises(PublishError, match=r"weekly-2-train-vit-0123456789.*wandb sync .*/wandb/offline-run-\*"):
         publish_plan(plan, run_dir, FakeRegistry(synced=False))
-    trained_weights(config, VIT).write_bytes(b"retrained since")
+    RunLayout.of(config).weights(VIT).write_bytes(b"retrained since")
     with pytest.raises(PublishError, match=f"{VIT}: .*best.safetensors differs from the weights registry.json"):
         publish_plan(plan, run_dir, FakeRegistry())
 

@@ -14,6 +14,7 @@ import pytest
 
 from flows.cli import EXIT_BAD_INPUT, main
 from tasks.config import VALIDATION_METRICS, ConfigError, build_config, load_config
+from tasks.layout import RUN_OWNER_FILE
 from tasks.operations.sweep import (
     COMPLETED,
     FAILED,
@@ -212,7 +213,7 @@ def test_a_dead_sweeps_directory_is_continued_by_a_sweep_only(tmp_path, monkeypa
     for label, kind in (("sweep-dead", "sweep"), ("old-dead", None)):  # records from before kinds: the pipeline's
         record = dead | ({"kind": kind} if kind else {}) | {"flow_run_id": label}
         (tmp_path / "r" / label).mkdir(parents=True)
-        (tmp_path / "r" / label / run_owner.RUN_OWNER_FILE).write_text(json.dumps(record))
+        (tmp_path / "r" / label / RUN_OWNER_FILE).write_text(json.dumps(record))
     assert run_owner.claim_run_directory(config, "p1", "pipeline").continued == "old-dead"
     sweep = run_owner.claim_run_directory(config, "s1", "sweep", kind="sweep")
     assert sweep.continued == "sweep-dead"

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from tasks.config import build_config
 from tasks.judging.evaluate import evaluate_models
-from tasks.training.checkpoints import BEST_WEIGHTS, METADATA
+from tasks.layout import BEST_WEIGHTS
+from tasks.training.checkpoints import METADATA
 from tasks.training.recipe import build_model
 from tasks.training.train import train_model
 from tests.conftest import SUBSET_VAL
