@@ -34,6 +34,7 @@ from pydantic import (
 from timm.models import model_entrypoint
 
 from tasks.data.sources import CIFAR10_SIDE
+from tasks.layout import RunLayout
 from vitmodels import CIFAR10_MEAN, CIFAR10_STD
 from vitmodels.factory import input_size_kwargs
 
@@ -820,7 +821,7 @@ class PipelineConfig(_Section):
         """Ray Train's storage_path: storage.checkpoints/<run_name>[/<flow run>], else <run directory>/ray."""
         base = self.storage.checkpoints
         if base is None:
-            return str(self.run_dir / "ray")
+            return str(RunLayout(self.run_dir).checkpoints)
         parts = [self.tracking.run_name, *([self.tracking.flow_run] if self.tracking.flow_run else [])]
         return "/".join([base.rstrip("/"), *parts]) if is_url(base) else str(Path(base, *parts))
 

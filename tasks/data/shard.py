@@ -49,6 +49,7 @@ MANIFEST_NAME = "manifest.json"
 FILE_IDENTITY_KEYS = ("size", "mtime", "LastModified", "ETag")
 MANIFEST_VERSION = 2  # 2: a validation split held out of the training split
 VAL_SPLIT = "val"
+TEST_SPLIT = "test"
 HOLDOUT_SOURCE_SPLIT = "train"
 
 

@@ -29,7 +29,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
-from tasks.data.shard import read_manifest
+from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, read_manifest
 from tasks.judging.evaluate import read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
@@ -41,8 +41,6 @@ PLAN_VERSION = 1
 BEST_ALIAS = "best"
 LATEST_ALIAS = "latest"
 REGISTRY_PREFIX = "wandb-registry-"
-TEST_SPLIT = "test"
-VAL_SPLIT = "val"
 # How long publishing waits for the W&B server to answer a connection before saying it cannot reach it.
 CONNECT_SECONDS = 10.0
 

@@ -28,7 +28,7 @@ from tasks.config import (
 )
 from tasks.data.loader import batches_per_rank
 from tasks.data.samples import ShardFormatError
-from tasks.data.shard import check_shard_sizes, require_manifest, verify_shards
+from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
 from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import start_wandb_run
@@ -39,7 +39,7 @@ from tasks.training.checkpoints import (
     read_checkpoint_metadata,
 )
 from tasks.training.recipe import check_ema_horizon
-from tasks.training.train_loop import VAL_SPLIT, NonFiniteLossError, StepHook, TrainingJob, train_worker
+from tasks.training.train_loop import NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -42,7 +42,7 @@ from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
-from tasks.data.shard import read_manifest
+from tasks.data.shard import VAL_SPLIT, read_manifest
 from tasks.layout import BEST_WEIGHTS
 from tasks.operations.tracking import (
     dataset_artifact_name,
@@ -86,7 +86,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VAL_SPLIT = "val"
 # Called as step_hook(epoch, step, rank) after each optimizer step; tests use it to inject faults.
 StepHook = Callable[[int, int, int], None]
 
