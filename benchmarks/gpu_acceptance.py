@@ -74,7 +74,7 @@ from tasks.data.sources import Source, SplitSource, read_cifar10
 from tasks.judging.attention import model_panels, select_images
 from tasks.judging.evaluate import evaluate_model, predict
 from tasks.layout import BEST_WEIGHTS
-from tasks.training.recipe import build_model, uses_channels_last
+from tasks.models import build_model, uses_channels_last
 from tasks.training.train_loop import TrainingJob, run_training
 from tasks.training.worker_context import LocalContext
 

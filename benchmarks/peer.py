@@ -63,8 +63,9 @@ from tasks.data.shard import ShardOptions, require_manifest, write_shards
 from tasks.data.sources import Source, open_source
 from tasks.judging.evaluate import evaluate_models
 from tasks.layout import BEST_WEIGHTS, RunLayout
+from tasks.models import uses_channels_last
 from tasks.training.checkpoints import checkpoint_dirs
-from tasks.training.recipe import effective_lr, uses_channels_last
+from tasks.training.recipe import effective_lr
 from tasks.training.train_loop import TrainingJob, fit_to_cores, run_training
 from tasks.training.worker_context import LocalContext
 

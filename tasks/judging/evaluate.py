@@ -25,8 +25,8 @@ from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
 from tasks.data.shard import VAL_SPLIT, require_manifest
 from tasks.layout import METRICS_FILE, RunLayout
+from tasks.models import autocast_context, build_model, uses_channels_last
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run
-from tasks.training.recipe import autocast_context, build_model, uses_channels_last
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,14 @@
 optimiser's parameter groups (layer-wise LR decay, a slower backbone), which parameters are frozen, the
 learning-rate schedule, the EMA, the precision and the memory format.
 
-Plain functions of the configuration, shared by the training loop, the evaluate and attention steps and
-the benchmarks, so that all of them build exactly the same thing.
+Plain functions of the configuration. The model itself, its precision and memory format live in
+tasks/models.py, shared with the judging steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from tasks.config import ModelSpec, PipelineConfig, TrainingConfig
+from tasks.models import build_model
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
@@ -28,24 +28,6 @@ if TYPE_CHECKING:
 EMA_WARMUP_POWER = 2 / 3
 # The most of the initial (random) weights an EMA may still hold at the end of a run.
 EMA_MAX_INITIAL_SHARE = 0.01
-
-
-def build_model(spec: ModelSpec, num_classes: int) -> nn.Module:
-    import vitmodels
-
-    # Only the regularisers the config sets are passed: None keeps the architecture's own default (and not
-    # every timm family takes every keyword), while an explicit 0.0 must reach the model as 0.0.
-    regularisers = {
-        key: value for key in ("drop_rate", "drop_path_rate") if (value := getattr(spec, key)) is not None
-    }
-    return vitmodels.create_model(
-        spec.name,
-        num_classes=num_classes,
-        pretrained=spec.pretrained,
-        pretrained_file=spec.pretrained_file,
-        **regularisers,
-        **spec.build_kwargs,
-    )
 
 
 def build_teacher(config: PipelineConfig, spec: ModelSpec, num_classes: int, teacher_weights: str | None) -> nn.Module:
@@ -250,16 +232,3 @@ def check_ema_horizon(training: TrainingConfig, total_steps: int) -> str | None:
         f"near-random weights in the EMA after this run's {total_steps} optimizer steps; turn ema_warmup on or "
         f"use a decay of at most {largest_decay:.5f}"
     )
-
-
-def autocast_context(config: PipelineConfig, device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on any device when training.bf16 is on. CPUs with native bf16 (AVX512-BF16, AMX) gain as
-    GPUs do; on CPUs without it bf16 is emulated and slower, which is why the CPU configs leave it off."""
-    if config.training.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def uses_channels_last(training: TrainingConfig, spec: ModelSpec) -> bool:
-    return training.channels_last if spec.channels_last is None else spec.channels_last
-

@@ -44,6 +44,7 @@ from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import VAL_SPLIT, read_manifest
 from tasks.layout import BEST_WEIGHTS
+from tasks.models import autocast_context, build_model, uses_channels_last
 from tasks.operations.tracking import (
     dataset_artifact_name,
     detach_from_parent_wandb_service,
@@ -62,18 +63,15 @@ from tasks.training.checkpoints import (
     unwrap,
 )
 from tasks.training.recipe import (
-    autocast_context,
     backbone_frozen,
     backbone_to_eval,
     build_criterion,
     build_ema,
-    build_model,
     build_optimizer,
     build_teacher,
     check_ema_horizon,
     effective_lr,
     freeze_backbone,
-    uses_channels_last,
     uses_mixing,
     warmup_cosine,
 )

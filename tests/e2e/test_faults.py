@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from tasks.config import build_config
 from tasks.data.shard import MANIFEST_NAME, read_manifest, verify_shards
+from tasks.models import build_model
 from tasks.operations.tracking import wandb_run_id
 from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata
-from tasks.training.recipe import build_model
 from tasks.training.train import TrainingError, train_model
 from tests.conftest import REPO_ROOT
 from tests.support.processes import kill_leftovers, processes_with

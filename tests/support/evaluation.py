@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from tasks.config import PipelineConfig, build_config
 from tasks.layout import RunLayout
-from tasks.training.recipe import build_model
+from tasks.models import build_model
 
 # timm's resnet10t stands in for the ResNet baseline: the ImageNet stem makes it cheap on 32x32 images.
 TINY_BASELINE = {"name": "resnet10t", "drop_path_rate": 0.0}

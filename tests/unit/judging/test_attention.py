@@ -16,7 +16,7 @@ from tasks.judging.attention import (
     stitch_windows,
     swin_received_attention,
 )
-from tasks.training.recipe import build_model
+from tasks.models import build_model
 from tests.support.evaluation import NUM_CLASSES, SCRAMBLE_STD, TINY_TRANSFORMERS, save_random_weights, tiny_config
 from vitmodels import SwinAttentionMap
 from vitmodels.swin import window_partition

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from tasks.config import build_config
 from tasks.judging.evaluate import evaluate_models
 from tasks.layout import BEST_WEIGHTS
+from tasks.models import build_model
 from tasks.training.checkpoints import METADATA
-from tasks.training.recipe import build_model
 from tasks.training.train import train_model
 from tests.conftest import SUBSET_VAL
 from tests.support.s3_server import s3_server

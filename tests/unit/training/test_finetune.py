@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from flows.cli import EXIT_BAD_INPUT, main
 from tasks.config import ConfigError, build_config, load_config, with_pretrained_file
+from tasks.models import build_model
 from tasks.training.checkpoints import checkpoint_dirs
 from tasks.training.recipe import (
     backbone_to_eval,
-    build_model,
     build_optimizer,
     effective_lr,
     freeze_backbone,

@@ -10,8 +10,8 @@ import pytest
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.data.shard import ShardOptions, shard_dataset
 from tasks.layout import BEST_WEIGHTS
+from tasks.models import build_model
 from tasks.training.checkpoints import checkpoint_dirs
-from tasks.training.recipe import build_model
 from tasks.training.train_loop import TrainingJob, run_training
 from tasks.training.worker_context import LocalContext
 from tests.conftest import REPO_ROOT

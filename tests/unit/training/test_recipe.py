@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tasks.config import build_config
-from tasks.training.recipe import autocast_context, uses_channels_last
+from tasks.models import autocast_context, uses_channels_last
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 import tasks.training.train
 from tasks.config import build_config
+from tasks.models import build_model
 from tasks.operations.alerts import alert
 from tasks.operations.tracking import wandb_run_id
 from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata
-from tasks.training.recipe import build_model
 from tasks.training.train import TrainingError, train_model
 from tasks.training.train_loop import NonFiniteLossError
 from tests.conftest import SUBSET_VAL
