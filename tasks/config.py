@@ -363,6 +363,13 @@ class ModelSpec(_Section):
             )
         return value
 
+    @field_validator("teacher")
+    @classmethod
+    def _known_teacher(cls, value: str | None) -> str | None:
+        if value not in (None, "baseline") and not timm.is_model(value):
+            raise ValueError(f"unknown teacher {value!r}: \"baseline\" or a name in timm.list_models()")
+        return value
+
     @field_validator("pretrained_file", "teacher_file")
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
@@ -385,8 +392,10 @@ class ModelSpec(_Section):
                              f"0.1 is DeiT's and MAE's fine-tuning rate) rather than take the architecture's default")
         return self
 
-    # The keywords that size the model for data.image_size, set when the PipelineConfig holding it is validated.
+    # The keywords that size the model (and a teacher named by timm name) for data.image_size, set when the
+    # PipelineConfig holding it is validated.
     _input_size_kwargs: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _teacher_input_size_kwargs: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def is_pretrained(self) -> bool:
@@ -396,6 +405,11 @@ class ModelSpec(_Section):
     def build_kwargs(self) -> dict[str, Any]:
         """model_kwargs with the input size the configuration's images have (see PipelineConfig)."""
         return {**self.model_kwargs, **self._input_size_kwargs}
+
+    @property
+    def teacher_build_kwargs(self) -> dict[str, Any]:
+        """The keywords that build a teacher named by timm name for the configuration's images."""
+        return dict(self._teacher_input_size_kwargs)
 
 
 class ModelConfig(_Section):
@@ -797,6 +811,12 @@ class PipelineConfig(_Section):
             except ValueError as error:
                 problems.append(f"{path} ({spec.name}) cannot take the images of {size_field}: {error}; "
                                 f"change data.image_size or {path}.model_kwargs")
+            if spec.teacher not in (None, "baseline"):  # the baseline is sized above, as model.baseline
+                try:
+                    spec._teacher_input_size_kwargs = input_size_kwargs(spec.teacher, size)
+                except ValueError as error:
+                    problems.append(f"{path}.teacher ({spec.teacher}) cannot take the images of {size_field}: "
+                                    f"{error}; change data.image_size or the teacher")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self

@@ -44,7 +44,8 @@ def build_teacher(config: PipelineConfig, spec: ModelSpec, num_classes: int, tea
                               num_classes)
         teacher.load_state_dict(load_file(teacher_weights))
         return teacher
-    teacher_spec = ModelSpec(name=spec.teacher, pretrained_file=spec.teacher_file, drop_path_rate=0.0)
+    teacher_spec = ModelSpec(name=spec.teacher, pretrained_file=spec.teacher_file, drop_path_rate=0.0,
+                             model_kwargs=spec.teacher_build_kwargs)
     return build_model(teacher_spec, num_classes)
 
 

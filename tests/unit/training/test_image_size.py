@@ -98,3 +98,29 @@ def test_the_finetune_recipe_trains_with_only_data_image_size_changed(tmp_path, 
     assert vit.patch_embed.grid_size == (2, 2) and tuple(vit.pos_embed.shape[:2]) == (1, 5)
     assert swin.layers[0].blocks[0].window_size == (4, 4)
 
+
+
+def test_a_teacher_named_by_timm_name_is_built_for_data_image_size(monkeypatch, data_root):
+    import torch
+
+    from tasks.training.recipe import build_teacher
+
+    monkeypatch.setenv("DATA_ROOT", str(data_root))
+    # vit_tiny_patch16_224 takes 224 px only, unless built for another size.
+    config = load_config(FINETUNE, ["data.image_size=32", "model.transformers.1.teacher=vit_tiny_patch16_224",
+                                    "model.transformers.1.model_kwargs.depth=1"])
+    spec = config.model.spec(DEIT)
+    assert spec.teacher_build_kwargs == {"img_size": 32}
+    teacher = build_teacher(config, spec, 10, None)
+    assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("teacher", "message"), [
+    ("vit_nonexistent", "unknown teacher 'vit_nonexistent'"),
+    ("vit_tiny_patch16_224", "model.transformers.1.teacher (vit_tiny_patch16_224) cannot take the images of "
+                             "data.image_size (40)"),
+])
+def test_a_teacher_that_cannot_be_built_fails_at_load_by_name(monkeypatch, data_root, teacher, message):
+    monkeypatch.setenv("DATA_ROOT", str(data_root))
+    with pytest.raises(ConfigError, match=r"(?s)" + message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(FINETUNE, ["data.image_size=40", f"model.transformers.1.teacher={teacher}"])
