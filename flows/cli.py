@@ -16,6 +16,8 @@ from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_confi
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import shard_from_config, verify_shards
 from tasks.data.sources import SourceError
+from tasks.inference.export import EXPORT_FORMATS, ONNX_TOLERANCE, PARITY_IMAGES, TIMM_TOLERANCE, ExportError
+from tasks.inference.model_ref import ModelRefError
 from tasks.operations.publish import PublishError
 from tasks.training.checkpoints import CheckpointError
 from tasks.training.train import TrainingError
@@ -23,7 +25,7 @@ from tasks.training.train import TrainingError
 EXIT_VERIFY_FAILED = 1
 # Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
 BAD_INPUT_ERRORS = (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
-                    PublishError)
+                    PublishError, ModelRefError, ExportError)
 # The loggers through which Prefect reports a step's or a flow's error, traceback included.
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
@@ -214,6 +216,37 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The model as ONNX or as a folder plain timm loads, checked against PyTorch on real test images; exit 1 when
+    the check fails (the files stay for inspection)."""
+    from tasks.inference.export import ParityError, default_image_source, export_model, parity_images
+    from tasks.inference.model_ref import resolve_model_ref
+
+    if args.parity_images < 1 or (args.tolerance is not None and not args.tolerance > 0):
+        raise ExportError(f"--parity-images {args.parity_images} and --tolerance {args.tolerance}: both must be > 0")
+    description = resolve_model_ref(args.model)
+    source = args.images or default_image_source(description)
+    if source is None:
+        raise ExportError(f"--images: {args.model} is not in a run directory with shards (runs/<run>/shards); "
+                          "name test images to check the export on (a shard directory or image files)")
+    images = parity_images(description, source, args.parity_images)
+    try:
+        result = export_model(description, args.format, args.out, images, args.tolerance)
+    except ParityError as failure:
+        print(f"vit-pipeline export: {failure.report.summary()}", file=sys.stderr)
+        print(f"vit-pipeline export: error: {failure}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    if result.format == "onnx":
+        print(f"{description.architecture}: ONNX opset {result.details['opset']}, dynamic batch, in {result.out} "
+              f"({', '.join(result.files)})")
+    else:
+        print(f"{description.architecture}: timm {result.details['architecture']} in {result.out} "
+              f"({', '.join(result.files)}); load it with timm.create_model(\"local-dir:{result.out}\", "
+              "pretrained=True)")
+    print(result.parity.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -274,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--run-dir", metavar="DIR",
                          help="carry out DIR/registry.json, planned offline, once `wandb sync` has uploaded DIR's runs")
     publish.set_defaults(handler=cmd_publish)
+
+    export = commands.add_parser(
+        "export", help="a trained model as ONNX or as a folder timm loads, checked on real test images")
+    export.add_argument("--model", required=True, metavar="MODEL_REF",
+                        help="a models/<name> directory, runs/<run>/latest:<name>, <run dir>/registry.json:<name> "
+                             "or a W&B Registry path")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="onnx: model.onnx (dynamic batch) and its preprocessing; timm: model.safetensors and "
+                             "config.json under timm's own architecture")
+    export.add_argument("--out", required=True, type=Path, metavar="DIR", help="the folder to write")
+    export.add_argument("--images", metavar="PATH",
+                        help="test images to check the export on: a shard directory or URL (its test split) or "
+                             "image files (default: the run's shards, runs/<run>/shards)")
+    export.add_argument("--parity-images", type=int, default=PARITY_IMAGES, metavar="N",
+                        help=f"how many test images (default {PARITY_IMAGES})")
+    export.add_argument("--tolerance", type=float,
+                        help=f"largest |Δlogit| accepted (default {ONNX_TOLERANCE:.0e} for onnx, {TIMM_TOLERANCE:.0e} "
+                             "for timm, fp32)")
+    export.set_defaults(handler=cmd_export)
 
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")
