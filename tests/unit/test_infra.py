@@ -33,6 +33,7 @@ INFRA = REPO_ROOT / "infra"
 CLUSTER_AWS = INFRA / "ray" / "cluster-aws.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 SHARED_VOLUME = INFRA / "kuberay" / "shared-volume.yaml"
+GPU_NODEPOOL = INFRA / "kuberay" / "gpu-nodepool.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 LOCK = INFRA / "docker" / "requirements.lock"
 WORKER_UNIT = INFRA / "ray" / "prefect-worker.service"
@@ -625,20 +626,113 @@ def test_kuberay_volume_in_its_own_manifest(raycluster, cluster):
             assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], "every pod writes the run directory"
 
 
+# What KubeRay's pod builder (ray-operator/controllers/ray/common/pod.go, v1.6.0 to v1.7.0) does to the pod
+# templates with token authentication: DefaultHeadPodTemplate injects the autoscaler container when in-tree
+# autoscaling is on and, with authOptions.mode token, gives it RAY_AUTH_MODE and RAY_AUTH_TOKEN before it
+# appends autoscalerOptions.env; DefaultWorkerPodTemplate adds the wait-gcs-ready init container with a copy of
+# the Ray container's env; configureTokenAuth then sets both variables on the Ray container (index 0) and on
+# wait-gcs-ready. SetContainerTokenAuthEnvVars adds a variable only when the container does not set it, and
+# takes the token from authOptions.secretName, else from the Secret named after the cluster, key auth_token.
+KUBERAY_AUTH_OPTIONS = {"mode": {"disabled", "token"}, "secretName": str, "enableK8sTokenAuth": bool}
+KUBERAY_TOKEN_KEY = "auth_token"
+KUBERAY_MIN_RAY_FOR_TOKEN = (2, 52, 0)  # ray-operator/controllers/ray/utils/validation.go
+
+
+def _kuberay_token_auth(cluster_name: str, container: dict, auth: dict) -> None:
+    env = container.setdefault("env", [])
+    names = {item["name"] for item in env}
+    if "RAY_AUTH_MODE" not in names:
+        env.append({"name": "RAY_AUTH_MODE", "value": "token"})
+    if "RAY_AUTH_TOKEN" not in names:
+        secret = auth.get("secretName") or cluster_name
+        env.append({"name": "RAY_AUTH_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": KUBERAY_TOKEN_KEY}}})
+
+
+def kuberay_pods(raycluster: dict) -> dict[str, dict]:
+    """The pod specs KubeRay creates from the RayCluster, as far as containers and their env go."""
+    spec = raycluster["spec"]
+    auth = spec.get("authOptions") or {}
+    token = auth.get("mode") == "token"
+    name = raycluster["metadata"]["name"]
+    pods = copy.deepcopy(pod_specs(raycluster))
+    for group, pod in pods.items():
+        ray = ray_container(pod)
+        if group == "head" and spec.get("enableInTreeAutoscaling"):
+            autoscaler = {"name": "autoscaler", "image": ray["image"],
+                          "env": [{"name": "KUBERAY_CRD_VER", "value": "v1"}]}
+            if token:
+                _kuberay_token_auth(name, autoscaler, auth)
+            autoscaler["env"] += copy.deepcopy((spec.get("autoscalerOptions") or {}).get("env", []))
+            pod["containers"].append(autoscaler)
+        if group != "head":
+            pod.setdefault("initContainers", []).append(
+                {"name": "wait-gcs-ready", "image": ray["image"], "env": copy.deepcopy(ray.get("env", []))})
+        if token:
+            _kuberay_token_auth(name, ray, auth)
+            for init in pod.get("initContainers", []):
+                if init["name"] == "wait-gcs-ready":
+                    _kuberay_token_auth(name, init, auth)
+    return pods
+
+
 def _secret_ref(container: dict, name: str) -> dict | None:
-    item = env_of(container).get(name)
+    item = env_of(container).get(name)  # Kubernetes takes the last of repeated names, as env_of does
     return item["valueFrom"]["secretKeyRef"] if item and "valueFrom" in item else None
 
 
-def test_raycluster_token_auth_and_secrets_only_where_needed(raycluster):
-    pods = pod_specs(raycluster)
+def test_kuberay_accepts_the_auth_options(raycluster):
+    """What the RayCluster CRD (authOptions: mode enum, secretName, enableK8sTokenAuth) and KubeRay's
+    validation take: token mode needs rayVersion >= 2.52.0."""
+    auth = raycluster["spec"].get("authOptions")
+    assert auth, "no spec.authOptions: KubeRay gives the Ray token to none of the containers it adds"
+    assert set(auth) <= set(KUBERAY_AUTH_OPTIONS), f"unknown authOptions keys {set(auth) - set(KUBERAY_AUTH_OPTIONS)}"
+    assert auth["mode"] in KUBERAY_AUTH_OPTIONS["mode"]
+    assert isinstance(auth.get("secretName", ""), str) and not auth.get("enableK8sTokenAuth")
+    ray_version = tuple(int(part) for part in raycluster["spec"]["rayVersion"].split("."))
+    assert ray_version >= KUBERAY_MIN_RAY_FOR_TOKEN
+
+
+def test_kuberay_gives_the_token_to_the_autoscaler_and_every_ray_container(raycluster):
+    """Without the token the injected autoscaler cannot read the GCS, and the gpu group never scales up."""
+    auth = raycluster["spec"]["authOptions"]
+    assert auth["mode"] == "token"
+    secret = auth.get("secretName") or raycluster["metadata"]["name"]
+    readme = (INFRA / "README.md").read_text()
+    assert f"kubectl create secret generic {secret} " in readme, f"infra/README.md creates no Secret {secret}"
+    pods = kuberay_pods(raycluster)
+    (autoscaler,) = [c for c in pods["head"]["containers"] if c["name"] == "autoscaler"]
+    for group, pod in pods.items():
+        for container in all_containers(pod):
+            where = f"{group}/{container['name']}"
+            assert env_of(container)["RAY_AUTH_MODE"]["value"] == "token", where
+            assert _secret_ref(container, "RAY_AUTH_TOKEN") == {"name": secret, "key": KUBERAY_TOKEN_KEY}, where
+    assert autoscaler in pods["head"]["containers"]
+    match = re.search(r"KubeRay operator \((\d[\d.]*) or later", readme)
+    assert match and tuple(map(int, match.group(1).split("."))) >= (1, 6, 0), \
+        "authOptions.secretName needs KubeRay >= 1.6.0 (1.5.x prunes it and makes a token of its own)"
+
+
+def test_kuberay_model_of_the_pod_builder_is_live(raycluster):
+    """The old manifest (token set by hand on the Ray containers, no authOptions) leaves the autoscaler
+    without it: the check above would fail on it."""
+    by_hand = copy.deepcopy(raycluster)
+    by_hand["spec"].pop("authOptions", None)
+    for pod in pod_specs(by_hand).values():
+        ray_container(pod).setdefault("env", []).extend([
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "x", "key": KUBERAY_TOKEN_KEY}}}])
+    (autoscaler,) = [c for c in kuberay_pods(by_hand)["head"]["containers"] if c["name"] == "autoscaler"]
+    assert "RAY_AUTH_TOKEN" not in env_of(autoscaler)
+
+
+def test_raycluster_secrets_only_where_needed(raycluster):
+    pods = kuberay_pods(raycluster)
     worker = sidecar(pods, "prefect-worker")
     for name, pod in pods.items():
         for container in all_containers(pod):
             where = f"{name}/{container['name']}"
             env = env_of(container)
-            assert env["RAY_AUTH_MODE"]["value"] == "token", where
-            assert _secret_ref(container, "RAY_AUTH_TOKEN")["key"] == "auth_token", where
             assert not any(item.get("value") for key, item in env.items() if key.endswith(("_KEY", "_TOKEN"))), where
             # A missing secret keeps the pod from starting instead of running it without the value.
             refs = [item["valueFrom"]["secretKeyRef"] for item in env.values() if "valueFrom" in item]
@@ -650,6 +744,43 @@ def test_raycluster_token_auth_and_secrets_only_where_needed(raycluster):
         if name != "head":
             assert _secret_ref(ray_container(pod), "WANDB_API_KEY"), f"{name}: rank 0 logs to W&B"
     assert _secret_ref(worker, "PREFECT_API_KEY") and _secret_ref(worker, "PREFECT_API_URL")
+
+
+def _tolerates(toleration: dict, taint: dict) -> bool:
+    """Kubernetes' ToleratesTaint (k8s.io/api/core/v1/toleration.go)."""
+    if toleration.get("effect") and toleration["effect"] != taint["effect"]:
+        return False
+    if toleration.get("key") and toleration["key"] != taint["key"]:
+        return False
+    if toleration.get("operator", "Equal") == "Exists":
+        return True
+    return toleration.get("key") == taint["key"] and toleration.get("value", "") == taint.get("value", "")
+
+
+def gpu_taints() -> list[dict]:
+    (pool,) = [doc for doc in manifest(GPU_NODEPOOL) if doc["kind"] == "NodePool"]
+    taints = pool["spec"]["template"]["spec"]["taints"]
+    assert taints, f"{GPU_NODEPOOL}: GPU nodes without a taint take any pod and stay up for it"
+    return taints
+
+
+def test_the_gpu_group_scales_from_zero_onto_tainted_gpu_nodes(raycluster):
+    spec = raycluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    (gpu,) = [group for group in spec["workerGroupSpecs"] if group["groupName"] == "gpu"]
+    assert gpu["minReplicas"] == 0 and gpu.get("replicas", 0) == 0 and gpu["maxReplicas"] > 0
+    pod = gpu["template"]["spec"]
+    resources = ray_container(pod)["resources"]
+    assert int(resources["requests"]["nvidia.com/gpu"]) == int(resources["limits"]["nvidia.com/gpu"]) >= 1
+    for taint in gpu_taints():
+        assert any(_tolerates(t, taint) for t in pod.get("tolerations", [])), f"gpu pods do not tolerate {taint}"
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert not any(_tolerates(t, taint) for t in head.get("tolerations", [])), "the head would hold a GPU node"
+    (pool,) = [doc for doc in manifest(GPU_NODEPOOL) if doc["kind"] == "NodePool"]
+    gpus_per_pod = int(resources["limits"]["nvidia.com/gpu"])
+    assert int(pool["spec"]["limits"]["nvidia.com/gpu"]) >= gpu["maxReplicas"] * gpus_per_pod
+    classes = {doc["metadata"]["name"] for doc in manifest(GPU_NODEPOOL) if doc["kind"] == "EC2NodeClass"}
+    assert pool["spec"]["template"]["spec"]["nodeClassRef"]["name"] in classes
 
 
 def test_raycluster_flow_runs_submit_ray_jobs_from_a_restarting_sidecar(raycluster):
