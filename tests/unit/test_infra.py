@@ -945,6 +945,49 @@ def test_cluster_deployments_keep_state_on_shared_storage(deployments, cluster, 
             load_config(REPO_ROOT / parameters["config_file"], local)
 
 
+def test_prefect_yaml_matches_prefect_deploy(deployments):
+    """`prefect deploy` reads prefect.yaml with models that ignore unknown keys: a misspelt key would vanish
+    silently, so every key must be one of theirs, and every schedule one its strict schedule model takes."""
+    from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, RawScheduleConfig
+
+    PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))
+    for deployment in deployments:
+        unknown = set(deployment) - set(DeploymentConfig.model_fields)
+        assert not unknown, f"{deployment['name']}: prefect deploy ignores {unknown}"
+        for schedule in deployment.get("schedules") or []:
+            RawScheduleConfig.model_validate(schedule)
+
+
+def test_a_redeploy_keeps_the_schedule_paused_or_running(deployments):
+    """With a slug, the server patches the existing schedule with the fields set (exclude_none): no `active`
+    leaves the operator's pause in place. `active: false` re-paused it on every `prefect deploy`; `active`
+    unset without a slug recreates the schedule active."""
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.client.schemas.actions import DeploymentScheduleUpdate
+
+    for deployment in deployments:
+        for schedule in deployment.get("schedules") or []:
+            where = f"{deployment['name']}: {schedule}"
+            assert schedule.get("slug"), f"{where}: without a slug a redeploy recreates the schedule"
+            update = DeploymentScheduleUpdate(**_schedule_config_to_deployment_schedule(schedule))
+            assert "active" not in update.model_dump(exclude_none=True), f"{where}: a redeploy sets `active`"
+    (weekly,) = [d for d in deployments if d.get("schedules")]
+    readme = (INFRA / "README.md").read_text()
+    assert f"prefect deployment schedule pause vit-pipeline/{weekly['name']}" in readme
+
+
+def test_scheduled_runs_do_not_overlap(deployments):
+    """A deployment concurrency limit of one: late runs after an outage do not all start at once."""
+    from prefect.cli.deploy._models import ConcurrencyLimitSpec
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+
+    for deployment in [d for d in deployments if d.get("schedules")]:
+        spec = ConcurrencyLimitSpec.model_validate(deployment.get("concurrency_limit") or {})
+        assert spec.limit == 1, f"{deployment['name']}: concurrency_limit {spec.limit}"
+        assert spec.collision_strategy in {s.value for s in ConcurrencyLimitStrategy}, spec.collision_strategy
+        ConcurrencyOptions(collision_strategy=spec.collision_strategy)
+
+
 def test_pull_step_uses_the_pool_home(work_pool):
     steps = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
     directories = [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in steps
