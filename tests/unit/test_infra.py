@@ -860,6 +860,43 @@ def test_dockerfile_python_user_and_home(dockerfile, pyproject, work_pool):
     assert packages | {"configs", "pyproject.toml", "README.md"} <= copied, f"image lacks {packages - copied}"
 
 
+BASE_DIGEST = "sha256:" + "ab" * 32  # what the stand-in `docker` says the tag names
+
+
+def _build_sh(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """infra/docker/build.sh in a copy of infra/docker/, with a stand-in `docker` that records its calls."""
+    root = tmp_path / "repo"
+    shutil.copytree(INFRA / "docker", root / "infra" / "docker")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path}/docker.calls
+case "$*" in
+  "image inspect"*) echo "python@{BASE_DIGEST}" ;;
+esac
+""")
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "REGISTRY": "registry.example"}
+    result = subprocess.run(["bash", str(root / "infra" / "docker" / "build.sh"), *args], env=env,
+                            capture_output=True, text=True, timeout=30)
+    return result, root / "infra" / "docker" / "Dockerfile"
+
+
+def test_the_base_image_is_pinned_by_digest_before_a_build(tmp_path, dockerfile):
+    """No build from a tag alone: build.sh refuses until `build.sh pin-base` wrote the tag's digest into FROM."""
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
+    if "@sha256:" in base:
+        assert re.fullmatch(r"python:[\w.-]+@sha256:[0-9a-f]{64}", base), base
+        return
+    refused, _ = _build_sh(tmp_path)
+    assert refused.returncode == 1 and "build.sh pin-base" in refused.stderr
+    assert not (tmp_path / "docker.calls").exists(), "nothing built from an unpinned base"
+    pinned_run, pinned_file = _build_sh(tmp_path / "pin", "pin-base")
+    assert pinned_run.returncode == 0, pinned_run.stderr
+    assert re.search(rf"^FROM {re.escape(base)}@{BASE_DIGEST}$", pinned_file.read_text(), re.MULTILINE)
+    assert "pull --quiet " + base in (tmp_path / "pin" / "docker.calls").read_text()
+
+
 def test_dockerignore_keeps_local_state_out():
     ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
     assert {".venv", "runs", "data", ".git"} <= ignored
