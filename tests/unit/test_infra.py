@@ -783,6 +783,43 @@ def test_the_gpu_group_scales_from_zero_onto_tainted_gpu_nodes(raycluster):
     assert pool["spec"]["template"]["spec"]["nodeClassRef"]["name"] in classes
 
 
+ZONE_KEY = "topology.kubernetes.io/zone"
+
+
+def kuberay_pod_labels(raycluster: dict, group: dict) -> dict[str, str]:
+    """The labels KubeRay's labelPod puts on a worker pod of the group, over the template's own."""
+    labels = dict(group["template"].get("metadata", {}).get("labels", {}))
+    labels.update({"ray.io/cluster": raycluster["metadata"]["name"], "ray.io/group": group["groupName"],
+                   "ray.io/node-type": "worker"})
+    return labels
+
+
+def test_a_trainings_kuberay_workers_share_one_zone(raycluster):
+    """Required pod affinity on the zone to the group's own pods: the first gpu pod may go anywhere (its
+    labels match its own term), every later one joins its zone."""
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        affinity = group["template"]["spec"].get("affinity", {}).get("podAffinity", {})
+        terms = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        labels = kuberay_pod_labels(raycluster, group)
+        same_zone = [term for term in terms if term["topologyKey"] == ZONE_KEY
+                     and term["labelSelector"]["matchLabels"].items() <= labels.items()
+                     and "matchExpressions" not in term["labelSelector"]]
+        assert same_zone, f"{group['groupName']}: no required pod affinity to its own pods on {ZONE_KEY}"
+        other = {**labels, "ray.io/group": "other"}
+        assert not all(term["labelSelector"]["matchLabels"].items() <= other.items() for term in same_zone), \
+            "the affinity must name the group, not every pod of the cluster"
+
+
+def test_a_trainings_launcher_workers_share_one_zone(cluster):
+    """Ray's AWS provider launches in the first of a node type's subnets and falls back to the next when it
+    gets no capacity: more than one subnet, or zone, lets a DDP pair span two zones."""
+    zones = [zone.strip() for zone in cluster["provider"]["availability_zone"].split(",")]
+    assert len(zones) == 1, f"provider.availability_zone: {zones}"
+    subnets = {name: node["node_config"]["SubnetIds"] for name, node in cluster["available_node_types"].items()}
+    assert all(len(ids) == 1 for ids in subnets.values()), subnets
+    assert len({ids[0] for ids in subnets.values()}) == 1, f"node types in different subnets: {subnets}"
+
+
 def test_raycluster_flow_runs_submit_ray_jobs_from_a_restarting_sidecar(raycluster):
     """The flow in the head pod reaches Ray through the Jobs API on the pod's loopback, never Ray Client."""
     pods = pod_specs(raycluster)
@@ -1043,3 +1080,14 @@ def test_the_readme_prices_every_instance_type_and_dates_the_prices(cluster, ray
         assert re.search(rf"\| {re.escape(instance)} .*\$\d+\.\d+ / h", costs), f"no hourly price for {instance}"
     for step in ("## 1. Build", "## 2a. Bring up", "## 2b.", "## 3. Prefect", "## 4. Run", "## 6. Tear down"):
         assert step in readme, step
+
+
+def test_the_readme_says_what_a_run_costs_with_its_sources():
+    readme = (INFRA / "README.md").read_text()
+    costs = readme[readme.index("## Costs"):readme.index("## 1.")]
+    for line in ("GPU hours", "idle head", "NAT gateway", "storage writes"):
+        assert re.search(rf"^\| {line} \|", costs, re.MULTILINE), f"no cost line for {line}"
+    assert re.search(r"330 GB.*\$\d+\.\d\d per run", costs), "what a run's checkpoint writes cost"
+    sources = costs[costs.index("Sources"):]
+    for page in ("/ec2/pricing", "/vpc/pricing", "/efs/pricing", "/s3/pricing"):
+        assert page in sources, f"no source for {page}"
