@@ -34,6 +34,7 @@ CLUSTER_AWS = INFRA / "ray" / "cluster-aws.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 SHARED_VOLUME = INFRA / "kuberay" / "shared-volume.yaml"
 GPU_NODEPOOL = INFRA / "kuberay" / "gpu-nodepool.yaml"
+EFS_STORAGECLASS = INFRA / "kuberay" / "efs-storageclass.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 LOCK = INFRA / "docker" / "requirements.lock"
 WORKER_UNIT = INFRA / "ray" / "prefect-worker.service"
@@ -676,6 +677,22 @@ def kuberay_pods(raycluster: dict) -> dict[str, dict]:
     return pods
 
 
+def test_the_volume_claim_gets_its_storage_class_from_the_efs_csi_driver(cluster, raycluster):
+    """The class the claim names exists, is the EFS CSI driver's, keeps the data, and writes as the image's
+    user; it is the launcher's file system."""
+    (claim,) = manifest(SHARED_VOLUME)
+    (storage_class,) = manifest(EFS_STORAGECLASS)
+    assert storage_class["kind"] == "StorageClass"
+    assert claim["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+    assert storage_class["provisioner"] == "efs.csi.aws.com" and storage_class["reclaimPolicy"] == "Retain"
+    parameters = storage_class["parameters"]
+    assert parameters["provisioningMode"] == "efs-ap"
+    assert all(isinstance(value, str) for value in parameters.values()), "StorageClass parameters are strings"
+    assert f"{parameters['fileSystemId']}.efs." in json.dumps(cluster["available_node_types"])
+    security = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"]
+    assert (parameters["uid"], parameters["gid"]) == (str(security["runAsUser"]), str(security["runAsGroup"]))
+
+
 def _secret_ref(container: dict, name: str) -> dict | None:
     item = env_of(container).get(name)  # Kubernetes takes the last of repeated names, as env_of does
     return item["valueFrom"]["secretKeyRef"] if item and "valueFrom" in item else None
@@ -1091,3 +1108,49 @@ def test_the_readme_says_what_a_run_costs_with_its_sources():
     sources = costs[costs.index("Sources"):]
     for page in ("/ec2/pricing", "/vpc/pricing", "/efs/pricing", "/s3/pricing"):
         assert page in sources, f"no source for {page}"
+
+
+def _readme_section(readme: str, heading: str) -> str:
+    start = readme.index(heading)
+    following = re.search(r"^## ", readme[start + len(heading):], re.MULTILINE)
+    return readme[start:start + len(heading) + following.start()] if following else readme[start:]
+
+
+def test_the_runbook_sets_up_prefect_in_order_with_operations_and_notifications(monkeypatch, tmp_path):
+    """Work pool, notification block, `python -m flows.operations`, then the deployments; the operations command
+    as written is one the module takes (its config loads, the block slug is valid)."""
+    import shlex
+
+    from flows import operations
+
+    readme = (INFRA / "README.md").read_text()
+    prefect = _readme_section(readme, "## 3. Prefect")
+    steps = ["prefect work-pool create", ".save('", "python -m flows.operations", "prefect deploy --all"]
+    position = 0
+    for step in steps:
+        position = prefect.find(step, position)
+        assert position >= 0, f"infra/README.md section 3: no `{step}` after the steps before it ({steps})"
+    command = re.search(r"python -m flows\.operations (.*?)\n\s*```", prefect, re.DOTALL).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))
+    block = re.search(r"\.save\('([\w.-]+)'\)", prefect).group(1)
+    assert f"orchestration.notify_block=slack-webhook/{block}" in argv, "the operations command names the block saved"
+    applied = []
+    monkeypatch.setattr(operations, "apply", lambda config, limit=None: applied.append(config) or ["done"])
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))
+    assert operations.main(argv) == 0 and applied[0].orchestration.notify_block == f"slack-webhook/{block}"
+
+
+def test_the_kuberay_runbook_covers_the_cluster_prerequisites():
+    readme = (INFRA / "README.md").read_text()
+    kuberay = _readme_section(readme, "## 2b.")
+    for needed in ("kubectl apply -f infra/kuberay/gpu-nodepool.yaml", "Karpenter", "cluster-autoscaler",
+                   "kubectl apply -f infra/kuberay/efs-storageclass.yaml", "AmazonEFSCSIDriverPolicy",
+                   "efs-csi-controller-sa", "kubectl apply -f infra/kuberay/shared-volume.yaml",
+                   "kubectl apply -f infra/kuberay/raycluster.yaml"):
+        assert needed in kuberay, f"infra/README.md 2b does not say {needed}"
+    for taint in gpu_taints():
+        assert f"{taint['key']}={taint['value']}:{taint['effect']}" in kuberay, f"the runbook's taint is not {taint}"
+    order = [kuberay.index(f"infra/kuberay/{name}") for name in
+             ("gpu-nodepool.yaml", "efs-storageclass.yaml", "shared-volume.yaml", "raycluster.yaml")]
+    assert order == sorted(order)
+    assert "not there yet" not in readme, "S3 resume is there: tests/unit/training/test_checkpoints_s3.py"
