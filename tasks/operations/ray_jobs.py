@@ -6,8 +6,9 @@ tasks.training.train.train_model there, a native driver like the flow on the hea
 The flow process follows the job: its logs stream (Ray's log tail, each line once) into the flow's log, its
 status decides the task's, and leaving the flow early (a Prefect cancellation is a SIGTERM, a failure an
 exception) stops the jobs it submitted; so does the follower's process ending with jobs still followed (an
-uncaught signal, interpreter exit). Only a SIGKILL (the sidecar's container killed) leaves them running. The
-job's run directory is the flow's: both must see the same storage (infra/README.md).
+uncaught signal, interpreter exit). A follower killed outright (SIGKILL: the sidecar's container killed) leaves
+them running until the next flow run starts, which stops the jobs of flow runs that have ended. The job's run
+directory is the flow's: both must see the same storage (infra/README.md).
 
 `python -m tasks.operations.ray_jobs` is the job's entrypoint; its request travels in the job's environment.
 """
@@ -266,13 +267,45 @@ def flow_run_jobs(address: str, flow_run_id: str) -> list[str]:
             if (job.metadata or {}).get(FLOW_RUN_KEY) == flow_run_id and not job.status.is_terminal()]
 
 
+def stop_orphaned_jobs(address: str, flow_run_ended: Callable[[str], bool]) -> list[str]:
+    """Stop the running jobs whose flow run has ended: their follower died without stopping them (its process
+    killed with SIGKILL, as when the sidecar's container is), and they would train on beside a flow run that
+    continues theirs, into the same checkpoints. Returns the ids stopped."""
+    orphans = [job.submission_id for job in client(address).list_jobs()
+               if not job.status.is_terminal() and (job.metadata or {}).get(FLOW_RUN_KEY)
+               and flow_run_ended(job.metadata[FLOW_RUN_KEY])]
+    return stop_jobs(address, orphans) if orphans else []
+
+
+def prefect_flow_run_ended(flow_run_id: str) -> bool:
+    """Whether Prefect has the flow run in a final state (Completed, Failed, Cancelled, Crashed: a flow run
+    whose heartbeats stopped is marked Crashed by infra/prefect/automations.yaml)."""
+    from prefect import get_client
+
+    try:
+        run_id = uuid.UUID(flow_run_id)
+    except ValueError:
+        return False  # not submitted by a Prefect flow run
+    try:
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(run_id).state
+    except Exception as error:  # noqa: BLE001  (unknown to this server, API down: leave the job alone)
+        log.debug("flow run %s: state unknown (%s)", flow_run_id, error)
+        return False
+    return state is not None and state.is_final()
+
+
 @contextlib.contextmanager
 def jobs_stopped_on_exit(address: str | None, flow_run_id: str | None) -> Iterator[None]:
     """Stop the flow run's unfinished jobs when the block is left by an exception, a Prefect cancellation
     (TerminationSignal, raised by SIGTERM) or Ctrl-C: a job outlives the flow process otherwise. A fatal
-    signal without a handler stops the followed jobs as well."""
+    signal without a handler stops the followed jobs as well. On entry, the jobs of other flow runs that have
+    ended are stopped (see stop_orphaned_jobs)."""
     if address:
         stop_followed_jobs_on_fatal_signals()
+        orphans = stop_orphaned_jobs(address, lambda other: other != flow_run_id and prefect_flow_run_ended(other))
+        if orphans:
+            log.warning("stopped Ray Jobs left running by flow runs that have ended: %s", ", ".join(orphans))
     try:
         yield
     except BaseException:

@@ -125,6 +125,8 @@ from tasks.operations import ray_jobs
 calls_file, how = sys.argv[1], sys.argv[2]
 
 class Jobs:
+    def list_jobs(self):
+        return []
     def get_job_status(self, submission_id):
         from ray.job_submission import JobStatus
         return JobStatus.RUNNING
@@ -159,3 +161,48 @@ def test_a_follower_that_dies_stops_its_job(tmp_path, how):
     assert result.returncode == (-signal.SIGTERM if how == "signal" else 0), result.stderr[-3000:]
     assert calls.exists(), f"the job was left running: {result.stderr[-2000:]}"
     assert [json.loads(line) for line in calls.read_text().splitlines()] == [["stop_job", "job-1"]]
+
+
+class Job:
+    def __init__(self, submission_id: str, status: str, flow_run: str | None):
+        from ray.job_submission import JobStatus
+
+        self.submission_id, self.status = submission_id, JobStatus(status)
+        self.metadata = {ray_jobs.FLOW_RUN_KEY: flow_run} if flow_run else {}
+
+
+def test_a_new_flow_run_stops_the_jobs_of_flow_runs_that_have_ended(monkeypatch):
+    """A follower killed outright (SIGKILL) stops nothing; the next flow run stops what it left running."""
+    jobs = FakeJobs([], statuses=["RUNNING"])
+    jobs.list_jobs = lambda: [Job("orphan", "RUNNING", "crashed-run"), Job("live", "RUNNING", "running-run"),
+                              Job("mine", "RUNNING", "this-run"), Job("done", "SUCCEEDED", "crashed-run"),
+                              Job("manual", "RUNNING", None)]
+    monkeypatch.setattr(ray_jobs, "client", lambda address: jobs)
+    asked = []
+    monkeypatch.setattr(ray_jobs, "prefect_flow_run_ended",
+                        lambda flow_run: asked.append(flow_run) or flow_run == "crashed-run")
+    with ray_jobs.jobs_stopped_on_exit("http://head:8265", "this-run"):
+        assert [call for call in jobs.calls if call[0] == "stop_job"] == [("stop_job", "orphan")]
+    assert sorted(asked) == ["crashed-run", "running-run"], "only running jobs of other flow runs are looked up"
+
+
+def test_a_job_not_from_a_flow_run_is_never_taken_for_an_orphan():
+    assert ray_jobs.prefect_flow_run_ended("flow-1") is False
+
+
+@pytest.mark.slow
+def test_the_flow_run_state_is_read_from_prefect():
+    from prefect import flow, get_client
+    from prefect.states import Running
+    from prefect.testing.utilities import prefect_test_harness
+
+    @flow
+    def finished() -> None:
+        return None
+
+    with prefect_test_harness(server_startup_timeout=120):
+        ended = finished(return_state=True).state_details.flow_run_id
+        with get_client(sync_client=True) as client:
+            live = client.create_flow_run(flow=finished, state=Running())
+        assert ray_jobs.prefect_flow_run_ended(str(ended)) is True
+        assert ray_jobs.prefect_flow_run_ended(str(live.id)) is False
