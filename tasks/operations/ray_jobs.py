@@ -3,25 +3,34 @@
 Ray's Jobs API is what Ray recommends for running a Ray Train script on a cluster from elsewhere (Ray
 Client is not). Each training is one job whose driver runs on the head node and calls
 tasks.training.train.train_model there, a native driver like the flow on the head under the cluster launcher.
-The flow process follows the job: its logs go to the flow's log, its status decides the task's, and
-leaving the flow early (a Prefect cancellation is a SIGTERM, a failure an exception) stops the jobs it
-submitted. The job's run directory is the flow's: both must see the same storage (infra/README.md).
+The flow process follows the job: its logs stream (Ray's log tail, each line once) into the flow's log, its
+status decides the task's, and leaving the flow early (a Prefect cancellation is a SIGTERM, a failure an
+exception) stops the jobs it submitted; so does the follower's process ending with jobs still followed (an
+uncaught signal, interpreter exit). A follower killed outright (SIGKILL: the sidecar's container killed) leaves
+them running until the next flow run starts, which stops the jobs of flow runs that have ended. The job's run
+directory is the flow's: both must see the same storage (infra/README.md).
 
 `python -m tasks.operations.ray_jobs` is the job's entrypoint; its request travels in the job's environment.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tasks.config import PipelineConfig, is_url
@@ -39,6 +48,14 @@ FLOW_RUN_KEY = "vit_pipeline_flow_run"
 POLL_SECONDS = 2.0
 # How long the Jobs API may stay unreachable (head restarting, network) before following gives up.
 API_PATIENCE_SECONDS = 300.0
+# Lines of a failed job's log that go into its error.
+ERROR_TAIL_LINES = 20
+# Signals that end a process without unwinding it (no `finally` runs): their handler stops the followed jobs.
+FATAL_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+# The jobs this process follows now (submission id -> Jobs API address), stopped if the process ends first.
+_followed: dict[str, str] = {}
+_followed_lock = threading.Lock()
 
 
 class TrainingCancelled(TrainingError):
@@ -95,43 +112,81 @@ def submit_training(address: str, config: PipelineConfig, model_name: str, *, te
     return submission_id
 
 
+class JobLog:
+    """A job's log as it arrives in chunks: each complete line goes to `emit` once; keeps what the outcome
+    needs (the outcome line, the not-retryable marker, the last lines), never the whole log."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+        self.received = 0  # characters of the log taken so far
+        self.outcome_line: str | None = None
+        self.not_retryable = False
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+        self._partial = ""
+
+    def take(self, text: str) -> None:
+        self.received += len(text)
+        *complete, self._partial = (self._partial + text).split("\n")
+        for line in complete:
+            self._line(line)
+
+    def close(self) -> None:
+        """The log has ended: its last line may have no newline."""
+        if self._partial:
+            self._line(self._partial)
+            self._partial = ""
+
+    def _line(self, line: str) -> None:
+        self.emit(line)
+        self.last_lines.append(line)
+        if line.startswith(OUTCOME_MARKER):
+            self.outcome_line = line.removeprefix(OUTCOME_MARKER)
+        self.not_retryable = self.not_retryable or NOT_RETRYABLE_MARKER in line
+
+
+async def _tail(jobs, submission_id: str, log: JobLog) -> None:
+    """Stream the job's log into `log` until Ray closes the stream (the job ended). Ray's tail starts at the
+    log's beginning on every connection, so after a reconnection what `log` has already taken is skipped."""
+    streamed = 0
+    async for chunk in jobs.tail_job_logs(submission_id):
+        skip = max(0, log.received - streamed)
+        streamed += len(chunk)
+        if skip < len(chunk):
+            log.take(chunk[skip:])
+
+
 def follow_job(address: str, submission_id: str, emit: Callable[[str], None]) -> TrainOutcome:
     """Wait for the job to end, passing each new log line to `emit`; its outcome, or TrainingError."""
+    import aiohttp
     from ray.job_submission import JobStatus
 
-    jobs = client(address)
-    shown, status, unreachable_since = 0, None, None
-    while status is None or not status.is_terminal():
-        time.sleep(POLL_SECONDS)
+    jobs, job_log = client(address), JobLog(emit)
+    unreachable_since = None
+    while True:
         try:
+            asyncio.run(_tail(jobs, submission_id, job_log))
             status = jobs.get_job_status(submission_id)
-            logs = jobs.get_job_logs(submission_id)
-        except (ConnectionError, OSError, RuntimeError) as error:
+        except (ConnectionError, OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as error:
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > API_PATIENCE_SECONDS:
                 raise TrainingError(f"Ray Job {submission_id}: the Jobs API at {address} has not answered for "
                                     f"{API_PATIENCE_SECONDS:.0f}s ({error}); the job may still be running") from error
+            time.sleep(POLL_SECONDS)
             continue
         unreachable_since = None
-        complete = logs[:logs.rfind("\n") + 1]  # a line still being written waits for the next poll
-        for line in complete[shown:].splitlines():
-            emit(line)
-        shown = max(shown, len(complete))
+        if status.is_terminal():
+            break
+        time.sleep(POLL_SECONDS)  # the stream closed with the job still running (the dashboard restarted)
+    job_log.close()
     if status == JobStatus.SUCCEEDED:
-        return _outcome_from_logs(submission_id, logs)
+        if job_log.outcome_line is None:
+            raise TrainingError(f"Ray Job {submission_id} succeeded but did not report its outcome")
+        return outcome_from_json(job_log.outcome_line)
     message = jobs.get_job_info(submission_id).message or ""
     if status == JobStatus.STOPPED:
         raise TrainingCancelled(f"Ray Job {submission_id} was stopped before it finished")
-    tail = "\n".join(logs.splitlines()[-20:])
-    raise TrainingError(f"Ray Job {submission_id} {status}: {message}\n{tail}",
-                        retryable=NOT_RETRYABLE_MARKER not in logs)
-
-
-def _outcome_from_logs(submission_id: str, logs: str) -> TrainOutcome:
-    for line in reversed(logs.splitlines()):
-        if line.startswith(OUTCOME_MARKER):
-            return outcome_from_json(line.removeprefix(OUTCOME_MARKER))
-    raise TrainingError(f"Ray Job {submission_id} succeeded but did not report its outcome")
+    tail = "\n".join(job_log.last_lines)
+    raise TrainingError(f"Ray Job {submission_id} {status}: {message}\n{tail}", retryable=not job_log.not_retryable)
 
 
 def outcome_to_json(outcome: TrainOutcome) -> str:
@@ -151,11 +206,50 @@ def train_as_job(address: str, config: PipelineConfig, model_name: str, *, teach
     submission_id = submit_training(address, config, model_name, teacher_weights=teacher_weights, group=group,
                                     flow_run_id=flow_run_id)
     emit(f"submitted Ray Job {submission_id} to {address}")
+    with _followed_lock:
+        _followed[submission_id] = address
     try:
         return follow_job(address, submission_id, emit)
     except BaseException:
         stop_jobs(address, [submission_id])
         raise
+    finally:
+        with _followed_lock:
+            _followed.pop(submission_id, None)
+
+
+@atexit.register
+def stop_followed_jobs() -> list[str]:
+    """Stop the jobs this process still follows: it is ending without having unwound their followers (the
+    interpreter exiting past a following thread, a fatal signal). Returns the ids stopped."""
+    with _followed_lock:
+        followed = dict(_followed)
+        _followed.clear()
+    stopped = []
+    for submission_id, address in followed.items():
+        try:
+            stopped += stop_jobs(address, [submission_id])
+        except Exception as error:  # noqa: BLE001  (the process is ending: stop what can be stopped)
+            log.error("could not stop Ray Job %s at %s: %s", submission_id, address, error)
+    if stopped:
+        log.warning("stopped the Ray Jobs this process followed: %s", ", ".join(stopped))
+    return stopped
+
+
+def _stop_followed_jobs_then_die(signum: int, frame: FrameType | None) -> None:
+    stop_followed_jobs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # end as the signal would have ended the process
+
+
+def stop_followed_jobs_on_fatal_signals() -> None:
+    """In the main thread: a SIGTERM or SIGHUP that would end the process (no handler of Prefect's or anyone's
+    for it) first stops the followed jobs. Signals with a handler already are left to it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in FATAL_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _stop_followed_jobs_then_die)
 
 
 def stop_jobs(address: str, submission_ids: list[str]) -> list[str]:
@@ -173,10 +267,45 @@ def flow_run_jobs(address: str, flow_run_id: str) -> list[str]:
             if (job.metadata or {}).get(FLOW_RUN_KEY) == flow_run_id and not job.status.is_terminal()]
 
 
+def stop_orphaned_jobs(address: str, flow_run_ended: Callable[[str], bool]) -> list[str]:
+    """Stop the running jobs whose flow run has ended: their follower died without stopping them (its process
+    killed with SIGKILL, as when the sidecar's container is), and they would train on beside a flow run that
+    continues theirs, into the same checkpoints. Returns the ids stopped."""
+    orphans = [job.submission_id for job in client(address).list_jobs()
+               if not job.status.is_terminal() and (job.metadata or {}).get(FLOW_RUN_KEY)
+               and flow_run_ended(job.metadata[FLOW_RUN_KEY])]
+    return stop_jobs(address, orphans) if orphans else []
+
+
+def prefect_flow_run_ended(flow_run_id: str) -> bool:
+    """Whether Prefect has the flow run in a final state (Completed, Failed, Cancelled, Crashed: a flow run
+    whose heartbeats stopped is marked Crashed by infra/prefect/automations.yaml)."""
+    from prefect import get_client
+
+    try:
+        run_id = uuid.UUID(flow_run_id)
+    except ValueError:
+        return False  # not submitted by a Prefect flow run
+    try:
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(run_id).state
+    except Exception as error:  # noqa: BLE001  (unknown to this server, API down: leave the job alone)
+        log.debug("flow run %s: state unknown (%s)", flow_run_id, error)
+        return False
+    return state is not None and state.is_final()
+
+
 @contextlib.contextmanager
 def jobs_stopped_on_exit(address: str | None, flow_run_id: str | None) -> Iterator[None]:
     """Stop the flow run's unfinished jobs when the block is left by an exception, a Prefect cancellation
-    (TerminationSignal, raised by SIGTERM) or Ctrl-C: a job outlives the flow process otherwise."""
+    (TerminationSignal, raised by SIGTERM) or Ctrl-C: a job outlives the flow process otherwise. A fatal
+    signal without a handler stops the followed jobs as well. On entry, the jobs of other flow runs that have
+    ended are stopped (see stop_orphaned_jobs)."""
+    if address:
+        stop_followed_jobs_on_fatal_signals()
+        orphans = stop_orphaned_jobs(address, lambda other: other != flow_run_id and prefect_flow_run_ended(other))
+        if orphans:
+            log.warning("stopped Ray Jobs left running by flow runs that have ended: %s", ", ".join(orphans))
     try:
         yield
     except BaseException:

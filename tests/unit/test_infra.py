@@ -33,6 +33,8 @@ INFRA = REPO_ROOT / "infra"
 CLUSTER_AWS = INFRA / "ray" / "cluster-aws.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 SHARED_VOLUME = INFRA / "kuberay" / "shared-volume.yaml"
+GPU_NODEPOOL = INFRA / "kuberay" / "gpu-nodepool.yaml"
+EFS_STORAGECLASS = INFRA / "kuberay" / "efs-storageclass.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 LOCK = INFRA / "docker" / "requirements.lock"
 WORKER_UNIT = INFRA / "ray" / "prefect-worker.service"
@@ -625,20 +627,129 @@ def test_kuberay_volume_in_its_own_manifest(raycluster, cluster):
             assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], "every pod writes the run directory"
 
 
+# What KubeRay's pod builder (ray-operator/controllers/ray/common/pod.go, v1.6.0 to v1.7.0) does to the pod
+# templates with token authentication: DefaultHeadPodTemplate injects the autoscaler container when in-tree
+# autoscaling is on and, with authOptions.mode token, gives it RAY_AUTH_MODE and RAY_AUTH_TOKEN before it
+# appends autoscalerOptions.env; DefaultWorkerPodTemplate adds the wait-gcs-ready init container with a copy of
+# the Ray container's env; configureTokenAuth then sets both variables on the Ray container (index 0) and on
+# wait-gcs-ready. SetContainerTokenAuthEnvVars adds a variable only when the container does not set it, and
+# takes the token from authOptions.secretName, else from the Secret named after the cluster, key auth_token.
+KUBERAY_AUTH_OPTIONS = {"mode": {"disabled", "token"}, "secretName": str, "enableK8sTokenAuth": bool}
+KUBERAY_TOKEN_KEY = "auth_token"
+KUBERAY_MIN_RAY_FOR_TOKEN = (2, 52, 0)  # ray-operator/controllers/ray/utils/validation.go
+
+
+def _kuberay_token_auth(cluster_name: str, container: dict, auth: dict) -> None:
+    env = container.setdefault("env", [])
+    names = {item["name"] for item in env}
+    if "RAY_AUTH_MODE" not in names:
+        env.append({"name": "RAY_AUTH_MODE", "value": "token"})
+    if "RAY_AUTH_TOKEN" not in names:
+        secret = auth.get("secretName") or cluster_name
+        env.append({"name": "RAY_AUTH_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": KUBERAY_TOKEN_KEY}}})
+
+
+def kuberay_pods(raycluster: dict) -> dict[str, dict]:
+    """The pod specs KubeRay creates from the RayCluster, as far as containers and their env go."""
+    spec = raycluster["spec"]
+    auth = spec.get("authOptions") or {}
+    token = auth.get("mode") == "token"
+    name = raycluster["metadata"]["name"]
+    pods = copy.deepcopy(pod_specs(raycluster))
+    for group, pod in pods.items():
+        ray = ray_container(pod)
+        if group == "head" and spec.get("enableInTreeAutoscaling"):
+            autoscaler = {"name": "autoscaler", "image": ray["image"],
+                          "env": [{"name": "KUBERAY_CRD_VER", "value": "v1"}]}
+            if token:
+                _kuberay_token_auth(name, autoscaler, auth)
+            autoscaler["env"] += copy.deepcopy((spec.get("autoscalerOptions") or {}).get("env", []))
+            pod["containers"].append(autoscaler)
+        if group != "head":
+            pod.setdefault("initContainers", []).append(
+                {"name": "wait-gcs-ready", "image": ray["image"], "env": copy.deepcopy(ray.get("env", []))})
+        if token:
+            _kuberay_token_auth(name, ray, auth)
+            for init in pod.get("initContainers", []):
+                if init["name"] == "wait-gcs-ready":
+                    _kuberay_token_auth(name, init, auth)
+    return pods
+
+
+def test_the_volume_claim_gets_its_storage_class_from_the_efs_csi_driver(cluster, raycluster):
+    """The class the claim names exists, is the EFS CSI driver's, keeps the data, and writes as the image's
+    user; it is the launcher's file system."""
+    (claim,) = manifest(SHARED_VOLUME)
+    (storage_class,) = manifest(EFS_STORAGECLASS)
+    assert storage_class["kind"] == "StorageClass"
+    assert claim["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+    assert storage_class["provisioner"] == "efs.csi.aws.com" and storage_class["reclaimPolicy"] == "Retain"
+    parameters = storage_class["parameters"]
+    assert parameters["provisioningMode"] == "efs-ap"
+    assert all(isinstance(value, str) for value in parameters.values()), "StorageClass parameters are strings"
+    assert f"{parameters['fileSystemId']}.efs." in json.dumps(cluster["available_node_types"])
+    security = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"]
+    assert (parameters["uid"], parameters["gid"]) == (str(security["runAsUser"]), str(security["runAsGroup"]))
+
+
 def _secret_ref(container: dict, name: str) -> dict | None:
-    item = env_of(container).get(name)
+    item = env_of(container).get(name)  # Kubernetes takes the last of repeated names, as env_of does
     return item["valueFrom"]["secretKeyRef"] if item and "valueFrom" in item else None
 
 
-def test_raycluster_token_auth_and_secrets_only_where_needed(raycluster):
-    pods = pod_specs(raycluster)
+def test_kuberay_accepts_the_auth_options(raycluster):
+    """What the RayCluster CRD (authOptions: mode enum, secretName, enableK8sTokenAuth) and KubeRay's
+    validation take: token mode needs rayVersion >= 2.52.0."""
+    auth = raycluster["spec"].get("authOptions")
+    assert auth, "no spec.authOptions: KubeRay gives the Ray token to none of the containers it adds"
+    assert set(auth) <= set(KUBERAY_AUTH_OPTIONS), f"unknown authOptions keys {set(auth) - set(KUBERAY_AUTH_OPTIONS)}"
+    assert auth["mode"] in KUBERAY_AUTH_OPTIONS["mode"]
+    assert isinstance(auth.get("secretName", ""), str) and not auth.get("enableK8sTokenAuth")
+    ray_version = tuple(int(part) for part in raycluster["spec"]["rayVersion"].split("."))
+    assert ray_version >= KUBERAY_MIN_RAY_FOR_TOKEN
+
+
+def test_kuberay_gives_the_token_to_the_autoscaler_and_every_ray_container(raycluster):
+    """Without the token the injected autoscaler cannot read the GCS, and the gpu group never scales up."""
+    auth = raycluster["spec"]["authOptions"]
+    assert auth["mode"] == "token"
+    secret = auth.get("secretName") or raycluster["metadata"]["name"]
+    readme = (INFRA / "README.md").read_text()
+    assert f"kubectl create secret generic {secret} " in readme, f"infra/README.md creates no Secret {secret}"
+    pods = kuberay_pods(raycluster)
+    (autoscaler,) = [c for c in pods["head"]["containers"] if c["name"] == "autoscaler"]
+    for group, pod in pods.items():
+        for container in all_containers(pod):
+            where = f"{group}/{container['name']}"
+            assert env_of(container)["RAY_AUTH_MODE"]["value"] == "token", where
+            assert _secret_ref(container, "RAY_AUTH_TOKEN") == {"name": secret, "key": KUBERAY_TOKEN_KEY}, where
+    assert autoscaler in pods["head"]["containers"]
+    match = re.search(r"KubeRay operator \((\d[\d.]*) or later", readme)
+    assert match and tuple(map(int, match.group(1).split("."))) >= (1, 6, 0), \
+        "authOptions.secretName needs KubeRay >= 1.6.0 (1.5.x prunes it and makes a token of its own)"
+
+
+def test_kuberay_model_of_the_pod_builder_is_live(raycluster):
+    """The old manifest (token set by hand on the Ray containers, no authOptions) leaves the autoscaler
+    without it: the check above would fail on it."""
+    by_hand = copy.deepcopy(raycluster)
+    by_hand["spec"].pop("authOptions", None)
+    for pod in pod_specs(by_hand).values():
+        ray_container(pod).setdefault("env", []).extend([
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "x", "key": KUBERAY_TOKEN_KEY}}}])
+    (autoscaler,) = [c for c in kuberay_pods(by_hand)["head"]["containers"] if c["name"] == "autoscaler"]
+    assert "RAY_AUTH_TOKEN" not in env_of(autoscaler)
+
+
+def test_raycluster_secrets_only_where_needed(raycluster):
+    pods = kuberay_pods(raycluster)
     worker = sidecar(pods, "prefect-worker")
     for name, pod in pods.items():
         for container in all_containers(pod):
             where = f"{name}/{container['name']}"
             env = env_of(container)
-            assert env["RAY_AUTH_MODE"]["value"] == "token", where
-            assert _secret_ref(container, "RAY_AUTH_TOKEN")["key"] == "auth_token", where
             assert not any(item.get("value") for key, item in env.items() if key.endswith(("_KEY", "_TOKEN"))), where
             # A missing secret keeps the pod from starting instead of running it without the value.
             refs = [item["valueFrom"]["secretKeyRef"] for item in env.values() if "valueFrom" in item]
@@ -650,6 +761,80 @@ def test_raycluster_token_auth_and_secrets_only_where_needed(raycluster):
         if name != "head":
             assert _secret_ref(ray_container(pod), "WANDB_API_KEY"), f"{name}: rank 0 logs to W&B"
     assert _secret_ref(worker, "PREFECT_API_KEY") and _secret_ref(worker, "PREFECT_API_URL")
+
+
+def _tolerates(toleration: dict, taint: dict) -> bool:
+    """Kubernetes' ToleratesTaint (k8s.io/api/core/v1/toleration.go)."""
+    if toleration.get("effect") and toleration["effect"] != taint["effect"]:
+        return False
+    if toleration.get("key") and toleration["key"] != taint["key"]:
+        return False
+    if toleration.get("operator", "Equal") == "Exists":
+        return True
+    return toleration.get("key") == taint["key"] and toleration.get("value", "") == taint.get("value", "")
+
+
+def gpu_taints() -> list[dict]:
+    (pool,) = [doc for doc in manifest(GPU_NODEPOOL) if doc["kind"] == "NodePool"]
+    taints = pool["spec"]["template"]["spec"]["taints"]
+    assert taints, f"{GPU_NODEPOOL}: GPU nodes without a taint take any pod and stay up for it"
+    return taints
+
+
+def test_the_gpu_group_scales_from_zero_onto_tainted_gpu_nodes(raycluster):
+    spec = raycluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    (gpu,) = [group for group in spec["workerGroupSpecs"] if group["groupName"] == "gpu"]
+    assert gpu["minReplicas"] == 0 and gpu.get("replicas", 0) == 0 and gpu["maxReplicas"] > 0
+    pod = gpu["template"]["spec"]
+    resources = ray_container(pod)["resources"]
+    assert int(resources["requests"]["nvidia.com/gpu"]) == int(resources["limits"]["nvidia.com/gpu"]) >= 1
+    for taint in gpu_taints():
+        assert any(_tolerates(t, taint) for t in pod.get("tolerations", [])), f"gpu pods do not tolerate {taint}"
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert not any(_tolerates(t, taint) for t in head.get("tolerations", [])), "the head would hold a GPU node"
+    (pool,) = [doc for doc in manifest(GPU_NODEPOOL) if doc["kind"] == "NodePool"]
+    gpus_per_pod = int(resources["limits"]["nvidia.com/gpu"])
+    assert int(pool["spec"]["limits"]["nvidia.com/gpu"]) >= gpu["maxReplicas"] * gpus_per_pod
+    classes = {doc["metadata"]["name"] for doc in manifest(GPU_NODEPOOL) if doc["kind"] == "EC2NodeClass"}
+    assert pool["spec"]["template"]["spec"]["nodeClassRef"]["name"] in classes
+
+
+ZONE_KEY = "topology.kubernetes.io/zone"
+
+
+def kuberay_pod_labels(raycluster: dict, group: dict) -> dict[str, str]:
+    """The labels KubeRay's labelPod puts on a worker pod of the group, over the template's own."""
+    labels = dict(group["template"].get("metadata", {}).get("labels", {}))
+    labels.update({"ray.io/cluster": raycluster["metadata"]["name"], "ray.io/group": group["groupName"],
+                   "ray.io/node-type": "worker"})
+    return labels
+
+
+def test_a_trainings_kuberay_workers_share_one_zone(raycluster):
+    """Required pod affinity on the zone to the group's own pods: the first gpu pod may go anywhere (its
+    labels match its own term), every later one joins its zone."""
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        affinity = group["template"]["spec"].get("affinity", {}).get("podAffinity", {})
+        terms = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        labels = kuberay_pod_labels(raycluster, group)
+        same_zone = [term for term in terms if term["topologyKey"] == ZONE_KEY
+                     and term["labelSelector"]["matchLabels"].items() <= labels.items()
+                     and "matchExpressions" not in term["labelSelector"]]
+        assert same_zone, f"{group['groupName']}: no required pod affinity to its own pods on {ZONE_KEY}"
+        other = {**labels, "ray.io/group": "other"}
+        assert not all(term["labelSelector"]["matchLabels"].items() <= other.items() for term in same_zone), \
+            "the affinity must name the group, not every pod of the cluster"
+
+
+def test_a_trainings_launcher_workers_share_one_zone(cluster):
+    """Ray's AWS provider launches in the first of a node type's subnets and falls back to the next when it
+    gets no capacity: more than one subnet, or zone, lets a DDP pair span two zones."""
+    zones = [zone.strip() for zone in cluster["provider"]["availability_zone"].split(",")]
+    assert len(zones) == 1, f"provider.availability_zone: {zones}"
+    subnets = {name: node["node_config"]["SubnetIds"] for name, node in cluster["available_node_types"].items()}
+    assert all(len(ids) == 1 for ids in subnets.values()), subnets
+    assert len({ids[0] for ids in subnets.values()}) == 1, f"node types in different subnets: {subnets}"
 
 
 def test_raycluster_flow_runs_submit_ray_jobs_from_a_restarting_sidecar(raycluster):
@@ -727,6 +912,43 @@ def test_dockerfile_python_user_and_home(dockerfile, pyproject, work_pool):
               for src in line.split()[:-1] if not src.startswith("--")}
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages | {"configs", "pyproject.toml", "README.md"} <= copied, f"image lacks {packages - copied}"
+
+
+BASE_DIGEST = "sha256:" + "ab" * 32  # what the stand-in `docker` says the tag names
+
+
+def _build_sh(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """infra/docker/build.sh in a copy of infra/docker/, with a stand-in `docker` that records its calls."""
+    root = tmp_path / "repo"
+    shutil.copytree(INFRA / "docker", root / "infra" / "docker")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path}/docker.calls
+case "$*" in
+  "image inspect"*) echo "python@{BASE_DIGEST}" ;;
+esac
+""")
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "REGISTRY": "registry.example"}
+    result = subprocess.run(["bash", str(root / "infra" / "docker" / "build.sh"), *args], env=env,
+                            capture_output=True, text=True, timeout=30)
+    return result, root / "infra" / "docker" / "Dockerfile"
+
+
+def test_the_base_image_is_pinned_by_digest_before_a_build(tmp_path, dockerfile):
+    """No build from a tag alone: build.sh refuses until `build.sh pin-base` wrote the tag's digest into FROM."""
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
+    if "@sha256:" in base:
+        assert re.fullmatch(r"python:[\w.-]+@sha256:[0-9a-f]{64}", base), base
+        return
+    refused, _ = _build_sh(tmp_path)
+    assert refused.returncode == 1 and "build.sh pin-base" in refused.stderr
+    assert not (tmp_path / "docker.calls").exists(), "nothing built from an unpinned base"
+    pinned_run, pinned_file = _build_sh(tmp_path / "pin", "pin-base")
+    assert pinned_run.returncode == 0, pinned_run.stderr
+    assert re.search(rf"^FROM {re.escape(base)}@{BASE_DIGEST}$", pinned_file.read_text(), re.MULTILINE)
+    assert "pull --quiet " + base in (tmp_path / "pin" / "docker.calls").read_text()
 
 
 def test_dockerignore_keeps_local_state_out():
@@ -814,6 +1036,49 @@ def test_cluster_deployments_keep_state_on_shared_storage(deployments, cluster, 
             load_config(REPO_ROOT / parameters["config_file"], local)
 
 
+def test_prefect_yaml_matches_prefect_deploy(deployments):
+    """`prefect deploy` reads prefect.yaml with models that ignore unknown keys: a misspelt key would vanish
+    silently, so every key must be one of theirs, and every schedule one its strict schedule model takes."""
+    from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, RawScheduleConfig
+
+    PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))
+    for deployment in deployments:
+        unknown = set(deployment) - set(DeploymentConfig.model_fields)
+        assert not unknown, f"{deployment['name']}: prefect deploy ignores {unknown}"
+        for schedule in deployment.get("schedules") or []:
+            RawScheduleConfig.model_validate(schedule)
+
+
+def test_a_redeploy_keeps_the_schedule_paused_or_running(deployments):
+    """With a slug, the server patches the existing schedule with the fields set (exclude_none): no `active`
+    leaves the operator's pause in place. `active: false` re-paused it on every `prefect deploy`; `active`
+    unset without a slug recreates the schedule active."""
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.client.schemas.actions import DeploymentScheduleUpdate
+
+    for deployment in deployments:
+        for schedule in deployment.get("schedules") or []:
+            where = f"{deployment['name']}: {schedule}"
+            assert schedule.get("slug"), f"{where}: without a slug a redeploy recreates the schedule"
+            update = DeploymentScheduleUpdate(**_schedule_config_to_deployment_schedule(schedule))
+            assert "active" not in update.model_dump(exclude_none=True), f"{where}: a redeploy sets `active`"
+    (weekly,) = [d for d in deployments if d.get("schedules")]
+    readme = (INFRA / "README.md").read_text()
+    assert f"prefect deployment schedule pause vit-pipeline/{weekly['name']}" in readme
+
+
+def test_scheduled_runs_do_not_overlap(deployments):
+    """A deployment concurrency limit of one: late runs after an outage do not all start at once."""
+    from prefect.cli.deploy._models import ConcurrencyLimitSpec
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+
+    for deployment in [d for d in deployments if d.get("schedules")]:
+        spec = ConcurrencyLimitSpec.model_validate(deployment.get("concurrency_limit") or {})
+        assert spec.limit == 1, f"{deployment['name']}: concurrency_limit {spec.limit}"
+        assert spec.collision_strategy in {s.value for s in ConcurrencyLimitStrategy}, spec.collision_strategy
+        ConcurrencyOptions(collision_strategy=spec.collision_strategy)
+
+
 def test_pull_step_uses_the_pool_home(work_pool):
     steps = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
     directories = [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in steps
@@ -832,3 +1097,60 @@ def test_the_readme_prices_every_instance_type_and_dates_the_prices(cluster, ray
         assert re.search(rf"\| {re.escape(instance)} .*\$\d+\.\d+ / h", costs), f"no hourly price for {instance}"
     for step in ("## 1. Build", "## 2a. Bring up", "## 2b.", "## 3. Prefect", "## 4. Run", "## 6. Tear down"):
         assert step in readme, step
+
+
+def test_the_readme_says_what_a_run_costs_with_its_sources():
+    readme = (INFRA / "README.md").read_text()
+    costs = readme[readme.index("## Costs"):readme.index("## 1.")]
+    for line in ("GPU hours", "idle head", "NAT gateway", "storage writes"):
+        assert re.search(rf"^\| {line} \|", costs, re.MULTILINE), f"no cost line for {line}"
+    assert re.search(r"330 GB.*\$\d+\.\d\d per run", costs), "what a run's checkpoint writes cost"
+    sources = costs[costs.index("Sources"):]
+    for page in ("/ec2/pricing", "/vpc/pricing", "/efs/pricing", "/s3/pricing"):
+        assert page in sources, f"no source for {page}"
+
+
+def _readme_section(readme: str, heading: str) -> str:
+    start = readme.index(heading)
+    following = re.search(r"^## ", readme[start + len(heading):], re.MULTILINE)
+    return readme[start:start + len(heading) + following.start()] if following else readme[start:]
+
+
+def test_the_runbook_sets_up_prefect_in_order_with_operations_and_notifications(monkeypatch, tmp_path):
+    """Work pool, notification block, `python -m flows.operations`, then the deployments; the operations command
+    as written is one the module takes (its config loads, the block slug is valid)."""
+    import shlex
+
+    from flows import operations
+
+    readme = (INFRA / "README.md").read_text()
+    prefect = _readme_section(readme, "## 3. Prefect")
+    steps = ["prefect work-pool create", ".save('", "python -m flows.operations", "prefect deploy --all"]
+    position = 0
+    for step in steps:
+        position = prefect.find(step, position)
+        assert position >= 0, f"infra/README.md section 3: no `{step}` after the steps before it ({steps})"
+    command = re.search(r"python -m flows\.operations (.*?)\n\s*```", prefect, re.DOTALL).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))
+    block = re.search(r"\.save\('([\w.-]+)'\)", prefect).group(1)
+    assert f"orchestration.notify_block=slack-webhook/{block}" in argv, "the operations command names the block saved"
+    applied = []
+    monkeypatch.setattr(operations, "apply", lambda config, limit=None: applied.append(config) or ["done"])
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))
+    assert operations.main(argv) == 0 and applied[0].orchestration.notify_block == f"slack-webhook/{block}"
+
+
+def test_the_kuberay_runbook_covers_the_cluster_prerequisites():
+    readme = (INFRA / "README.md").read_text()
+    kuberay = _readme_section(readme, "## 2b.")
+    for needed in ("kubectl apply -f infra/kuberay/gpu-nodepool.yaml", "Karpenter", "cluster-autoscaler",
+                   "kubectl apply -f infra/kuberay/efs-storageclass.yaml", "AmazonEFSCSIDriverPolicy",
+                   "efs-csi-controller-sa", "kubectl apply -f infra/kuberay/shared-volume.yaml",
+                   "kubectl apply -f infra/kuberay/raycluster.yaml"):
+        assert needed in kuberay, f"infra/README.md 2b does not say {needed}"
+    for taint in gpu_taints():
+        assert f"{taint['key']}={taint['value']}:{taint['effect']}" in kuberay, f"the runbook's taint is not {taint}"
+    order = [kuberay.index(f"infra/kuberay/{name}") for name in
+             ("gpu-nodepool.yaml", "efs-storageclass.yaml", "shared-volume.yaml", "raycluster.yaml")]
+    assert order == sorted(order)
+    assert "not there yet" not in readme, "S3 resume is there: tests/unit/training/test_checkpoints_s3.py"
