@@ -225,7 +225,7 @@ def test_second_shard_task_is_cached_and_bad_shards_fail_verification_by_name(tm
 
     first, second = shard_twice()
     assert first.name == "Completed" and second.name == "Cached"
-    assert second.result()["fingerprint"] == first.result()["fingerprint"]
+    assert second.result() == first.result()  # the Manifest, as persisted
 
     broken = tmp_path / "broken"
     shutil.copytree(config.shard_location, broken)
