@@ -430,7 +430,7 @@ def part_correctness(session: Session, box: TimeBox, record: PartRecord) -> None
 
     # Evaluation and attention maps of the same (seeded, untrained) weights and images, fp32 with TF32 off.
     manifest = require_manifest(session.subset_shards)
-    num_classes = len(manifest["classes"])
+    num_classes = len(manifest.classes)
     selected, _, _ = select_images(session.subset_shards)
     inputs = normalize(EvalResize.from_config(data)(selected), data.mean, data.std)
     evaluated = [config.model.baseline.name, config.model.transformers[0].name]
@@ -763,10 +763,10 @@ def part_recipe(session: Session, box: TimeBox, record: PartRecord) -> None:
             teacher = weights
         best = max(context.reports, key=lambda epoch: epoch["val_acc"])
         results[spec.name] = {"status": status, "epochs": len(context.reports), "best_epoch": best["epoch"],
-                              "val_top1": evaluated.get("val_top1"), "test_top1": evaluated["top1"],
-                              "test_top5": evaluated["top5"], "train_seconds": train_seconds,
+                              "val_top1": evaluated.val_top1, "test_top1": evaluated.top1,
+                              "test_top5": evaluated.top5, "train_seconds": train_seconds,
                               "train_images_per_s": float(np.mean([e["images_per_s"] for e in context.reports])),
-                              "params_m": evaluated["params"] / 1e6, "gflops": evaluated["gflops"]}
+                              "params_m": evaluated.params / 1e6, "gflops": evaluated.gflops}
         session.report.row(record, model=spec.name, **results[spec.name])
         release_memory(device)
     record.figures |= {"models": results, "epochs": epochs, "compile": config.training.compile}

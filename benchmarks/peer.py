@@ -135,9 +135,9 @@ def shard_once(config: PipelineConfig, args: argparse.Namespace) -> str:
 def read_split(location: str, split: str) -> tuple[list[np.ndarray], list[int]]:
     """Every image (H x W x 3 uint8) and label of one split of the shards, decoded once into memory."""
     images, labels = [], []
-    for shard in require_manifest(location)["splits"][split]["shards"]:
-        with fsspec.open(f"{location}/{shard['name']}", "rb") as stream:
-            for sample in iter_samples(stream, shard["name"]):
+    for shard in require_manifest(location).splits[split].shards:
+        with fsspec.open(f"{location}/{shard.name}", "rb") as stream:
+            for sample in iter_samples(stream, shard.name):
                 images.append(decode_image(sample))
                 labels.append(decode_label(sample))
     return images, labels
@@ -210,7 +210,7 @@ def train_peer(config: PipelineConfig, args: argparse.Namespace, location: str) 
     torch.set_num_threads(threads)
 
     splits = {split: read_split(location, split) for split in ("train", "val", "test")}
-    num_classes = len(require_manifest(location)["classes"])
+    num_classes = len(require_manifest(location).classes)
     train_transform, eval_transform = peer_transforms(config, splits["train"][0][0].shape[0])
 
     def loader(split: str, train: bool) -> DataLoader:
@@ -334,7 +334,7 @@ def train_ours(config: PipelineConfig, args: argparse.Namespace, work: Path) -> 
               for e in history]
     best = max(epochs, key=lambda e: e["val_top1"])  # the first of equals, as the loop keeps it
     [record] = evaluate_models(config, {args.model: RunLayout.of(config).weights(args.model)})
-    return summary(epochs, wall, best["val_top1"], best["epoch"], record["top1"])
+    return summary(epochs, wall, best["val_top1"], best["epoch"], record.top1)
 
 
 def summary(epochs: list[dict], wall: float, val_top1: float, best_epoch: int, test_top1: float) -> dict:
@@ -408,7 +408,7 @@ def main() -> None:
                     "torch_threads_and_loader_workers": fit_to_cores(LocalContext(args.device), config),
                     "ours": "in-process LocalContext" if args.in_process else "vit-pipeline train (Ray Train)"}
         location = shard_once(config, args)
-        splits = {name: split["num_samples"] for name, split in require_manifest(location)["splits"].items()}
+        splits = {name: split.num_samples for name, split in require_manifest(location).splits.items()}
         machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                    "cpus": os.cpu_count(), "torch": torch.__version__, "timm": timm.__version__,
                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}

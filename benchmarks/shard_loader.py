@@ -49,9 +49,8 @@ def shard_rows(data_root: Path, work: Path, formats: list[str], shard_size: int,
                 result = shard_dataset("cifar10", data_root, location, options, progress=False)
                 times.append(time.perf_counter() - start)
                 kept.setdefault(image_format, location)
-            splits = result.manifest["splits"].values()
-            images = sum(split["num_samples"] for split in splits)
-            megabytes = sum(shard["bytes"] for split in splits for shard in split["shards"]) / 1e6
+            images = sum(split.num_samples for split in result.manifest.splits.values())
+            megabytes = sum(shard.bytes for shard in result.manifest.shards()) / 1e6
             rows.append((image_format, workers, images, megabytes, min(times), images / min(times)))
     return rows, kept
 

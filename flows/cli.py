@@ -85,11 +85,11 @@ def cmd_shard(args: argparse.Namespace) -> int:
     )
     result = shard_from_config(config, progress=not args.quiet)
     splits = ", ".join(
-        f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards"
-        for name, split in result.manifest["splits"].items()
+        f"{name}: {split.num_samples} samples in {len(split.shards)} shards"
+        for name, split in result.manifest.splits.items()
     )
     state = "up to date, nothing to do" if result.skipped else "written"
-    print(f"{result.location}: {state} ({splits}; fingerprint {result.manifest['fingerprint'][:12]})")
+    print(f"{result.location}: {state} ({splits}; fingerprint {result.manifest.fingerprint[:12]})")
     return 0
 
 

@@ -36,8 +36,9 @@ from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
 from tasks.data.samples import ShardFormatError
-from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
+from tasks.data.shard import Manifest, read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
+from tasks.judging.evaluate import EvaluationRecord
 from tasks.layout import RunLayout
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
@@ -88,7 +89,8 @@ def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         include={"dataset", "data_root", "shard_size", "image_format", "image_size", "shuffle_seed", "val_size",
                  "split_seed"},
     )
-    return f"shard-{_digest(data, config.shard_location)}"
+    # v2: the task returns a Manifest, where it returned a dict; a result persisted as a dict must not be reused.
+    return f"shard-v2-{_digest(data, config.shard_location)}"
 
 
 def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -110,15 +112,15 @@ def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(name="shard", cache_key_fn=shard_cache_key, persist_result=True, retry_condition_fn=_retry_transient)
-def shard_task(config: PipelineConfig, group: str) -> dict:
+def shard_task(config: PipelineConfig, group: str) -> Manifest:
     result = shard_from_config(config, progress=False)
     get_run_logger().info(
         "%s: %s (fingerprint %s)", result.location, "reused" if result.skipped else "written",
-        result.manifest["fingerprint"][:12],
+        result.manifest.fingerprint[:12],
     )
     run = start_wandb_run(config, "shard", config.data.dataset, group)
     if run is not None:
-        summary = {f"{split}_samples": info["num_samples"] for split, info in result.manifest["splits"].items()}
+        summary = {f"{split}_samples": info.num_samples for split, info in result.manifest.splits.items()}
         run.summary.update(summary)
         manifest = manifest_snapshot(result.location, RunLayout.of(config).wandb_inputs)
         run.log_artifact(files_artifact(dataset_artifact_name(config), "dataset", [manifest],
@@ -132,7 +134,8 @@ def verify_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     file (size, modification time or ETag), so a shard written or touched since is verified again. Trainings
     check only the shards' sizes (tasks.training.train)."""
     location = parameters["config"].shard_location
-    return f"verify-{_digest(location, read_manifest(location), shard_listing(location))}"
+    manifest = read_manifest(location)
+    return f"verify-{_digest(location, None if manifest is None else manifest.to_json(), shard_listing(location))}"
 
 
 @task(name="verify-shards", cache_key_fn=verify_cache_key, persist_result=True, retry_condition_fn=_retry_transient)
@@ -161,7 +164,7 @@ def train_task(
 
 
 @task(name="evaluate", retry_condition_fn=_retry_transient)
-def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[dict]:
+def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[EvaluationRecord]:
     from tasks.judging.evaluate import evaluate_models, markdown_table
 
     # On a GPU node when training ran on GPUs, so the speed measured is the training hardware's.
@@ -206,7 +209,7 @@ def publish_task(config: PipelineConfig) -> dict:
 
 
 @task(name="report", retry_condition_fn=_retry_transient)
-def report_task(config: PipelineConfig, records: list[dict], group: str) -> dict[str, str]:
+def report_task(config: PipelineConfig, records: list[EvaluationRecord], group: str) -> dict[str, str]:
     from tasks.judging.report import write_report
 
     paths = write_report(config, records, group=group)
@@ -216,9 +219,9 @@ def report_task(config: PipelineConfig, records: list[dict], group: str) -> dict
     return {key: str(path) for key, path in paths.items()}
 
 
-def _flat(record: dict) -> dict:
+def _flat(record: EvaluationRecord) -> dict:
     """Prefect tables show scalars; nested fields (confusion matrix, per-class) stay in evaluation.json."""
-    return {key: value for key, value in record.items() if not isinstance(value, (dict, list))}
+    return {key: value for key, value in record.to_json().items() if not isinstance(value, (dict, list))}
 
 
 def _artifact_key(name: str) -> str:
@@ -353,7 +356,7 @@ def vit_pipeline(
     dashboard, slots = _connect_cluster(config)
     _links(config, dashboard)
     with jobs_stopped_on_exit(jobs_api(config), str(flow_run.get_id())):
-        outcomes, how = _train_models(config, manifest["fingerprint"], group, slots, reuse_trainings)
+        outcomes, how = _train_models(config, manifest.fingerprint, group, slots, reuse_trainings)
     create_table_artifact(key="trainings", table=[{"model": name, "training": text} for name, text in how.items()],
                           description="Which models this flow run trained and which it reused")
 

@@ -131,15 +131,15 @@ class ShardStream(IterableDataset):
         if location.startswith("pipe:"):
             raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
         manifest = require_manifest(location)
-        if split not in manifest["splits"]:
-            raise KeyError(f"{location}: no split {split!r}; the manifest has {sorted(manifest['splits'])}")
+        if split not in manifest.splits:
+            raise KeyError(f"{location}: no split {split!r}; the manifest has {sorted(manifest.splits)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        shards = manifest["splits"][split]["shards"]
+        shards = manifest.splits[split].shards
         self.location = location.rstrip("/")
-        self.shard_names = [s["name"] for s in shards]
-        self.shard_counts = [s["num_samples"] for s in shards]
-        self.classes = manifest["classes"]
+        self.shard_names = [s.name for s in shards]
+        self.shard_counts = [s.num_samples for s in shards]
+        self.classes = manifest.classes
         self.batch_size = batch_size
         self.train = train
         self.augment = augment or AugmentConfig()

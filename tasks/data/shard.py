@@ -28,6 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from tasks.contracts import parse_record, record_json
 from tasks.data.samples import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
@@ -168,9 +169,49 @@ class ShardJob:
         return shard_name(self.split, self.index)
 
 
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as manifest.json lists it."""
+
+    name: str
+    num_samples: int
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """One split as manifest.json lists it."""
+
+    num_samples: int
+    class_counts: list[int]  # samples per class, in the manifest's class order
+    shards: list[ShardEntry]
+    held_out_from: str | None = None  # the source split a validation split was carved out of; absent on disk if none
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, the contract between the shard step and every step that reads shards (and W&B's lineage):
+    its keys are these fields, in this order."""
+
+    dataset: str
+    classes: list[str]
+    splits: dict[str, SplitEntry]
+    fingerprint: str
+    image_format: str | None
+    version: int
+
+    def shards(self) -> list[ShardEntry]:
+        """Every shard of every split."""
+        return [shard for split in self.splits.values() for shard in split.shards]
+
+    def to_json(self) -> dict:
+        return record_json(self, omit_when_none=("held_out_from",))
+
+
 @dataclass
 class ShardResult:
-    manifest: dict
+    manifest: Manifest
     skipped: bool
     location: str
 
@@ -273,18 +314,17 @@ def _plan_jobs(source: Source, options: ShardOptions, staging_dir: str) -> list[
     return jobs
 
 
-def read_manifest(location: str) -> dict | None:
+def read_manifest(location: str) -> Manifest | None:
+    """The manifest of the shards in `location` (path or fsspec URL); None when there is none. A manifest that
+    is not valid JSON or lacks a field (or holds one of the wrong type) raises ShardFormatError naming it."""
     fs, root = fsspec.core.url_to_fs(location)
     path = _join(root, MANIFEST_NAME)
     if not fs.exists(path):
         return None
-    try:
-        return json.loads(fs.cat_file(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ShardFormatError(f"{_join(location, MANIFEST_NAME)}: not valid JSON ({error})") from None
+    return parse_record(Manifest, fs.cat_file(path), _join(location, MANIFEST_NAME), ShardFormatError)
 
 
-def require_manifest(location: str) -> dict:
+def require_manifest(location: str) -> Manifest:
     """The manifest of shards that must exist; FileNotFoundError when `location` has none."""
     manifest = read_manifest(location)
     if manifest is None:
@@ -292,14 +332,13 @@ def require_manifest(location: str) -> dict:
     return manifest
 
 
-def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> bool:
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            path = _join(root, shard["name"])
-            if not fs.exists(path) or fs.size(path) != shard["bytes"]:
-                return False
-            if hashlib.sha256(fs.cat_file(path)).hexdigest() != shard["sha256"]:
-                return False
+def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> bool:
+    for shard in manifest.shards():
+        path = _join(root, shard.name)
+        if not fs.exists(path) or fs.size(path) != shard.bytes:
+            return False
+        if hashlib.sha256(fs.cat_file(path)).hexdigest() != shard.sha256:
+            return False
     return True
 
 
@@ -327,8 +366,8 @@ def _publish(fs: fsspec.AbstractFileSystem, local_file: str, target: str) -> Non
         os.remove(local_file)
 
 
-def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
-    listed = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
+    listed = {shard.name for shard in manifest.shards()}
     for path in fs.glob(_join(root, "*.tar")):
         if path.rsplit("/", 1)[-1] not in listed:
             fs.rm_file(path)
@@ -361,7 +400,7 @@ def write_shards(
     fs, root = fsspec.core.url_to_fs(location)
     with _exclusive(fs, root):
         existing = read_manifest(location)
-        if existing and existing.get("fingerprint") == fingerprint and _shards_intact(fs, root, existing):
+        if existing and existing.fingerprint == fingerprint and _shards_intact(fs, root, existing):
             log.info("shards in %s are up to date (fingerprint %s): nothing to do", location, fingerprint[:12])
             return ShardResult(existing, skipped=True, location=location)
         fs.makedirs(root, exist_ok=True)
@@ -401,30 +440,30 @@ def _finished_shards(jobs: list[ShardJob], workers: int) -> Iterator[dict]:
             yield future.result()
 
 
-def _build_manifest(source: Source, jobs: list[ShardJob], records: dict[str, dict], fingerprint: str) -> dict:
-    splits: dict[str, dict] = {}
+def _build_manifest(source: Source, jobs: list[ShardJob], records: dict[str, dict], fingerprint: str) -> Manifest:
+    splits: dict[str, SplitEntry] = {}
     for job in jobs:
         record = records[job.name]
-        split = splits.setdefault(
-            job.split, {"num_samples": 0, "class_counts": [0] * len(source.classes), "shards": []}
+        split = splits.get(job.split, SplitEntry(0, [0] * len(source.classes), []))
+        splits[job.split] = SplitEntry(
+            num_samples=split.num_samples + record["num_samples"],
+            class_counts=[a + b for a, b in zip(split.class_counts, record["class_counts"], strict=True)],
+            shards=[*split.shards,
+                    ShardEntry(record["name"], record["num_samples"], record["sha256"], record["bytes"])],
+            held_out_from=job.source_split if job.source_split != job.split else split.held_out_from,
         )
-        if job.source_split != job.split:
-            split["held_out_from"] = job.source_split
-        split["num_samples"] += record["num_samples"]
-        split["class_counts"] = [a + b for a, b in zip(split["class_counts"], record.pop("class_counts"), strict=True)]
-        split["shards"].append(record)
-    return {
-        "dataset": source.dataset,
-        "classes": list(source.classes),
-        "splits": splits,
-        "fingerprint": fingerprint,
-        "image_format": jobs[0].image_format if jobs else None,
-        "version": MANIFEST_VERSION,
-    }
+    return Manifest(
+        dataset=source.dataset,
+        classes=list(source.classes),
+        splits=splits,
+        fingerprint=fingerprint,
+        image_format=jobs[0].image_format if jobs else None,
+        version=MANIFEST_VERSION,
+    )
 
 
-def _write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=2)
+def _write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_json(), indent=2)
     if _is_local(fs):
         temporary = os.path.join(root, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
         with open(temporary, "w") as handle:
@@ -467,14 +506,14 @@ def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardRes
 
 
 def _check_shard(
-    name: str, data: bytes, expected: dict, num_classes: int, seen_keys: set[str]
+    name: str, data: bytes, expected: ShardEntry, num_classes: int, seen_keys: set[str]
 ) -> tuple[list[str], int, list[int]]:
     problems = []
-    if len(data) != expected["bytes"]:
-        problems.append(f"{name}: size is {len(data)} bytes, manifest says {expected['bytes']}")
+    if len(data) != expected.bytes:
+        problems.append(f"{name}: size is {len(data)} bytes, manifest says {expected.bytes}")
     actual_hash = hashlib.sha256(data).hexdigest()
-    if actual_hash != expected["sha256"]:
-        problems.append(f"{name}: sha256 is {actual_hash[:16]}…, manifest says {expected['sha256'][:16]}…")
+    if actual_hash != expected.sha256:
+        problems.append(f"{name}: sha256 is {actual_hash[:16]}…, manifest says {expected.sha256[:16]}…")
     count, class_counts = 0, [0] * num_classes
     try:
         for sample in iter_samples(io.BytesIO(data), name):
@@ -493,8 +532,8 @@ def _check_shard(
             count += 1
     except ShardFormatError as error:
         problems.append(str(error))
-    if count != expected["num_samples"]:
-        problems.append(f"{name}: holds {count} samples, manifest says {expected['num_samples']}")
+    if count != expected.num_samples:
+        problems.append(f"{name}: holds {count} samples, manifest says {expected.num_samples}")
     return problems, count, class_counts
 
 
@@ -522,16 +561,15 @@ def check_shard_sizes(location: str) -> VerifyReport:
         return report
     listing = shard_listing(location)
     listed = set()
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            name = shard["name"]
-            listed.add(name)
-            if name not in listing:
-                report.problems.append(f"{name}: missing")
-            elif listing[name]["size"] != shard["bytes"]:
-                report.problems.append(f"{name}: size is {listing[name]['size']} bytes, manifest says {shard['bytes']}")
-            else:
-                report.shards_checked += 1
+    for shard in manifest.shards():
+        name = shard.name
+        listed.add(name)
+        if name not in listing:
+            report.problems.append(f"{name}: missing")
+        elif listing[name]["size"] != shard.bytes:
+            report.problems.append(f"{name}: size is {listing[name]['size']} bytes, manifest says {shard.bytes}")
+        else:
+            report.shards_checked += 1
     report.problems.extend(f"{name}: unknown shard, not in the manifest" for name in sorted(listing.keys() - listed))
     return report
 
@@ -544,27 +582,27 @@ def verify_shards(location: str) -> VerifyReport:
         report.problems.append(f"{_join(location, MANIFEST_NAME)}: missing")
         return report
     fs, root = fsspec.core.url_to_fs(location)
-    num_classes = len(manifest["classes"])
+    num_classes = len(manifest.classes)
     seen_keys: set[str] = set()
     listed = set()
-    for split_name, split in manifest["splits"].items():
+    for split_name, split in manifest.splits.items():
         split_counts = [0] * num_classes
-        for shard in split["shards"]:
-            listed.add(shard["name"])
-            path = _join(root, shard["name"])
+        for shard in split.shards:
+            listed.add(shard.name)
+            path = _join(root, shard.name)
             if not fs.exists(path):
-                report.problems.append(f"{shard['name']}: missing")
+                report.problems.append(f"{shard.name}: missing")
                 continue
             problems, count, class_counts = _check_shard(
-                shard["name"], fs.cat_file(path), shard, num_classes, seen_keys
+                shard.name, fs.cat_file(path), shard, num_classes, seen_keys
             )
             report.problems.extend(problems)
             report.shards_checked += 1
             report.samples_checked += count
             split_counts = [a + b for a, b in zip(split_counts, class_counts, strict=True)]
-        if not report.problems and split_counts != split["class_counts"]:
+        if not report.problems and split_counts != split.class_counts:
             report.problems.append(
-                f"split {split_name}: class counts {split_counts} differ from the manifest's {split['class_counts']}"
+                f"split {split_name}: class counts {split_counts} differ from the manifest's {split.class_counts}"
             )
     for path in fs.glob(_join(root, "*.tar")):
         name = path.rsplit("/", 1)[-1]

@@ -82,7 +82,7 @@ def model_config(config: PipelineConfig, model_name: str, location: str) -> dict
     from tasks.data.shard import require_manifest
 
     spec = config.model.spec(model_name)
-    labels = list(require_manifest(location)["classes"])
+    labels = list(require_manifest(location).classes)
     data = config.data
     height, width = (data.image_size, data.image_size) if data.image_size else _shard_image_size(config, location)
     return {
@@ -121,7 +121,7 @@ def _shard_image_size(config: PipelineConfig, location: str) -> tuple[int, int]:
 
     if config.data.dataset == "cifar10":
         return CIFAR10_SIDE, CIFAR10_SIDE
-    first = require_manifest(location)["splits"][TEST_SPLIT]["shards"][0]["name"]
+    first = require_manifest(location).splits[TEST_SPLIT].shards[0].name
     with fsspec.open(f"{location.rstrip('/')}/{first}", "rb") as stream:
         height, width = decode_image(next(iter_samples(stream, first))).shape[:2]
     return int(height), int(width)

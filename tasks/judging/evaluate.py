@@ -12,7 +12,9 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +23,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.config import PipelineConfig
+from tasks.contracts import parse_record, record_json
 from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
-from tasks.data.shard import VAL_SPLIT, require_manifest
+from tasks.data.shard import VAL_SPLIT, Manifest, require_manifest
 from tasks.layout import METRICS_FILE, RunLayout
 from tasks.models import autocast_context, build_model, uses_channels_last
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run
@@ -55,6 +58,58 @@ TABLE_COLUMNS = {
     "device_hours": ("device hours", "{:.3f}"),
 }
 PARAMS_PER_MILLION = 1e6
+# Written only when the shards have a validation split.
+VALIDATION_FIELDS = ("val_top1", "val_samples")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationRecord:
+    """One model's record in evaluation.json, which the report, publish and W&B read: its keys are these
+    fields, in this order."""
+
+    model: str
+    role: str  # baseline or transformer
+    weights: str
+    # classification_metrics, on the test split
+    top1: float
+    top5: float
+    per_class_accuracy: list[float | None]  # None for a class the test split lacks
+    confusion_matrix: list[list[int]]  # rows true, columns predicted
+    loss: float
+    ece: float
+    test_samples: int
+    # the same weights on the validation split; absent on disk without one (VALIDATION_FIELDS)
+    val_top1: float | None = None
+    val_samples: int | None = None
+    params: int
+    gflops: float
+    device: str
+    # measure_speed
+    images_per_s: float
+    latency_ms: float
+    speed_device: str
+    # training_cost: None when the weights have no metrics.json beside them
+    train_seconds: float | None
+    train_images_per_s: float | None
+    device_hours: float | None
+    device_kind: str | None
+    epochs: int | None
+    best_epoch: int | None
+    train_val_top1: float | None
+
+    def to_json(self) -> dict:
+        return record_json(self, omit_when_none=VALIDATION_FIELDS)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """evaluation.json: every model's record and the class names the confusion matrices are indexed by."""
+
+    models: list[EvaluationRecord]
+    classes: list[str]
+
+    def to_json(self) -> dict:
+        return record_json(self, omit_when_none=VALIDATION_FIELDS)
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -206,11 +261,11 @@ def training_cost(config: PipelineConfig, name: str, weights: Path) -> dict:
     }
 
 
-def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: str, manifest: dict,
-                   device: torch.device) -> dict:
+def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: str, manifest: Manifest,
+                   device: torch.device) -> EvaluationRecord:
     """One model's record for evaluation.json: test metrics (the one time the test split is scored), the
     validation top-1 of the same weights beside them, compute, speed and training cost."""
-    classes = manifest["classes"]
+    classes = manifest.classes
     spec = config.model.spec(name)
     channels_last = uses_channels_last(config.training, spec)
     model = load_trained_model(config, name, weights, len(classes)).to(device)
@@ -219,26 +274,26 @@ def evaluate_model(config: PipelineConfig, name: str, weights: Path, location: s
     # rank 0 of 1: this process reads every sample of a split exactly once
     stream = ShardStream(location, "test", config.training.batch_size, train=False, rank=0, world_size=1)
     logits, labels = predict(model, stream, config, device, channels_last)
-    validation = {}
-    if VAL_SPLIT in manifest["splits"]:
+    validation: dict[str, Any] = {}
+    if VAL_SPLIT in manifest.splits:
         val_stream = ShardStream(location, VAL_SPLIT, config.training.batch_size, train=False)
         val_logits, val_labels = predict(model, val_stream, config, device, channels_last)
         validation = {"val_top1": float((val_logits.argmax(1) == val_labels).mean()),
                       "val_samples": int(len(val_labels))}
     image_shape = EvalResize.from_config(config.data).output_shape(_image_shape(stream))
-    record = {
-        "model": name,
-        "role": "baseline" if name == config.model.baseline.name else "transformer",
-        "weights": str(weights),
+    record = EvaluationRecord(
+        model=name,
+        role="baseline" if name == config.model.baseline.name else "transformer",
+        weights=str(weights),
         **classification_metrics(logits, labels, len(classes)),
         **validation,
-        "params": sum(p.numel() for p in model.parameters()),
-        "gflops": count_gflops(model, image_shape),
-        "device": str(device),
+        params=sum(p.numel() for p in model.parameters()),
+        gflops=count_gflops(model, image_shape),
+        device=str(device),
         **measure_speed(model, image_shape, config.training.batch_size, device),
         **training_cost(config, name, weights),
-    }
-    log.info("%s: top-1 %.4f over %d test images", name, record["top1"], record["test_samples"])
+    )
+    log.info("%s: top-1 %.4f over %d test images", name, record.top1, record.test_samples)
     return record
 
 
@@ -250,7 +305,7 @@ def _image_shape(stream: ShardStream) -> tuple[int, int, int]:
 
 
 def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = None,
-                    shard_location: str | None = None, group: str | None = None) -> list[dict]:
+                    shard_location: str | None = None, group: str | None = None) -> list[EvaluationRecord]:
     """Evaluate the baseline and every transformer (or `models`: name -> weights) on the test split."""
     models = models if models is not None else default_models(config)
     for name, weights in models.items():
@@ -258,32 +313,36 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
         _require_weights(name, weights)
     location = shard_location or config.shard_location
     manifest = require_manifest(location)
-    classes = manifest["classes"]
     device = evaluation_device()
     records = [evaluate_model(config, name, Path(weights), location, manifest, device)
                for name, weights in models.items()]
     out = RunLayout.of(config).evaluation
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"models": records, "classes": classes}, indent=2))
+    write_evaluation(out, Evaluation(records, manifest.classes))
     _log_to_wandb(config, records, group, models, out)
     return records
 
 
-def read_evaluation(config: PipelineConfig) -> dict:
+def write_evaluation(path: Path, evaluation: Evaluation) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(evaluation.to_json(), indent=2))
+
+
+def read_evaluation(config: PipelineConfig) -> Evaluation:
+    """The run's evaluation.json; a missing or wrongly typed field raises ValueError naming it and the file."""
     path = RunLayout.of(config).evaluation
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `vit-pipeline evaluate` first")
-    return json.loads(path.read_text())
+    return parse_record(Evaluation, path.read_text(), str(path))
 
 
-def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+def table_rows(records: list[EvaluationRecord]) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of the summary table; missing values print as n/a."""
     headers = [header for header, _ in TABLE_COLUMNS.values()]
     rows = []
     for record in records:
         row = []
         for key, (_, form) in TABLE_COLUMNS.items():
-            value = record.get(key)
+            value = getattr(record, key)
             if key == "params" and value is not None:
                 value = value / PARAMS_PER_MILLION
             row.append("n/a" if value is None else form.format(value))
@@ -297,23 +356,24 @@ def markdown(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(records: list[dict]) -> str:
+def markdown_table(records: list[EvaluationRecord]) -> str:
     """The evaluation as a Markdown table, one row per model."""
     return markdown(*table_rows(records))
 
 
-def _log_to_wandb(config: PipelineConfig, records: list[dict], group: str | None, models: dict[str, Path],
+def _log_to_wandb(config: PipelineConfig, records: list[EvaluationRecord], group: str | None, models: dict[str, Path],
                   evaluation_file: Path) -> None:
     run = start_wandb_run(config, "evaluate", "comparison", group=group)
     if run is None:
         return
     import wandb
 
-    scalar_keys = [key for key, value in records[0].items() if isinstance(value, (int, float, str)) or value is None]
-    table = wandb.Table(columns=scalar_keys, data=[[record.get(key) for key in scalar_keys] for record in records])
+    stored = [record.to_json() for record in records]
+    scalar_keys = [key for key, value in stored[0].items() if isinstance(value, (int, float, str)) or value is None]
+    table = wandb.Table(columns=scalar_keys, data=[[entry.get(key) for key in scalar_keys] for entry in stored])
     record_model_inputs(run, models)
     run.log({"evaluation": table})
     for record in records:
-        run.summary[f"{record['model']}/top1"] = record["top1"]
+        run.summary[f"{record.model}/top1"] = record.top1
     run.log_artifact(files_artifact(EVALUATION_ARTIFACT, "evaluation", [evaluation_file]))
     run.finish()

@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib
 
 from tasks.config import PipelineConfig
-from tasks.judging.evaluate import EVALUATION_ARTIFACT, markdown, read_evaluation
+from tasks.judging.evaluate import EVALUATION_ARTIFACT, EvaluationRecord, markdown, read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.tracking import files_artifact, record_input, start_wandb_run
 
@@ -50,9 +50,9 @@ def distillation_partner(name: str) -> str:
     return re.sub(r"(^|_)deit_", r"\1vit_", name, count=1).replace("_distilled", "")
 
 
-def distillation_gains(records: list[dict]) -> dict[str, float | None]:
+def distillation_gains(records: list[EvaluationRecord]) -> dict[str, float | None]:
     """Top-1 of each DeiT minus that of its same-size ViT, in percentage points; None without a pair."""
-    top1 = {record["model"]: record["top1"] for record in records}
+    top1 = {record.model: record.top1 for record in records}
     gains = {}
     for name in top1:
         partner = distillation_partner(name)
@@ -69,19 +69,19 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
-def report_rows(records: list[dict]) -> list[list[str]]:
+def report_rows(records: list[EvaluationRecord]) -> list[list[str]]:
     gains = distillation_gains(records)
     rows = []
     for record in records:
-        gain = gains[record["model"]]
+        gain = gains[record.model]
         rows.append([
-            record["model"],
-            NOT_AVAILABLE if record.get("val_top1") is None else f"{record['val_top1'] * PERCENT:.2f}%",
-            f"{record['top1'] * PERCENT:.2f}%",
-            f"{record['params'] / 1e6:.2f}",
-            f"{record['gflops']:.3f}",
-            f"{record['images_per_s']:.0f}",
-            format_duration(record.get("train_seconds")),
+            record.model,
+            NOT_AVAILABLE if record.val_top1 is None else f"{record.val_top1 * PERCENT:.2f}%",
+            f"{record.top1 * PERCENT:.2f}%",
+            f"{record.params / 1e6:.2f}",
+            f"{record.gflops:.3f}",
+            f"{record.images_per_s:.0f}",
+            format_duration(record.train_seconds),
             NOT_AVAILABLE if gain is None else f"{gain:+.2f}",
         ])
     return rows
@@ -94,18 +94,19 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_tradeoff(records: list[dict], cost_key: str, cost_label: str, lower_cost_is_better: bool,
+def plot_tradeoff(records: list[EvaluationRecord], cost_key: str, cost_label: str, lower_cost_is_better: bool,
                   path: Path) -> Path:
-    """Top-1 against one cost, every model labelled, the Pareto-optimal ones joined by a line."""
-    costs = [record[cost_key] for record in records]
-    accuracies = [record["top1"] * PERCENT for record in records]
+    """Top-1 against one cost (a field of the records), every model labelled, the Pareto-optimal ones joined by
+    a line."""
+    costs = [getattr(record, cost_key) for record in records]
+    accuracies = [record.top1 * PERCENT for record in records]
     front = pareto_front(costs, accuracies, lower_cost_is_better)
     figure, axis = plt.subplots(figsize=PLOT_SIZE)
     axis.scatter(costs, accuracies, color="tab:blue", label="model")
     axis.plot([costs[i] for i in front], [accuracies[i] for i in front], "o--", color="tab:red",
               label="Pareto front")
     for record, cost, accuracy in zip(records, costs, accuracies, strict=True):
-        axis.annotate(record["model"], (cost, accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        axis.annotate(record.model, (cost, accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points")
     axis.set_xlabel(cost_label)
     axis.set_ylabel("test top-1 accuracy (%)")
     axis.grid(alpha=0.3)
@@ -139,14 +140,14 @@ def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_confusion_matrices(records: list[dict], classes: list[str], path: Path) -> Path:
+def plot_confusion_matrices(records: list[EvaluationRecord], classes: list[str], path: Path) -> Path:
     """Row-normalised confusion matrices (rows true class, columns predicted), one panel per model."""
     figure, axes = plt.subplots(1, len(records), figsize=(CONFUSION_INCHES * len(records), CONFUSION_INCHES),
                                 squeeze=False)
     for axis, record in zip(axes[0], records, strict=True):
-        matrix = [[count / max(1, sum(row)) for count in row] for row in record["confusion_matrix"]]
+        matrix = [[count / max(1, sum(row)) for count in row] for row in record.confusion_matrix]
         axis.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-        axis.set_title(record["model"], fontsize=8)
+        axis.set_title(record.model, fontsize=8)
         axis.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
         axis.set_yticks(range(len(classes)), classes, fontsize=6)
         axis.set_xlabel("predicted", fontsize=7)
@@ -154,7 +155,8 @@ def plot_confusion_matrices(records: list[dict], classes: list[str], path: Path)
     return _save(figure, path)
 
 
-def make_plots(config: PipelineConfig, records: list[dict], classes: list[str], out: Path) -> dict[str, Path]:
+def make_plots(config: PipelineConfig, records: list[EvaluationRecord], classes: list[str],
+               out: Path) -> dict[str, Path]:
     plots = {
         "accuracy_vs_gflops": plot_tradeoff(records, "gflops", "GFLOPs per image", True,
                                             out / "accuracy_vs_gflops.png"),
@@ -162,15 +164,15 @@ def make_plots(config: PipelineConfig, records: list[dict], classes: list[str], 
                                                 out / "accuracy_vs_throughput.png"),
         "confusion_matrices": plot_confusion_matrices(records, classes, out / "confusion_matrices.png"),
     }
-    histories = read_histories(config, [record["model"] for record in records])
+    histories = read_histories(config, [record.model for record in records])
     if histories:
         plots["training_curves"] = plot_training_curves(histories, out / "training_curves.png")
     return plots
 
 
-def attention_grids(config: PipelineConfig, records: list[dict]) -> dict[str, Path]:
+def attention_grids(config: PipelineConfig, records: list[EvaluationRecord]) -> dict[str, Path]:
     layout = RunLayout.of(config)
-    grids = {record["model"]: layout.attention_map(record["model"]) for record in records}
+    grids = {record.model: layout.attention_map(record.model) for record in records}
     return {name: path for name, path in grids.items() if path.is_file()}
 
 
@@ -226,18 +228,18 @@ def render_html(config: PipelineConfig, rows: list[list[str]], plots: dict[str, 
     )
 
 
-def write_report(config: PipelineConfig, evaluation: list[dict] | None = None,
+def write_report(config: PipelineConfig, evaluation: list[EvaluationRecord] | None = None,
                  group: str | None = None) -> dict[str, Path]:
     """Write report.md, report.html and the plots under runs/<run>/report/; returns every file by name."""
     layout = RunLayout.of(config)
     stored = read_evaluation(config)
-    records = evaluation if evaluation is not None else stored["models"]
+    records = evaluation if evaluation is not None else stored.models
     if not records:
         raise ValueError(f"{layout.evaluation}: no evaluated models to report on")
     out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = report_rows(records)
-    plots = make_plots(config, records, stored["classes"], out)
+    plots = make_plots(config, records, stored.classes, out)
     grids = attention_grids(config, records)
     files = {"markdown": out / "report.md", "html": layout.report, **plots}
     files["markdown"].write_text(render_markdown(config, rows, plots, grids, out))

@@ -29,9 +29,9 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
-from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, read_manifest
+from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, Manifest, read_manifest
 from tasks.inference.model_ref import MODEL_CONFIG_FILE, REGISTRY_PREFIX
-from tasks.judging.evaluate import read_evaluation
+from tasks.judging.evaluate import EvaluationRecord, read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
 from tasks.operations.tracking import file_digest, init_wandb_run, wandb_mode, wandb_run_id
@@ -85,12 +85,11 @@ def collection_name(config: PipelineConfig, model_name: str) -> str:
     return f"{config.tracking.project}-{model_name}"
 
 
-def split_sha256(manifest: dict, split: str = TEST_SPLIT) -> str:
+def split_sha256(manifest: Manifest, split: str = TEST_SPLIT) -> str:
     """A split's identity (the test split's by default): the sha256 over its shards' names, sample counts and
     sha256s. Shards are byte-identical for the same source and shard options, so a retraining on the same data
     is scored on the same split."""
-    shards = sorted((shard["name"], shard["num_samples"], shard["sha256"])
-                    for shard in manifest["splits"][split]["shards"])
+    shards = sorted((shard.name, shard.num_samples, shard.sha256) for shard in manifest.splits[split].shards)
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
 
@@ -119,34 +118,34 @@ def decide(card: dict, registered: dict | None, margin: float) -> Decision:
     return Decision([LATEST_ALIAS], reason)
 
 
-def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Path) -> dict:
+def model_card(config: PipelineConfig, record: EvaluationRecord, manifest: Manifest, weights: Path) -> dict:
     """The artifact's metadata: what the model is, what it was trained on, how it scored, where its report is."""
     return {
-        "model": record["model"],
-        "role": record.get("role"),
+        "model": record.model,
+        "role": record.role,
         "run_name": config.tracking.run_name,
         "flow_run": config.tracking.flow_run,
-        "dataset": manifest["dataset"],
-        "data_fingerprint": manifest["fingerprint"],
+        "dataset": manifest.dataset,
+        "data_fingerprint": manifest.fingerprint,
         "test_split_sha256": split_sha256(manifest),
         "val_split_sha256": split_sha256(manifest, VAL_SPLIT),
-        "test_samples": record["test_samples"],
-        "test_top1": record["top1"],
-        "test_top5": record["top5"],
-        "test_loss": record["loss"],
-        "test_ece": record["ece"],
-        "val_top1": record.get("val_top1"),
-        "val_samples": record.get("val_samples"),
-        "train_val_top1": record.get("train_val_top1"),
-        "best_epoch": record.get("best_epoch"),
-        "epochs": record.get("epochs"),
-        "params": record["params"],
-        "gflops": record["gflops"],
-        "train_seconds": record.get("train_seconds"),
-        "device_hours": record.get("device_hours"),
+        "test_samples": record.test_samples,
+        "test_top1": record.top1,
+        "test_top5": record.top5,
+        "test_loss": record.loss,
+        "test_ece": record.ece,
+        "val_top1": record.val_top1,
+        "val_samples": record.val_samples,
+        "train_val_top1": record.train_val_top1,
+        "best_epoch": record.best_epoch,
+        "epochs": record.epochs,
+        "params": record.params,
+        "gflops": record.gflops,
+        "train_seconds": record.train_seconds,
+        "device_hours": record.device_hours,
         "weights_sha256": file_digest(weights),
         "report": _report_link(config),
-        "config": training_fields(config, record["model"]),
+        "config": training_fields(config, record.model),
     }
 
 
@@ -207,16 +206,16 @@ def plan_publication(config: PipelineConfig) -> dict:
     previous = read_plan(run_dir)["models"] if layout.registry.is_file() else []
     done = {(entry["target"], entry["metadata"]["weights_sha256"]): entry["linked"] for entry in previous}
     models = []
-    for record in evaluation["models"]:
-        weights = layout.weights(record["model"])
+    for record in evaluation.models:
+        weights = layout.weights(record.model)
         if not weights.is_file():
-            raise FileNotFoundError(f"{record['model']}: evaluated, but its weights are not at {weights}")
+            raise FileNotFoundError(f"{record.model}: evaluated, but its weights are not at {weights}")
         card = model_card(config, record, manifest, weights)
-        target = f"{REGISTRY_PREFIX}{tracking.registry}/{collection_name(config, record['model'])}"
+        target = f"{REGISTRY_PREFIX}{tracking.registry}/{collection_name(config, record.model)}"
         models.append({
-            "model": record["model"],
+            "model": record.model,
             "target": target,
-            "artifact": f"model-{record['model']}",  # the training run's artifact of the same bytes
+            "artifact": f"model-{record.model}",  # the training run's artifact of the same bytes
             "weights": str(weights.relative_to(run_dir)),
             "metadata": card,
             "description": describe(card),

@@ -92,11 +92,11 @@ def sync_command(config: PipelineConfig) -> str:
 def manifest_snapshot(location: str, directory: Path) -> Path:
     """The shards' manifest as a local file, written the same way everywhere so its digest names the
     dataset version in W&B lineage (the shards themselves may live on s3://)."""
-    from tasks.data.shard import MANIFEST_NAME, read_manifest
+    from tasks.data.shard import MANIFEST_NAME, require_manifest
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST_NAME
-    path.write_text(json.dumps(read_manifest(location), indent=2, sort_keys=True))
+    path.write_text(json.dumps(require_manifest(location).to_json(), indent=2, sort_keys=True))
     return path
 
 

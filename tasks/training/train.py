@@ -284,13 +284,13 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
     if not report.ok:
         raise TrainingError(f"refusing to train on bad shards in {location}:\n  " + "\n  ".join(report.problems),
                             retryable=False)
-    splits = require_manifest(location)["splits"]
+    splits = require_manifest(location).splits
     if VAL_SPLIT not in splits:
         raise TrainingError(f"{location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; shard "
                             f"again with data.val_size > 0", retryable=False)
     training = config.training
     steps_per_epoch = math.ceil(
-        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size,
+        batches_per_rank(splits["train"].num_samples, config.scaling.num_workers, training.batch_size,
                          config.data.augment.repeated_augmentation)
         / training.grad_accum_steps
     )

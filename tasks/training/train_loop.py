@@ -225,10 +225,10 @@ def setup(context: WorkerContext, job: TrainingJob) -> LoopState:
     seed_everything(training.seed)  # one seed on every rank: identical initial weights
 
     manifest = read_manifest(job.shard_location)
-    if manifest is None or VAL_SPLIT not in manifest["splits"]:
+    if manifest is None or VAL_SPLIT not in manifest.splits:
         raise ValueError(f"{job.shard_location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; "
                          f"shard again with data.val_size > 0")
-    num_classes = len(manifest["classes"])
+    num_classes = len(manifest.classes)
     device_augment = device.type == "cuda"
     pin = device.type == "cuda"
     train_stream = ShardStream(job.shard_location, "train", training.batch_size, train=True,

@@ -160,9 +160,9 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
     train, val, test = (_keys(location, split) for split in ("train", "val", "test"))
     assert len(val) == VAL_IMAGES and not val & train and not (val | train) & test
     assert len(train) + len(val) == len(read_cifar10(mini_cifar).splits["train"])
-    assert read_manifest(location)["splits"]["val"]["held_out_from"] == "train"
+    assert read_manifest(location).splits["val"].held_out_from == "train"
 
-    evaluation = {record["model"]: record for record in read_evaluation(config)["models"]}
+    evaluation = {record.model: record for record in read_evaluation(config).models}
     assert set(evaluation) == {spec.name for spec in config.model.all_specs()}
     for name, record in evaluation.items():
         history = record_history(config, name)
@@ -172,9 +172,9 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
         # on running statistics, no drop-path), another function than the one trained after it.
         assert losses[-1] < losses[config.training.freeze_backbone_epochs], (name, losses)
         # The weights evaluate scores are the ones training selected, and score the same on validation.
-        assert record["train_val_top1"] == history[record["best_epoch"] - 1]["val_acc"]
-        assert record["val_top1"] == pytest.approx(record["train_val_top1"], abs=1.5 / VAL_IMAGES), name
-        assert record["test_samples"] == MINI_TEST_IMAGES
+        assert record.train_val_top1 == history[record.best_epoch - 1]["val_acc"]
+        assert record.val_top1 == pytest.approx(record.train_val_top1, abs=1.5 / VAL_IMAGES), name
+        assert record.test_samples == MINI_TEST_IMAGES
     assert (Path(config.run_dir) / "report" / "report.html").is_file()
     transformers = {spec.name for spec in config.model.transformers}
     assert {p.stem for p in (Path(config.run_dir) / "attention").glob("*.png")} == transformers
@@ -185,7 +185,7 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
     plan = json.loads((Path(config.run_dir) / "registry.json").read_text())
     assert result["published"] == {"registry_plan": str(Path(config.run_dir) / "registry.json"), "linked": {}}
     assert {entry["model"]: entry["metadata"]["test_top1"] for entry in plan["models"]} == \
-        {name: record["top1"] for name, record in evaluation.items()}
+        {name: record.top1 for name, record in evaluation.items()}
 
 
 def check_sweep(config: PipelineConfig, best: PipelineConfig) -> None:

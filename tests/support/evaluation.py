@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.config import PipelineConfig, build_config
+from tasks.judging.evaluate import EvaluationRecord
 from tasks.layout import RunLayout
 from tasks.models import build_model
 
@@ -22,6 +23,11 @@ TINY_TRANSFORMERS = [
 NUM_CLASSES = 10
 # Random init gives near-uniform attention; larger weights make maps that actually depend on the image.
 SCRAMBLE_STD = 0.3
+# What the report, publish and W&B read: these keys, in this order (the val_ ones only with a validation split).
+RECORD_KEYS = ["model", "role", "weights", "top1", "top5", "per_class_accuracy", "confusion_matrix", "loss", "ece",
+               "test_samples", "val_top1", "val_samples", "params", "gflops", "device", "images_per_s", "latency_ms",
+               "speed_device", "train_seconds", "train_images_per_s", "device_hours", "device_kind", "epochs",
+               "best_epoch", "train_val_top1"]
 
 
 def tiny_config(tmp_path: Path, shards: str, mode: str = "disabled",
@@ -50,3 +56,15 @@ def save_random_weights(config: PipelineConfig, seed: int = 0, scramble: bool = 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         written[spec.name] = path
     return written
+
+
+def evaluation_record(model: str, top1: float, **fields) -> EvaluationRecord:
+    """A whole record as evaluate writes it, for tests of what reads evaluation.json; `fields` override."""
+    values = {"model": model, "role": "transformer", "weights": f"models/{model}/best.safetensors", "top1": top1,
+              "top5": 0.99, "per_class_accuracy": [top1] * NUM_CLASSES,
+              "confusion_matrix": [[1] * NUM_CLASSES] * NUM_CLASSES, "loss": 0.6, "ece": 0.03,
+              "test_samples": 200, "val_top1": top1 + 0.01, "val_samples": 80, "params": 1_000_000, "gflops": 0.1,
+              "device": "cpu", "images_per_s": 1000.0, "latency_ms": 2.0, "speed_device": "cpu",
+              "train_seconds": 60.0, "train_images_per_s": 500.0, "device_hours": 0.03, "device_kind": "cpu",
+              "epochs": 3, "best_epoch": 2, "train_val_top1": top1 + 0.01}
+    return EvaluationRecord(**(values | fields))

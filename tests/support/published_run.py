@@ -8,19 +8,28 @@ from pathlib import Path
 import pytest
 
 from tasks.config import build_config
+from tasks.contracts import parse_record
+from tasks.data.shard import Manifest
+from tasks.judging.evaluate import Evaluation, write_evaluation
 from tasks.layout import RunLayout
+from tests.support.evaluation import evaluation_record
 
 BASELINE, VIT = "resnet18_cifar", "vit_tiny_patch4_32"
 SPLIT = "a" * 64
 MANIFEST = {
-    "dataset": "cifar10", "classes": [str(c) for c in range(10)], "fingerprint": "f" * 64, "version": 1,
-    "splits": {"test": {"num_samples": 200, "shards": [
+    "dataset": "cifar10", "classes": [str(c) for c in range(10)],
+    "splits": {"test": {"num_samples": 200, "class_counts": [20] * 10, "shards": [
         {"name": "test-000001.tar", "num_samples": 100, "sha256": "2" * 64, "bytes": 1},
         {"name": "test-000000.tar", "num_samples": 100, "sha256": "1" * 64, "bytes": 1}]},
-               "val": {"num_samples": 80, "shards": [
+               "val": {"num_samples": 80, "class_counts": [8] * 10, "held_out_from": "train", "shards": [
         {"name": "val-000000.tar", "num_samples": 80, "sha256": "4" * 64, "bytes": 1}]}},
+    "fingerprint": "f" * 64, "image_format": "npy", "version": 2,
 }
 
+
+def manifest_of(data: dict) -> Manifest:
+    """`data` (a manifest.json's content, such as MANIFEST) as read from disk."""
+    return parse_record(Manifest, json.dumps(data), "a test's manifest")
 
 
 @pytest.fixture
@@ -43,12 +52,9 @@ def evaluated_run(tmp_path, monkeypatch):
         weights = RunLayout.of(config).weights(name)
         weights.parent.mkdir(parents=True)
         weights.write_bytes(f"weights of {name}".encode())
-        records.append({"model": name, "role": "x", "top1": top1, "top5": 0.99, "loss": 0.6, "ece": 0.03,
-                        "test_samples": 200, "val_top1": top1 + 0.01, "val_samples": 80, "params": 1_000_000,
-                        "gflops": 0.1, "train_seconds": 60.0, "device_hours": 0.03, "epochs": 3, "best_epoch": 2,
-                        "train_val_top1": top1 + 0.01})
+        records.append(evaluation_record(name, top1, role="x", weights=str(weights)))
     run_dir = Path(config.run_dir)
-    (run_dir / "evaluation.json").write_text(json.dumps({"models": records, "classes": MANIFEST["classes"]}))
+    write_evaluation(run_dir / "evaluation.json", Evaluation(records, MANIFEST["classes"]))
     (run_dir / "report").mkdir()
     (run_dir / "report" / "report.html").write_text("<html></html>")
     (run_dir / "wandb" / "offline-run-20260101_000000-weekly-2-train-vit-0123456789").mkdir(parents=True)

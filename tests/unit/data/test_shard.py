@@ -28,27 +28,26 @@ from tests.support.source_files import PIXELS_PER_IMAGE, valid_batch, write_cifa
 def _samples(location: str, split: str) -> dict[str, dict]:
     manifest = read_manifest(location)
     samples = {}
-    for shard in manifest["splits"][split]["shards"]:
-        with open(Path(location) / shard["name"], "rb") as stream:
-            for sample in iter_samples(stream, shard["name"]):
+    for shard in manifest.splits[split].shards:
+        with open(Path(location) / shard.name, "rb") as stream:
+            for sample in iter_samples(stream, shard.name):
                 samples[sample["__key__"]] = sample
     return samples
 
 
 def test_subset_counts_and_class_counts(subset_shards, cifar_source):
     manifest = read_manifest(subset_shards)
-    assert manifest["dataset"] == "cifar10"
-    assert manifest["classes"][:2] == ["airplane", "automobile"]
-    assert manifest["splits"]["train"]["num_samples"] == SUBSET_TRAIN
-    assert manifest["splits"]["test"]["num_samples"] == SUBSET_TEST
+    assert manifest.dataset == "cifar10"
+    assert manifest.classes[:2] == ["airplane", "automobile"]
+    assert manifest.splits["train"].num_samples == SUBSET_TRAIN
+    assert manifest.splits["test"].num_samples == SUBSET_TEST
     for split in ("train", "test"):
         expected = np.bincount(cifar_source.splits[split].labels, minlength=10).tolist()
-        assert manifest["splits"][split]["class_counts"] == expected
-        shards = manifest["splits"][split]["shards"]
-        assert sum(s["num_samples"] for s in shards) == manifest["splits"][split]["num_samples"]
-        assert all({"name", "num_samples", "sha256", "bytes"} <= set(s) for s in shards)
-    assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [1000] * 5 + [85]
-    assert len(manifest["fingerprint"]) == 64
+        assert manifest.splits[split].class_counts == expected
+        shards = manifest.splits[split].shards
+        assert sum(s.num_samples for s in shards) == manifest.splits[split].num_samples
+    assert [s.num_samples for s in manifest.splits["train"].shards] == [1000] * 5 + [85]
+    assert len(manifest.fingerprint) == 64
 
 
 def test_images_are_byte_identical_to_source(subset_shards, cifar_source):
@@ -167,7 +166,7 @@ def test_verify_catches_missing_and_extra_shard(shard_copy, capsys):
 
 def test_the_size_check_names_missing_resized_and_unknown_shards_without_reading_any(shard_copy):
     assert check_shard_sizes(str(shard_copy)).ok and check_shard_sizes(str(shard_copy)).shards_checked == 8
-    recorded = read_manifest(str(shard_copy))["splits"]["train"]["shards"][2]["bytes"]
+    recorded = read_manifest(str(shard_copy)).splits["train"].shards[2].bytes
     with open(shard_copy / "train-000002.tar", "r+b") as shard:
         shard.truncate(4096)
     (shard_copy / "train-000001.tar").rename(shard_copy / "train-000099.tar")
@@ -214,8 +213,8 @@ def test_imagefolder_converts_modes_and_rejects_wrong_size_by_name(tmp_path):
     _write_image(root / "test" / "dog" / "c.png")
     options = ShardOptions(shard_size=2, workers=1)
     result = shard_dataset("imagefolder", root, str(tmp_path / "ok"), options, progress=False)
-    assert result.manifest["classes"] == ["cat", "dog"]
-    assert result.manifest["splits"]["train"]["class_counts"] == [2, 2]
+    assert result.manifest.classes == ["cat", "dog"]
+    assert result.manifest.splits["train"].class_counts == [2, 2]
     assert verify_shards(str(tmp_path / "ok")).ok
 
     _write_image(root / "train" / "dog" / "big.png", size=(16, 12))
@@ -226,7 +225,7 @@ def test_imagefolder_converts_modes_and_rejects_wrong_size_by_name(tmp_path):
 
     resize = ShardOptions(shard_size=10, image_size=8, workers=1)
     resized = shard_dataset("imagefolder", root, str(tmp_path / "resized"), resize, progress=False)
-    assert resized.manifest["splits"]["train"]["num_samples"] == 5
+    assert resized.manifest.splits["train"].num_samples == 5
     (root / "train" / "dog" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(SourceError, match=r"broken\.png: not a readable image"):
         shard_dataset("imagefolder", root, str(tmp_path / "broken"), resize, progress=False)
@@ -423,17 +422,16 @@ def test_validation_split_is_held_out_of_train_stratified_seeded_and_recorded(va
     from tests.conftest import SUBSET_VAL
 
     manifest = read_manifest(val_shards)
-    val = manifest["splits"]["val"]
-    assert val["num_samples"] == SUBSET_VAL and val["held_out_from"] == "train"
-    assert all({"name", "num_samples", "sha256", "bytes"} <= set(s) for s in val["shards"])
+    val = manifest.splits["val"]
+    assert val.num_samples == SUBSET_VAL and val.held_out_from == "train"
     train_keys, val_keys = set(_samples(val_shards, "train")), set(_samples(val_shards, "val"))
     assert not train_keys & val_keys
     assert train_keys | val_keys == {f"train_{i:07d}" for i in range(SUBSET_TRAIN)}
     # Stratified: each class gives its proportional share, off by less than one image.
     source_counts = np.bincount(cifar_source.splits["train"].labels, minlength=10)
-    assert all(abs(v - c * SUBSET_VAL / SUBSET_TRAIN) < 1 for v, c in zip(val["class_counts"], source_counts,
+    assert all(abs(v - c * SUBSET_VAL / SUBSET_TRAIN) < 1 for v, c in zip(val.class_counts, source_counts,
                                                                           strict=True))
-    assert [a + b for a, b in zip(val["class_counts"], manifest["splits"]["train"]["class_counts"], strict=True)] \
+    assert [a + b for a, b in zip(val.class_counts, manifest.splits["train"].class_counts, strict=True)] \
         == source_counts.tolist()
     labels = cifar_source.splits["train"].labels
     assert np.array_equal(stratified_holdout(labels, 500, seed=0), stratified_holdout(labels, 500, seed=0))
@@ -450,8 +448,8 @@ def test_the_shipped_hold_out_fits_the_subset_and_one_that_swallows_its_training
     shipped = ["-q", "shard", "--config", str(REPO_ROOT / "configs" / "cifar10.yaml"), "--data-root", str(data_root),
                "--workers", "1"]
     assert cli([*shipped, "--out", str(tmp_path / "shipped")]) == 0
-    splits = read_manifest(str(tmp_path / "shipped"))["splits"]
-    assert (splits["val"]["num_samples"], splits["train"]["num_samples"]) == (508, SUBSET_TRAIN - 508)
+    splits = read_manifest(str(tmp_path / "shipped")).splits
+    assert (splits["val"].num_samples, splits["train"].num_samples) == (508, SUBSET_TRAIN - 508)
 
     swallowed = tmp_path / "swallowed"
     _assert_refused_by_cli(["--config", str(REPO_ROOT / "configs" / "cifar10.yaml"), "--data-root", str(data_root),

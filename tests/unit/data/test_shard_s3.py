@@ -11,7 +11,7 @@ def test_shard_verify_and_stream_on_s3(s3_bucket, data_root):
                            progress=False)
     assert not result.skipped
     manifest = read_manifest(s3_bucket)
-    assert manifest["splits"]["test"]["num_samples"] == SUBSET_TEST
+    assert manifest.splits["test"].num_samples == SUBSET_TEST
     assert verify_shards(s3_bucket).ok
     assert check_shard_sizes(s3_bucket).shards_checked == 3 and check_shard_sizes(s3_bucket).ok
     assert all({"size", "ETag"} <= set(identity) for identity in shard_listing(s3_bucket).values())

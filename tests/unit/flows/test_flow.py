@@ -225,7 +225,7 @@ def test_second_shard_task_is_cached_and_bad_shards_fail_verification_by_name(tm
 
     first, second = shard_twice()
     assert first.name == "Completed" and second.name == "Cached"
-    assert second.result()["fingerprint"] == first.result()["fingerprint"]
+    assert second.result() == first.result()  # the Manifest, as persisted
 
     broken = tmp_path / "broken"
     shutil.copytree(config.shard_location, broken)
@@ -324,7 +324,7 @@ def test_a_training_checks_shard_sizes_without_reading_them_unless_asked_to_veri
     code = main(["train", "--verify-shards", "--shards", val_shards, "--set", f"data.data_root={data_root}",
                  "--set", f"tracking.output_dir={tmp_path / 'runs'}", "--set", "tracking.mode=disabled"])
     assert code == EXIT_BAD_INPUT and "the workers would start here" in capsys.readouterr().err
-    every_shard = [shard["name"] for split in read_manifest(val_shards)["splits"].values() for shard in split["shards"]]
+    every_shard = [shard.name for shard in read_manifest(val_shards).shards()]
     assert sorted(shard_reads) == sorted(every_shard)
 
 

@@ -19,7 +19,7 @@ from tasks.judging.evaluate import (
     predict,
 )
 from tests.conftest import SUBSET_VAL
-from tests.support.evaluation import save_random_weights, tiny_config
+from tests.support.evaluation import RECORD_KEYS, save_random_weights, tiny_config
 
 # 5 samples, 3 classes; labels and the logits' arg-max chosen so every count below is known.
 LOGITS = np.array([
@@ -97,6 +97,7 @@ def test_evaluation_json_lists_every_model(evaluated):
     stored = json.loads((config.run_dir / "evaluation.json").read_text())
     names = [spec.name for spec in config.model.all_specs()]
     assert [record["model"] for record in stored["models"]] == names
+    assert all(list(record) == RECORD_KEYS for record in stored["models"])  # evaluation.json's keys, in order
     assert stored["classes"][0] == "airplane" and len(stored["classes"]) == 10
     for record in stored["models"]:
         assert record["test_samples"] == 1017
@@ -120,10 +121,10 @@ def test_training_cost_from_metrics_json(evaluated, tmp_path):
     (weights[vit].parent / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": 1800.0}))
     config.scaling.num_workers, config.scaling.cpus_per_worker = 2, 3
     [record] = evaluate_models(config, {vit: weights[vit]})
-    assert record["train_seconds"] == 1800.0
-    assert record["train_images_per_s"] == 200.0
-    assert record["device_hours"] == pytest.approx(0.5 * 2 * 3)
-    assert record["device_kind"] == "cpu"
+    assert record.train_seconds == 1800.0
+    assert record.train_images_per_s == 200.0
+    assert record.device_hours == pytest.approx(0.5 * 2 * 3)
+    assert record.device_kind == "cpu"
 
 
 def test_missing_weights_are_named(tmp_path, subset_shards):
@@ -137,7 +138,7 @@ def test_markdown_table_has_a_row_per_model(evaluated):
     lines = markdown_table(records).strip().splitlines()
     assert len(lines) == 2 + len(records)
     for record, line in zip(records, lines[2:], strict=True):
-        assert line.startswith(f"| {record['model']} | {record['val_top1']:.4f} | {record['top1']:.4f} |")
+        assert line.startswith(f"| {record.model} | {record.val_top1:.4f} | {record.top1:.4f} |")
         assert line.endswith("| n/a | n/a |")  # never trained: no training time or device hours
 
 

@@ -10,7 +10,7 @@ from flows.cli import EXIT_BAD_INPUT, main
 from tasks.judging.attention import attention_maps
 from tasks.judging.evaluate import evaluate_models
 from tasks.judging.report import distillation_gains, distillation_partner, pareto_front, write_report
-from tests.support.evaluation import save_random_weights, tiny_config
+from tests.support.evaluation import evaluation_record, save_random_weights, tiny_config
 
 
 def test_pareto_front_lower_and_higher_cost():
@@ -24,8 +24,8 @@ def test_pareto_front_lower_and_higher_cost():
 def test_deit_pairs_with_the_vit_of_its_size():
     assert distillation_partner("deit_tiny_distilled_patch4_32") == "vit_tiny_patch4_32"
     assert distillation_partner("vp_deit_small_distilled_patch16_224") == "vp_vit_small_patch16_224"
-    records = [{"model": "vit_tiny_patch4_32", "top1": 0.70}, {"model": "deit_tiny_distilled_patch4_32", "top1": 0.75},
-               {"model": "deit_small_distilled_patch4_32", "top1": 0.8}]
+    records = [evaluation_record("vit_tiny_patch4_32", 0.70), evaluation_record("deit_tiny_distilled_patch4_32", 0.75),
+               evaluation_record("deit_small_distilled_patch4_32", 0.8)]
     gains = distillation_gains(records)
     assert gains["deit_tiny_distilled_patch4_32"] == pytest.approx(5.0)
     assert gains["deit_small_distilled_patch4_32"] is None  # no vit_small in the run
@@ -58,19 +58,19 @@ def test_table_lists_every_model(report):
     config, records, files = report
     text = files["markdown"].read_text()
     for record in records:
-        row = re.search(rf"^\| {re.escape(record['model'])} \| (.+) \|$", text, flags=re.MULTILINE)
-        assert row is not None, record["model"]
+        row = re.search(rf"^\| {re.escape(record.model)} \| (.+) \|$", text, flags=re.MULTILINE)
+        assert row is not None, record.model
         cells = row.group(1).split(" | ")
         assert cells[0] == "n/a"  # the shards have no validation split
-        assert cells[1] == f"{record['top1'] * 100:.2f}%"
+        assert cells[1] == f"{record.top1 * 100:.2f}%"
         assert cells[5] == "1m 35s"  # train_seconds 95
-        if record["model"] != "deit_tiny_distilled_patch4_32":
+        if record.model != "deit_tiny_distilled_patch4_32":
             assert cells[-1] == "n/a"
-    deit, vit = (next(r for r in records if r["model"] == name)
+    deit, vit = (next(r for r in records if r.model == name)
                  for name in ("deit_tiny_distilled_patch4_32", "vit_tiny_patch4_32"))
-    assert f"| {(deit['top1'] - vit['top1']) * 100:+.2f} |" in text
+    assert f"| {(deit.top1 - vit.top1) * 100:+.2f} |" in text
     html = files["html"].read_text()
-    assert all(f"<td>{record['model']}</td>" in html for record in records)
+    assert all(f"<td>{record.model}</td>" in html for record in records)
 
 
 def test_plots_are_png_images(report):

@@ -23,7 +23,7 @@ from tasks.operations.publish import (
     read_plan,
     split_sha256,
 )
-from tests.support.published_run import BASELINE, MANIFEST, SPLIT, VIT
+from tests.support.published_run import BASELINE, MANIFEST, SPLIT, VIT, manifest_of
 from tests.support.wandb_records import read_records
 
 
@@ -57,10 +57,10 @@ def test_best_moves_only_for_a_better_validation_top1_on_the_same_validation_spl
 def test_the_test_splits_identity_is_its_shards_in_any_order():
     reordered = json.loads(json.dumps(MANIFEST))
     reordered["splits"]["test"]["shards"].reverse()
-    assert split_sha256(reordered) == split_sha256(MANIFEST)
+    assert split_sha256(manifest_of(reordered)) == split_sha256(manifest_of(MANIFEST))
     changed = json.loads(json.dumps(MANIFEST))
     changed["splits"]["test"]["shards"][0]["sha256"] = "3" * 64
-    assert split_sha256(changed) != split_sha256(MANIFEST)
+    assert split_sha256(manifest_of(changed)) != split_sha256(manifest_of(MANIFEST))
 
 
 def _plan_offline(config) -> dict:
@@ -87,8 +87,8 @@ def test_offline_the_plan_is_written_with_each_models_card(evaluated_run, capsys
     assert vit["target"] == f"wandb-registry-model/vit-pipeline-{VIT}" and vit["linked"] is None
     assert vit["weights"] == f"models/{VIT}/best.safetensors"
     card = vit["metadata"]
-    assert card["test_split_sha256"] == split_sha256(MANIFEST) and card["data_fingerprint"] == "f" * 64
-    assert card["val_split_sha256"] == split_sha256(MANIFEST, "val") != card["test_split_sha256"]
+    assert card["test_split_sha256"] == split_sha256(manifest_of(MANIFEST)) and card["data_fingerprint"] == "f" * 64
+    assert card["val_split_sha256"] == split_sha256(manifest_of(MANIFEST), "val") != card["test_split_sha256"]
     assert (card["test_top1"], card["val_top1"], card["best_epoch"], card["flow_run"]) == (0.75, 0.76, 2, "weekly-2")
     assert card["config"]["model"]["name"] == VIT and card["config"]["training"]["epochs"] == config.training.epochs
     assert card["config"] == training_fields(config, VIT)  # what a training's cache key hashes (flows/pipeline.py)
@@ -126,7 +126,7 @@ def test_a_plan_is_carried_out_once_and_a_model_far_below_the_best_alerts(evalua
     run_dir = Path(config.run_dir)
     vit_target = f"wandb-registry-model/vit-pipeline-{VIT}"
     # The registered ViT scored 0.81 on this validation split: the retrained one (0.76) is 0.05 below it.
-    registry = FakeRegistry(best={vit_target: _card(0.81, split=split_sha256(MANIFEST, "val"))})
+    registry = FakeRegistry(best={vit_target: _card(0.81, split=split_sha256(manifest_of(MANIFEST), "val"))})
     run = wandb.init(project="publish", mode="offline", dir=str(tmp_path),
                      settings=wandb.Settings(silent=True, console="off"))
     # What publish asks of the run, recorded here: W&B's offline writer once lost the alert record in a full
@@ -221,7 +221,7 @@ def test_the_regression_and_nan_alerts_are_prefect_events(evaluated_run, monkeyp
     config = evaluated_run.model_copy(deep=True)
     config.tracking.mode = "disabled"  # no W&B run for the NaN alert: the event alone is looked at here
     plan = _plan_offline(evaluated_run)
-    val_split = split_sha256(MANIFEST, "val")
+    val_split = split_sha256(manifest_of(MANIFEST), "val")
     registry = FakeRegistry(best={f"wandb-registry-model/vit-pipeline-{VIT}": _card(0.90, val_split)})
 
     @flow

@@ -116,5 +116,5 @@ def test_a_killed_worker_resumes_from_the_buckets_checkpoint_and_export_and_eval
     for weights in (outcome.best_weights, outcome.last_weights):
         model.load_state_dict(load_file(weights))  # strict
     [record] = evaluate_models(config, {MODEL: outcome.best_weights})
-    assert record["best_epoch"] == outcome.best_epoch
-    assert record["val_top1"] == pytest.approx(outcome.best_val_acc, abs=1.5 / SUBSET_VAL)
+    assert record.best_epoch == outcome.best_epoch
+    assert record.val_top1 == pytest.approx(outcome.best_val_acc, abs=1.5 / SUBSET_VAL)
