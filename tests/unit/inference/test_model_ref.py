@@ -75,7 +75,7 @@ def test_export_writes_config_json_as_evaluate_preprocesses(tmp_path, mini_shard
             "input_size": [3, side, side], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
             "interpolation": "bilinear",
             "crop_pct": crop_pct,
-            "crop_mode": "center", "num_classes": 10, "label_names": require_manifest(mini_shards)["classes"],
+            "crop_mode": "center", "num_classes": 10, "label_names": require_manifest(mini_shards).classes,
         },
     }
     assert written["model_args"].get("img_size") == image_size  # 32 is the preset's own: nothing to pass
@@ -126,7 +126,7 @@ def test_every_reference_form_names_the_same_model(run, tmp_path, mini_shards):
     expected = load_file(directory / "best.safetensors")
     for description in described:
         assert (description.architecture, description.num_classes, description.input_size) == (VIT, 10, (3, 32, 32))
-        assert description.labels == tuple(require_manifest(mini_shards)["classes"])
+        assert description.labels == tuple(require_manifest(mini_shards).classes)
         weights = load_file(description.weights)
         assert all(torch.equal(weights[key], expected[key]) for key in expected)
 
