@@ -39,13 +39,14 @@ from tasks.data.samples import ShardFormatError
 from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
 from tasks.layout import RunLayout
-from tasks.operations.publish import PublishError, publish_refused
+from tasks.operations.publish import PublishError
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.operations.tracking import (
     dataset_artifact_name,
     file_digest,
     files_artifact,
     manifest_snapshot,
+    require_wandb_key,
     start_wandb_run,
     sync_command,
 )
@@ -332,8 +333,9 @@ def vit_pipeline(
     """
     logger = get_run_logger()
     config = config or load_config(config_file, overrides or [])
-    if (refused := publish_refused(config)) is not None:  # before hours of training, not after
-        raise ConfigError(refused)
+    if (key := require_wandb_key(config)) is not None:  # before hours of training, not after
+        logger.info("W&B online (entity %s, project %s), API key from %s",
+                    config.tracking.entity or "the key's default", config.tracking.project, key)
     options = config.orchestration
     claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name())
     config = claim.config

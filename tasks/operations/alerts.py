@@ -11,7 +11,6 @@ never call it per step.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,10 +29,14 @@ class Sent:
     prefect_event: Any | None  # the prefect.events.Event emitted, if any
 
 
-def _in_prefect_run() -> bool:
+def prefect_api_configured() -> bool:
+    """Whether this process reaches a Prefect API: inside a flow or task run, or with PREFECT_API_URL set (in the
+    environment, a profile or a test harness). Without one, Prefect would start a server of its own for each
+    client just to drop what it is sent."""
     from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import PREFECT_API_URL
 
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None or bool(PREFECT_API_URL.value())
 
 
 def _slug(text: str) -> str:
@@ -67,8 +70,7 @@ def _wandb_alert(title: str, text: str, level: Level, run) -> bool:
 
 
 def _prefect_event(title: str, text: str, level: Level, details: dict | None):
-    # Without a configured API, Prefect would start a server of its own just to drop the event.
-    if not (os.environ.get("PREFECT_API_URL") or _in_prefect_run()):
+    if not prefect_api_configured():
         return None
     from prefect.events import emit_event
 

@@ -262,7 +262,9 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
         assert (REPO_ROOT / module).is_file() and function == flow_of.fn.__name__
         assert served[entry["name"]].entrypoint == entry["entrypoint"]
         # The cluster's deployments add shared storage (tests/unit/test_infra.py) to what is served locally.
-        assert served[entry["name"]].parameters.items() <= entry["parameters"].items()
+        local = dict(served[entry["name"]].parameters)
+        assert set(local.pop("overrides", [])) <= set(entry["parameters"].get("overrides", []))
+        assert local.items() <= entry["parameters"].items()
         assert set(entry["parameters"]) <= set(flow_of.parameters.properties)
         config = load_config(REPO_ROOT / entry["parameters"]["config_file"])
         assert (config.sweep is not None) == (flow_of is vit_sweep), entry["name"]
@@ -271,6 +273,20 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
     served_schedule = served["cifar10"].schedules[0]
     assert served_schedule.schedule.cron == RETRAIN_CRON and served_schedule.active is False
     assert vit_pipeline.name == vit_sweep.name == FLOW_NAME  # deployments vit-pipeline/<name>, the sweeps' too
+
+
+def test_the_scheduled_deployment_tracks_online_in_a_team_and_the_others_stay_offline(data_root):
+    """The weekly run's publish must reach the W&B Registry: online, with an entity, both where it is declared for
+    the work pool and where it is served; every other deployment keeps the local default, offline."""
+    declared = {d["name"]: d["parameters"] for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+                ["deployments"]}
+    served = {deployment.name: deployment.parameters for deployment in deployments()}
+    for name in declared:
+        for parameters in (declared[name], served[name]):
+            tracking = load_config(REPO_ROOT / parameters["config_file"], parameters.get("overrides", [])).tracking
+            scheduled = name == "cifar10"
+            assert tracking.mode == ("online" if scheduled else "offline"), name
+            assert (tracking.entity is not None) == scheduled, name
 
 
 def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):
@@ -496,15 +512,18 @@ def test_cached_trainings_live_in_object_storage(tmp_path, data_root, fake_train
     assert len(fsspec.filesystem("s3").ls(f"{bucket}/prefect-results")) >= 4
 
 
-def test_publish_always_without_wandb_online_fails_before_anything_trains(tmp_path, data_root, fake_trainings,
-                                                                          monkeypatch):
+def test_online_without_a_wandb_key_fails_before_anything_trains(tmp_path, data_root, fake_trainings, monkeypatch):
+    """Neither WANDB_API_KEY nor the Secret block wandb-api-key on the flow's Prefect server: the flow run fails
+    at its start, naming both, instead of training for hours offline."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
-                                                    "publish": "always"})
-    state = vit_pipeline(config=config, return_state=True)
-    assert state.is_failed()
-    assert "tracking.publish is 'always', but WANDB_API_KEY is not set" in str(state.result(raise_on_failure=False))
-    assert fake_trainings == [] and not (tmp_path / "runs").exists()
+    for publish in ("auto", "always"):
+        config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
+                                                        "publish": publish})
+        state = vit_pipeline(config=config, return_state=True)
+        assert state.is_failed()
+        error = str(state.result(raise_on_failure=False))
+        assert "WANDB_API_KEY is not set and there is none in the Prefect Secret block 'wandb-api-key'" in error
+        assert fake_trainings == [] and not (tmp_path / "runs").exists()
 
 
 def test_the_publish_step_offline_leaves_the_plan_for_later(request):
