@@ -12,7 +12,8 @@ again in every flow run unless it is asked to reuse cached ones (`reuse_training
 configuration (all of it but where and how things run: tasks.config.training_fields), shards, checkpoint and
 teacher match a finished one of the same run name is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
-Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json.
+Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json. A
+retrained model far below the registered best ends the flow run Completed but named "Regressed", with an alert.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.operations import TRAINING_TAG
@@ -61,6 +63,8 @@ from tasks.training.train import (
 )
 
 FLOW_NAME = "vit-pipeline"
+# The final state's name of a flow run that published a model far below the registered best (Completed type).
+REGRESSED_STATE = "Regressed"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
 # Bad input does not get better by retrying, nor does a training someone stopped; everything else
 # (storage, network, a lost node) may.
@@ -199,11 +203,12 @@ def publish_task(config: PipelineConfig) -> dict:
                               sync_command(config), publish_run_command(config))
         create_link_artifact(key="registry-plan", link=path.absolute().as_uri(),
                              link_text="models to link in the W&B Registry (offline)")
-        return {"registry_plan": str(path), "linked": {}}
+        return {"registry_plan": str(path), "linked": {}, "regressions": []}
     table = [{"model": e["model"], "version": e["linked"]["version"], "aliases": ", ".join(e["linked"]["aliases"]),
               "why": e["linked"]["reason"]} for e in linked]
     create_table_artifact(key="registry", table=table, description="Models linked in the W&B Registry")
-    return {"registry_plan": str(path), "linked": {e["model"]: e["linked"]["version"] for e in linked}}
+    return {"registry_plan": str(path), "linked": {e["model"]: e["linked"]["version"] for e in linked},
+            "regressions": [e["linked"]["regression"] for e in linked if e["linked"].get("regression")]}
 
 
 @task(name="report", retry_condition_fn=_retry_transient)
@@ -324,7 +329,7 @@ def vit_pipeline(
     config_file: str = DEFAULT_CONFIG_FILE,
     overrides: list[str] | None = None,
     reuse_trainings: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Shard, verify, train the baseline and the transformers, evaluate, map attention, report.
 
     `config` (the form in the Prefect UI) wins; otherwise `config_file` plus `section.field=value` overrides.
@@ -373,6 +378,21 @@ def vit_pipeline(
     published = None
     if config.tracking.publish != "never" and config.tracking.mode != "disabled":
         published = publish_task.with_options(**limits)(config)
-    return {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
-            "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
-            "published": published}
+    result = {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
+              "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
+              "published": published}
+    return flagged_if_regressed(result, published["regressions"] if published else [])
+
+
+def flagged_if_regressed(result: dict[str, Any], regressions: list[str]) -> dict[str, Any] | State:
+    """The flow's result, or with a retrained model far below the registered best, a Completed state named
+    REGRESSED_STATE that carries it: the run did all it should (the model is linked as `latest`, `best` stays),
+    so it neither fails (which would page as a failure and invite a retry that trains again) nor looks like any
+    other week. The publish step's alert has already gone to the notification block; the "regressions" artifact
+    says which models and by how much."""
+    if not regressions:
+        return result
+    create_markdown_artifact(key="regressions", markdown="\n".join(f"- {text}" for text in regressions),
+                             description="Retrained models more than tracking.regression_margin below the "
+                                         "registered best")
+    return Completed(name=REGRESSED_STATE, message="; ".join(regressions), data=result)

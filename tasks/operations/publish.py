@@ -282,6 +282,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
                   details={"model": entry["model"], "val_top1": card["val_top1"], "collection": entry["target"]})
         version = registry.link(entry, weights, decision.aliases)
         entry["linked"] = {"version": version, "aliases": decision.aliases, "reason": decision.reason,
+                           "regression": decision.regression,
                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_plan(run_dir, plan)
         log.info("%s: linked to %s as %s (%s)", entry["model"], version, ", ".join(decision.aliases), decision.reason)

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ValidationError
 from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
 from flows.pipeline import (
     FLOW_NAME,
+    REGRESSED_STATE,
     _retry_transient,
+    flagged_if_regressed,
     publish_task,
     shard_cache_key,
     shard_task,
@@ -526,6 +528,30 @@ def test_online_without_a_wandb_key_fails_before_anything_trains(tmp_path, data_
         assert fake_trainings == [] and not (tmp_path / "runs").exists()
 
 
+def test_a_publish_regression_ends_the_flow_run_completed_but_named_regressed():
+    """The operator sees the week that regressed in the flow runs' list, with the "regressions" artifact, and the
+    flow's result is whole (the CLI prints it); a week without a regression is a plain Completed."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    regression = "vit retrained: validation top-1 0.7600 is 0.0500 below the registered best's 0.8100"
+
+    @flow
+    def weekly(regressions: list[str]):
+        return flagged_if_regressed({"models": {"vit": 0.76}}, regressions)
+
+    state = weekly([regression], return_state=True)
+    assert state.is_completed() and state.name == REGRESSED_STATE and regression in state.message
+    assert state.result() == {"models": {"vit": 0.76}}
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["regressions"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert regression in artifact.data
+    plain = weekly([], return_state=True)
+    assert plain.name == "Completed" and plain.result() == {"models": {"vit": 0.76}}
+
+
 def test_the_publish_step_offline_leaves_the_plan_for_later(request):
     config = request.getfixturevalue("evaluated_run")
 
@@ -534,5 +560,5 @@ def test_the_publish_step_offline_leaves_the_plan_for_later(request):
         return publish_task(config)
 
     plan = Path(config.run_dir) / "registry.json"
-    assert publish_only() == {"registry_plan": str(plan), "linked": {}}
+    assert publish_only() == {"registry_plan": str(plan), "linked": {}, "regressions": []}
     assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}

@@ -144,6 +144,8 @@ def test_a_plan_is_carried_out_once_and_a_model_far_below_the_best_alerts(evalua
                                        [LATEST_ALIAS, BEST_ALIAS]), (VIT, vit_target, [LATEST_ALIAS])]
     stored = {entry["model"]: entry["linked"] for entry in read_plan(run_dir)["models"]}
     assert stored[VIT]["aliases"] == [LATEST_ALIAS] and "does not beat" in stored[VIT]["reason"]
+    # What flags the flow run (flows/pipeline.py: flagged_if_regressed) is recorded with the link.
+    assert stored[VIT]["regression"] == asked[0]["text"] and stored[BASELINE]["regression"] is None
     assert stored[BASELINE]["version"] == f"wandb-registry-model/vit-pipeline-{BASELINE}:v1"
 
     (run_file,) = tmp_path.glob("wandb/offline-run-*/*.wandb")
