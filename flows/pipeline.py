@@ -2,7 +2,7 @@
 
     shard -> verify -> train baseline (ResNet) -> train DeiT (distils from the baseline) -+
                     -> train ViT, train Swin (no teacher: they start at once) ------------+-> evaluate all
-                                                                 -> attention maps -> report -> publish
+                                                  -> attention maps -> report -> publish [-> prune old runs]
 
 Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
 runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
@@ -211,6 +211,20 @@ def publish_task(config: PipelineConfig) -> dict:
             "regressions": [e["linked"]["regression"] for e in linked if e["linked"].get("regression")]}
 
 
+@task(name="prune", retry_condition_fn=_retry_transient)
+def prune_task(config: PipelineConfig) -> dict[str, Any]:
+    """Retention after a finished run: delete old flow runs' directories and checkpoints (storage.keep_runs)."""
+    from tasks.operations.retention import prune
+
+    retention = prune(config)
+    table = [{"flow run": name, "kept": "yes", "why": why} for name, why in sorted(retention.kept.items())]
+    table += [{"flow run": name, "kept": "deleted", "why": ", ".join(paths)}
+              for name, paths in sorted(retention.deleted.items())]
+    create_table_artifact(key="retention", table=table, description=f"Flow runs of {config.tracking.run_name} "
+                          f"kept and deleted (storage.keep_runs {config.storage.keep_runs})")
+    return {"kept": retention.kept, "deleted": retention.deleted}
+
+
 @task(name="report", retry_condition_fn=_retry_transient)
 def report_task(config: PipelineConfig, records: list[dict], group: str) -> dict[str, str]:
     from tasks.judging.report import write_report
@@ -378,9 +392,11 @@ def vit_pipeline(
     published = None
     if config.tracking.publish != "never" and config.tracking.mode != "disabled":
         published = publish_task.with_options(**limits)(config)
+    # After publish, so that registry.json says which runs hold `best` and `latest` (those are kept).
+    pruned = prune_task.with_options(**limits)(config) if config.storage.prune_after_run else None
     result = {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
               "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
-              "published": published}
+              "published": published, "pruned": pruned}
     return flagged_if_regressed(result, published["regressions"] if published else [])
 
 

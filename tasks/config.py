@@ -623,6 +623,14 @@ class StorageConfig(_Section):
                           "the flow (EFS, NFS, FSx, a ReadWriteMany volume): local paths under it are fine for "
                           "multi-node checkpoints.")
 
+    keep_runs: PositiveInt = Field(
+        4, description="Retention (tasks/operations/retention.py, `vit-pipeline prune`): how many of a run name's "
+                       "last flow runs keep their run directory and checkpoints; older ones are deleted unless their "
+                       "models hold `best` or `latest` in the Registry (registry.json) or they are unfinished.")
+    prune_after_run: bool = Field(
+        False, description="Prune (keep_runs) as the flow's last step, after publish; the scheduled deployment "
+                           "turns it on. Off, runs stay until `vit-pipeline prune`.")
+
     @field_validator("shared_filesystem")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from flows.pipeline import (
     REGRESSED_STATE,
     _retry_transient,
     flagged_if_regressed,
+    prune_task,
     publish_task,
     shard_cache_key,
     shard_task,
@@ -279,16 +281,18 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
 
 def test_the_scheduled_deployment_tracks_online_in_a_team_and_the_others_stay_offline(data_root):
     """The weekly run's publish must reach the W&B Registry: online, with an entity, both where it is declared for
-    the work pool and where it is served; every other deployment keeps the local default, offline."""
+    the work pool and where it is served, and it prunes old runs after; every other deployment keeps the local
+    defaults, offline and keeping every run."""
     declared = {d["name"]: d["parameters"] for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
                 ["deployments"]}
     served = {deployment.name: deployment.parameters for deployment in deployments()}
     for name in declared:
         for parameters in (declared[name], served[name]):
-            tracking = load_config(REPO_ROOT / parameters["config_file"], parameters.get("overrides", [])).tracking
+            config = load_config(REPO_ROOT / parameters["config_file"], parameters.get("overrides", []))
             scheduled = name == "cifar10"
-            assert tracking.mode == ("online" if scheduled else "offline"), name
-            assert (tracking.entity is not None) == scheduled, name
+            assert config.tracking.mode == ("online" if scheduled else "offline"), name
+            assert (config.tracking.entity is not None) == scheduled, name
+            assert config.storage.prune_after_run == scheduled, name  # retention after the weekly publish
 
 
 def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):
@@ -550,6 +554,30 @@ def test_a_publish_regression_ends_the_flow_run_completed_but_named_regressed():
     assert regression in artifact.data
     plain = weekly([], return_state=True)
     assert plain.name == "Completed" and plain.result() == {"models": {"vit": 0.76}}
+
+
+def test_the_prune_step_deletes_old_runs_and_says_so_in_an_artifact(tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"},
+                           "storage": {"keep_runs": 1, "prune_after_run": True}})
+    for name, finished_at in (("old", 1_700_000_000), ("new", 1_800_000_000)):
+        owner = tmp_path / "weekly" / name / "flow-run.json"
+        owner.parent.mkdir(parents=True)
+        owner.write_text(json.dumps({"flow_run_id": name, "finished": True}))
+        os.utime(owner, (finished_at, finished_at))
+
+    @flow
+    def after_publish() -> dict:
+        return prune_task(config)
+
+    assert after_publish()["deleted"] == {"old": [str(tmp_path / "weekly" / "old")]}
+    assert sorted(path.name for path in (tmp_path / "weekly").iterdir()) == ["new"]
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retention"])))
+    assert {(row["flow run"], row["kept"]) for row in json.loads(artifact.data)} == {("new", "yes"),
+                                                                                    ("old", "deleted")}
 
 
 def test_the_publish_step_offline_leaves_the_plan_for_later(request):
