@@ -247,6 +247,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete the run directories and checkpoints of a run name's old flow runs (tasks/operations/retention.py)."""
+    from tasks.operations.retention import prune
+
+    config = load_config(args.config, _flag_overrides(args, {}))
+    retention = prune(config, args.keep, dry_run=args.dry_run)
+    for name, why in sorted(retention.kept.items()):
+        print(f"keep {name}: {why}")
+    verb = "would delete" if args.dry_run else "deleted"
+    for name, paths in sorted(retention.deleted.items()):
+        print(f"{verb} {name}: {', '.join(paths)}")
+    print(f"{len(retention.kept)} flow runs kept, {len(retention.deleted)} {verb}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -326,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest |Δlogit| accepted (default {ONNX_TOLERANCE:.0e} for onnx, {TIMM_TOLERANCE:.0e} "
                              "for timm, fp32)")
     export.set_defaults(handler=cmd_export)
+
+    prune = commands.add_parser(
+        "prune", help="delete old flow runs' directories and checkpoints; keep the registered and the last N")
+    prune.add_argument("--config", type=Path, help="a configs/*.yaml file (where runs and checkpoints are)")
+    prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one config field (repeatable)")
+    prune.add_argument("--run-name", required=True, metavar="NAME",
+                       help="the run name whose flow runs are pruned (runs/NAME/)")
+    prune.add_argument("--keep", type=int, metavar="N",
+                       help="how many of the last flow runs to keep (default: storage.keep_runs)")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    prune.set_defaults(handler=cmd_prune)
 
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")

@@ -7,7 +7,8 @@
   runs together, a scheduled one and a manual one, never exceed what the cluster holds: the others wait
   in AwaitingConcurrencySlot. Its size: --limit, else orchestration.max_concurrent_trainings;
 - the automations of infra/prefect/automations.yaml: a notification (orchestration.notify_block) when a
-  flow run fails or crashes, and flow runs whose heartbeats stopped marked Crashed.
+  flow run fails or crashes, another for every alert (the events vit-pipeline.alert.*, whether raised in the
+  flow's process or forwarded from a Ray Job's driver), and flow runs whose heartbeats stopped marked Crashed.
 
 Re-running it updates what is there: each automation is found by its name, the limit by its tag.
 """

@@ -2,7 +2,7 @@
 
     shard -> verify -> train baseline (ResNet) -> train DeiT (distils from the baseline) -+
                     -> train ViT, train Swin (no teacher: they start at once) ------------+-> evaluate all
-                                                                 -> attention maps -> report -> publish
+                                                  -> attention maps -> report -> publish [-> prune old runs]
 
 Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
 runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
@@ -12,7 +12,8 @@ again in every flow run unless it is asked to reuse cached ones (`reuse_training
 configuration (all of it but where and how things run: tasks.config.training_fields), shards, checkpoint and
 teacher match a finished one of the same run name is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
-Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json.
+Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json. A
+retrained model far below the registered best ends the flow run Completed but named "Regressed", with an alert.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.operations import TRAINING_TAG
@@ -40,13 +42,14 @@ from tasks.data.shard import Manifest, read_manifest, shard_from_config, shard_l
 from tasks.data.sources import SourceError
 from tasks.judging.evaluate import EvaluationRecord
 from tasks.layout import RunLayout
-from tasks.operations.publish import PublishError, publish_refused
+from tasks.operations.publish import PublishError
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.operations.tracking import (
     dataset_artifact_name,
     file_digest,
     files_artifact,
     manifest_snapshot,
+    require_wandb_key,
     start_wandb_run,
     sync_command,
 )
@@ -61,6 +64,8 @@ from tasks.training.train import (
 )
 
 FLOW_NAME = "vit-pipeline"
+# The final state's name of a flow run that published a model far below the registered best (Completed type).
+REGRESSED_STATE = "Regressed"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
 # Bad input does not get better by retrying, nor does a training someone stopped; everything else
 # (storage, network, a lost node) may.
@@ -201,11 +206,26 @@ def publish_task(config: PipelineConfig) -> dict:
                               sync_command(config), publish_run_command(config))
         create_link_artifact(key="registry-plan", link=path.absolute().as_uri(),
                              link_text="models to link in the W&B Registry (offline)")
-        return {"registry_plan": str(path), "linked": {}}
+        return {"registry_plan": str(path), "linked": {}, "regressions": []}
     table = [{"model": e["model"], "version": e["linked"]["version"], "aliases": ", ".join(e["linked"]["aliases"]),
               "why": e["linked"]["reason"]} for e in linked]
     create_table_artifact(key="registry", table=table, description="Models linked in the W&B Registry")
-    return {"registry_plan": str(path), "linked": {e["model"]: e["linked"]["version"] for e in linked}}
+    return {"registry_plan": str(path), "linked": {e["model"]: e["linked"]["version"] for e in linked},
+            "regressions": [e["linked"]["regression"] for e in linked if e["linked"].get("regression")]}
+
+
+@task(name="prune", retry_condition_fn=_retry_transient)
+def prune_task(config: PipelineConfig) -> dict[str, Any]:
+    """Retention after a finished run: delete old flow runs' directories and checkpoints (storage.keep_runs)."""
+    from tasks.operations.retention import prune
+
+    retention = prune(config)
+    table = [{"flow run": name, "kept": "yes", "why": why} for name, why in sorted(retention.kept.items())]
+    table += [{"flow run": name, "kept": "deleted", "why": ", ".join(paths)}
+              for name, paths in sorted(retention.deleted.items())]
+    create_table_artifact(key="retention", table=table, description=f"Flow runs of {config.tracking.run_name} "
+                          f"kept and deleted (storage.keep_runs {config.storage.keep_runs})")
+    return {"kept": retention.kept, "deleted": retention.deleted}
 
 
 @task(name="report", retry_condition_fn=_retry_transient)
@@ -326,7 +346,7 @@ def vit_pipeline(
     config_file: str = DEFAULT_CONFIG_FILE,
     overrides: list[str] | None = None,
     reuse_trainings: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Shard, verify, train the baseline and the transformers, evaluate, map attention, report.
 
     `config` (the form in the Prefect UI) wins; otherwise `config_file` plus `section.field=value` overrides.
@@ -335,8 +355,9 @@ def vit_pipeline(
     """
     logger = get_run_logger()
     config = config or load_config(config_file, overrides or [])
-    if (refused := publish_refused(config)) is not None:  # before hours of training, not after
-        raise ConfigError(refused)
+    if (key := require_wandb_key(config)) is not None:  # before hours of training, not after
+        logger.info("W&B online (entity %s, project %s), API key from %s",
+                    config.tracking.entity or "the key's default", config.tracking.project, key)
     options = config.orchestration
     claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name())
     config = claim.config
@@ -374,6 +395,23 @@ def vit_pipeline(
     published = None
     if config.tracking.publish != "never" and config.tracking.mode != "disabled":
         published = publish_task.with_options(**limits)(config)
-    return {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
-            "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
-            "published": published}
+    # After publish, so that registry.json says which runs hold `best` and `latest` (those are kept).
+    pruned = prune_task.with_options(**limits)(config) if config.storage.prune_after_run else None
+    result = {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
+              "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
+              "published": published, "pruned": pruned}
+    return flagged_if_regressed(result, published["regressions"] if published else [])
+
+
+def flagged_if_regressed(result: dict[str, Any], regressions: list[str]) -> dict[str, Any] | State:
+    """The flow's result, or with a retrained model far below the registered best, a Completed state named
+    REGRESSED_STATE that carries it: the run did all it should (the model is linked as `latest`, `best` stays),
+    so it neither fails (which would page as a failure and invite a retry that trains again) nor looks like any
+    other week. The publish step's alert has already gone to the notification block; the "regressions" artifact
+    says which models and by how much."""
+    if not regressions:
+        return result
+    create_markdown_artifact(key="regressions", markdown="\n".join(f"- {text}" for text in regressions),
+                             description="Retrained models more than tracking.regression_margin below the "
+                                         "registered best")
+    return Completed(name=REGRESSED_STATE, message="; ".join(regressions), data=result)

@@ -31,7 +31,7 @@ from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.operations.ray_jobs import jobs_api
 from tasks.operations.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
-from tasks.operations.tracking import sync_command
+from tasks.operations.tracking import require_wandb_key, sync_command
 from tasks.training.train import ensure_ray
 
 DEFAULT_SWEEP_CONFIG_FILE = "configs/sweep-smoke.yaml"
@@ -68,6 +68,7 @@ def vit_sweep(
     source = "the flow's config" if config is not None else config_file
     config = config or load_config(config_file, overrides or [])
     require_sweep(config, source)
+    require_wandb_key(config)  # online W&B without a key fails here, not in the first trial
     if jobs_api(config):
         raise ConfigError(f"RAY_ADDRESS={jobs_api(config)}: a sweep drives Ray Tune from this process, which must "
                           "join the cluster as a driver ('auto' on its head node, or <head>:6379), not reach it "

@@ -539,10 +539,13 @@ class TrackingConfig(_Section):
 
     project: str = Field("vit-pipeline", description="The W&B project runs are logged to.")
     entity: str | None = Field(
-        None, description="The W&B team or user owning the project; None: the API key's default.")
+        None, description="The W&B entity (team) runs are logged to. W&B links only artifacts logged in a team of "
+                          "an organisation to its Registry, so the scheduled deployments set their team here; None: "
+                          "the API key's default entity (often a personal one, fine for offline and local runs).")
     mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="W&B's mode: \"online\" logs to the server, \"offline\" to local files for "
-                               "`wandb sync`, \"disabled\" not at all.")
+                               "`wandb sync`, \"disabled\" not at all. Online needs an API key, WANDB_API_KEY or "
+                               "the Prefect Secret block wandb-api-key: without one a run refuses to start.")
     run_name: str = Field(
         "default", description="Names the run directory runs/<run_name>/ and the W&B runs: 1-100 letters, digits, "
                                "'_', '.' or '-'.")
@@ -633,6 +636,14 @@ class StorageConfig(_Section):
         None, description="A file system mounted at the same absolute path on every node and on the machine running "
                           "the flow (EFS, NFS, FSx, a ReadWriteMany volume): local paths under it are fine for "
                           "multi-node checkpoints.")
+
+    keep_runs: PositiveInt = Field(
+        4, description="Retention (tasks/operations/retention.py, `vit-pipeline prune`): how many of a run name's "
+                       "last flow runs keep their run directory and checkpoints; older ones are deleted unless their "
+                       "models hold `best` or `latest` in the Registry (registry.json) or they are unfinished.")
+    prune_after_run: bool = Field(
+        False, description="Prune (keep_runs) as the flow's last step, after publish; the scheduled deployment "
+                           "turns it on. Off, runs stay until `vit-pipeline prune`.")
 
     @field_validator("shared_filesystem")
     @classmethod

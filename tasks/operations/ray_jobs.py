@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 from tasks.config import PipelineConfig, is_url
+from tasks.operations.alerts import FORWARD_ENV, relay
 from tasks.training.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,13 @@ def train_as_job(address: str, config: PipelineConfig, model_name: str, *, teach
     emit(f"submitted Ray Job {submission_id} to {address}")
     with _followed_lock:
         _followed[submission_id] = address
+
+    def emit_or_relay(line: str) -> None:  # the driver's alerts become events here (tasks/operations/alerts.py)
+        if relay(line) is None:
+            emit(line)
+
     try:
-        return follow_job(address, submission_id, emit)
+        return follow_job(address, submission_id, emit_or_relay)
     except BaseException:
         stop_jobs(address, [submission_id])
         raise
@@ -320,6 +326,7 @@ def main() -> int:
     """The job's driver: train the requested model on the cluster it runs on, report the outcome."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     request = json.loads(os.environ[REQUEST_ENV])
+    os.environ[FORWARD_ENV] = "1"  # no Prefect API here: the flow following this job's log emits its alerts
     config = PipelineConfig.model_validate_json(request["config"])
     try:
         outcome = train_model(config, request["model"], teacher_weights=request["teacher_weights"],

@@ -1,31 +1,81 @@
 """Weights & Biases runs for the pipeline's steps.
 
-Offline unless configured otherwise (and always offline without an API key), so every step can be
-tracked on a machine with no network and synced later with `wandb sync`. Run ids are derived from
-the group, step and model, so a restarted step resumes its W&B run instead of starting another.
+Offline unless configured otherwise, so every step can be tracked on a machine with no network and synced
+later with `wandb sync`. Online (the scheduled deployments) needs an API key: WANDB_API_KEY from the platform's
+secret store, or the Prefect Secret block `wandb-api-key`; without either the flow and the step commands refuse
+to start, naming both, instead of training for hours offline. Run ids are derived from the group, step and
+model, so a restarted step resumes its W&B run instead of starting another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import PipelineConfig
+from tasks.config import ConfigError, PipelineConfig
 from tasks.layout import RunLayout
+from tasks.operations.alerts import prefect_api_configured
+
+log = logging.getLogger(__name__)
 
 WANDB_ID_LIMIT = 64
 WandbMode = Literal["offline", "online", "disabled"]
+API_KEY_ENV = "WANDB_API_KEY"
+# The Prefect Secret block holding the key, for a flow process whose platform gives it no WANDB_API_KEY.
+API_KEY_BLOCK = "wandb-api-key"
+
+
+class WandbKeyMissing(ConfigError):
+    """tracking.mode is online and no W&B API key is found; a ConfigError, so the CLI exits 2 and the flow does
+    not retry."""
 
 
 def wandb_mode(config: PipelineConfig) -> WandbMode:
     mode = config.tracking.mode
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        return "offline"
+    if mode == "online" and not os.environ.get(API_KEY_ENV):
+        raise WandbKeyMissing(_missing_key_message(config, looked_in_prefect=False))
     return mode
+
+
+def _missing_key_message(config: PipelineConfig, *, looked_in_prefect: bool) -> str:
+    where = (f"in the Prefect Secret block {API_KEY_BLOCK!r}" if looked_in_prefect
+             else f"the Prefect Secret block {API_KEY_BLOCK!r} is not read here (no Prefect API)")
+    return (f"tracking.mode is online (W&B project {config.tracking.project!r}) but no W&B API key is found: "
+            f"{API_KEY_ENV} is not set "
+            f"and {'there is none ' if looked_in_prefect else ''}{where}. Set {API_KEY_ENV} from the platform's "
+            f"secret store, or save the key as the Secret block {API_KEY_BLOCK!r}, or run with "
+            f"tracking.mode=offline")
+
+
+def require_wandb_key(config: PipelineConfig) -> str | None:
+    """Before any work: online W&B needs an API key in this process. WANDB_API_KEY wins; else the Prefect Secret
+    block API_KEY_BLOCK, when a Prefect API is reached, is put into this process's environment (where W&B and a
+    local Ray's workers read it; a cluster's nodes get WANDB_API_KEY from the platform's secret store).
+
+    Returns where the key came from (None when W&B is not online); raises WandbKeyMissing naming both places."""
+    if config.tracking.mode != "online":
+        return None
+    if os.environ.get(API_KEY_ENV):
+        return f"${API_KEY_ENV}"
+    if not prefect_api_configured():
+        raise WandbKeyMissing(_missing_key_message(config, looked_in_prefect=False))
+    from prefect.blocks.system import Secret
+
+    try:
+        # Called from synchronous code, load returns the block itself, not a coroutine.
+        key = Secret.load(API_KEY_BLOCK).get()  # type: ignore[union-attr]
+    except ValueError:  # Prefect's "Unable to find block document named ..."
+        key = None
+    if not isinstance(key, str) or not key:
+        raise WandbKeyMissing(_missing_key_message(config, looked_in_prefect=True))
+    os.environ[API_KEY_ENV] = key
+    log.info("W&B online: the API key comes from the Prefect Secret block %s", API_KEY_BLOCK)
+    return f"Prefect Secret block {API_KEY_BLOCK}"
 
 
 def detach_from_parent_wandb_service() -> None:

@@ -32,7 +32,7 @@ from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, ver
 from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
-from tasks.operations.tracking import start_wandb_run
+from tasks.operations.tracking import require_wandb_key, start_wandb_run
 from tasks.training.checkpoints import (
     WEIGHTS,
     CheckpointError,
@@ -248,6 +248,7 @@ def train_model(
     checkpoint, up to training.max_failures times; a deterministic error (see DETERMINISTIC_ERRORS) fails at
     once with its message, as a TrainingError that is not retryable.
     """
+    require_wandb_key(config)  # the driver's check (the step command, a Ray Job's driver), before Ray starts
     run = training_run(config, model_name, shard_location=shard_location, teacher_weights=teacher_weights,
                        group=group, step_hook=step_hook)
     started = time.perf_counter()

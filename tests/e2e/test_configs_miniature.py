@@ -183,7 +183,8 @@ def test_shipped_config_runs_in_miniature(path, mini_cifar, tmp_path, monkeypatc
         assert "train_loss_distillation" in record_history(config, spec.name)[0]
     # W&B offline: the publish step leaves what it would link, every model with its test score, for later.
     plan = json.loads((Path(config.run_dir) / "registry.json").read_text())
-    assert result["published"] == {"registry_plan": str(Path(config.run_dir) / "registry.json"), "linked": {}}
+    assert result["published"] == {"registry_plan": str(Path(config.run_dir) / "registry.json"), "linked": {},
+                                  "regressions": []}
     assert {entry["model"]: entry["metadata"]["test_top1"] for entry in plan["models"]} == \
         {name: record.top1 for name, record in evaluation.items()}
 

@@ -1,6 +1,7 @@
 """flows/operations.py against a real `prefect server start`: the automations notify a webhook when a flow run
-fails and mark a flow run Crashed whose heartbeats stopped; the gpu-training limit makes a second flow run's
-trainings wait for the first's."""
+fails and for every alert, wherever it was raised (the flow's process, a Ray Job's driver), and mark a flow run
+Crashed whose heartbeats stopped; the gpu-training limit makes a second flow run's trainings wait for the
+first's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -93,6 +95,83 @@ def test_apply_is_repeatable_and_a_failed_flow_run_notifies(server, webhook, tmp
     wait_until(lambda: received, 90, "the failure notification")
     assert "is Failed" in received[0]["subject"], received
     assert "the training diverged" in received[0]["body"], received
+
+
+# A Ray Job's driver (tasks.operations.ray_jobs.main, which marks its alerts for forwarding) whose training raises
+# the NaN alert and fails; like the real driver, it has no Prefect API and no W&B key.
+DIVERGING_DRIVER = """
+import tasks.operations.ray_jobs as jobs
+from tasks.operations.alerts import alert
+from tasks.training.train import TrainingError
+
+def diverging(config, model_name, **_):
+    alert(f"{model_name}: the training loss became NaN or infinite", "stopped at epoch 3; the last good checkpoint "
+          "is kept", "ERROR", details={"model": model_name})
+    raise TrainingError(f"training {model_name} failed: non-finite loss", retryable=False)
+
+jobs.train_model = diverging
+jobs.main()
+"""
+
+
+def test_every_alert_reaches_the_notification_block_through_one_automation(server, webhook, tmp_path,
+                                                                            monkeypatch):
+    """The regression alert raised in the flow's process and the NaN alert raised in a Ray Job's driver (no
+    Prefect API there: forwarded through the job's log, which the flow follows) both reach the webhook."""
+    from prefect import flow
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from tasks.operations import ray_jobs
+    from tasks.operations.alerts import alert
+    from tasks.training.train import TrainingError
+
+    url, received = webhook
+    CustomWebhookNotificationBlock(name="team", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
+                                   ).save("vit-pipeline-alerts", overwrite=True)
+    config = _config(notify_block="custom-webhook/vit-pipeline-alerts", max_concurrent_trainings=1)
+    assert any(line.startswith("automation vit-pipeline-notify-alerts: ") for line in apply(config))
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "WANDB_"))}
+    env.update(PYTHONPATH=str(REPO_ROOT), **{ray_jobs.REQUEST_ENV: json.dumps(
+        ray_jobs.training_request(config, "vit_tiny_patch4_32", None, "weekly"))})
+    driver = subprocess.run([sys.executable, "-c", DIVERGING_DRIVER], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert driver.returncode != 0 and "non-finite loss" in driver.stderr, driver.stderr[-2000:]
+    job_log = driver.stdout.splitlines()
+
+    def follow_job(address, submission_id, emit):  # the job's log, as the Jobs API hands it to the flow
+        for line in job_log:
+            emit(line)
+        raise TrainingError(f"Ray Job {submission_id} FAILED", retryable=False)
+
+    monkeypatch.setattr(ray_jobs, "submit_training", lambda *args, **kwargs: "vit-pipeline-weekly-vit-0")
+    monkeypatch.setattr(ray_jobs, "follow_job", follow_job)
+    monkeypatch.setattr(ray_jobs, "stop_jobs", lambda address, ids: [])
+    flow_log: list[str] = []
+
+    @flow(name="vit-pipeline-alerting")
+    def retraining() -> None:
+        alert("vit_tiny_patch4_32 below the registered best", "validation top-1 0.70 is 0.05 below the best's",
+              "WARN", details={"model": "vit_tiny_patch4_32"})
+        try:
+            ray_jobs.train_as_job("http://127.0.0.1:8265", config, "vit_tiny_patch4_32", teacher_weights=None,
+                                  group="weekly", flow_run_id="f", emit=flow_log.append)
+        except TrainingError:
+            pass
+
+    started = time.monotonic()
+    retraining()
+    def alerts() -> list[dict]:  # a failure notice of an earlier test's flow run may come here too
+        return [message for message in received
+                if message["subject"].startswith(("vit-pipeline WARN: ", "vit-pipeline ERROR: "))]
+
+    wait_until(lambda: len(alerts()) >= 2, 45, "both alerts at the webhook")
+    subjects = sorted(message["subject"] for message in alerts())
+    assert subjects == ["vit-pipeline ERROR: vit_tiny_patch4_32: the training loss became NaN or infinite",
+                        "vit-pipeline WARN: vit_tiny_patch4_32 below the registered best"], received
+    assert any("last good checkpoint is kept" in message["body"] for message in alerts()), received
+    assert not any("vit-pipeline-alert" in line for line in flow_log), "the marked line is relayed, not logged"
+    assert time.monotonic() - started < 60
 
 
 ZOMBIE_FLOW = """

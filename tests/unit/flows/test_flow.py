@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,10 @@ from pydantic import BaseModel, ValidationError
 from flows.deployments import DEPLOYMENT_CONFIGS, RETRAIN_CRON, SWEEP_DEPLOYMENT_CONFIGS, deployments
 from flows.pipeline import (
     FLOW_NAME,
+    REGRESSED_STATE,
     _retry_transient,
+    flagged_if_regressed,
+    prune_task,
     publish_task,
     shard_cache_key,
     shard_task,
@@ -262,7 +266,9 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
         assert (REPO_ROOT / module).is_file() and function == flow_of.fn.__name__
         assert served[entry["name"]].entrypoint == entry["entrypoint"]
         # The cluster's deployments add shared storage (tests/unit/test_infra.py) to what is served locally.
-        assert served[entry["name"]].parameters.items() <= entry["parameters"].items()
+        local = dict(served[entry["name"]].parameters)
+        assert set(local.pop("overrides", [])) <= set(entry["parameters"].get("overrides", []))
+        assert local.items() <= entry["parameters"].items()
         assert set(entry["parameters"]) <= set(flow_of.parameters.properties)
         config = load_config(REPO_ROOT / entry["parameters"]["config_file"])
         assert (config.sweep is not None) == (flow_of is vit_sweep), entry["name"]
@@ -271,6 +277,22 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
     served_schedule = served["cifar10"].schedules[0]
     assert served_schedule.schedule.cron == RETRAIN_CRON and served_schedule.active is False
     assert vit_pipeline.name == vit_sweep.name == FLOW_NAME  # deployments vit-pipeline/<name>, the sweeps' too
+
+
+def test_the_scheduled_deployment_tracks_online_in_a_team_and_the_others_stay_offline(data_root):
+    """The weekly run's publish must reach the W&B Registry: online, with an entity, both where it is declared for
+    the work pool and where it is served, and it prunes old runs after; every other deployment keeps the local
+    defaults, offline and keeping every run."""
+    declared = {d["name"]: d["parameters"] for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+                ["deployments"]}
+    served = {deployment.name: deployment.parameters for deployment in deployments()}
+    for name in declared:
+        for parameters in (declared[name], served[name]):
+            config = load_config(REPO_ROOT / parameters["config_file"], parameters.get("overrides", []))
+            scheduled = name == "cifar10"
+            assert config.tracking.mode == ("online" if scheduled else "offline"), name
+            assert (config.tracking.entity is not None) == scheduled, name
+            assert config.storage.prune_after_run == scheduled, name  # retention after the weekly publish
 
 
 def test_training_never_starts_on_bad_shards(tmp_path, data_root, subset_shards):
@@ -496,15 +518,66 @@ def test_cached_trainings_live_in_object_storage(tmp_path, data_root, fake_train
     assert len(fsspec.filesystem("s3").ls(f"{bucket}/prefect-results")) >= 4
 
 
-def test_publish_always_without_wandb_online_fails_before_anything_trains(tmp_path, data_root, fake_trainings,
-                                                                          monkeypatch):
+def test_online_without_a_wandb_key_fails_before_anything_trains(tmp_path, data_root, fake_trainings, monkeypatch):
+    """Neither WANDB_API_KEY nor the Secret block wandb-api-key on the flow's Prefect server: the flow run fails
+    at its start, naming both, instead of training for hours offline."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
-                                                    "publish": "always"})
-    state = vit_pipeline(config=config, return_state=True)
-    assert state.is_failed()
-    assert "tracking.publish is 'always', but WANDB_API_KEY is not set" in str(state.result(raise_on_failure=False))
-    assert fake_trainings == [] and not (tmp_path / "runs").exists()
+    for publish in ("auto", "always"):
+        config = _config(tmp_path, data_root, tracking={"output_dir": str(tmp_path / "runs"), "mode": "online",
+                                                        "publish": publish})
+        state = vit_pipeline(config=config, return_state=True)
+        assert state.is_failed()
+        error = str(state.result(raise_on_failure=False))
+        assert "WANDB_API_KEY is not set and there is none in the Prefect Secret block 'wandb-api-key'" in error
+        assert fake_trainings == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_publish_regression_ends_the_flow_run_completed_but_named_regressed():
+    """The operator sees the week that regressed in the flow runs' list, with the "regressions" artifact, and the
+    flow's result is whole (the CLI prints it); a week without a regression is a plain Completed."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    regression = "vit retrained: validation top-1 0.7600 is 0.0500 below the registered best's 0.8100"
+
+    @flow
+    def weekly(regressions: list[str]):
+        return flagged_if_regressed({"models": {"vit": 0.76}}, regressions)
+
+    state = weekly([regression], return_state=True)
+    assert state.is_completed() and state.name == REGRESSED_STATE and regression in state.message
+    assert state.result() == {"models": {"vit": 0.76}}
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["regressions"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert regression in artifact.data
+    plain = weekly([], return_state=True)
+    assert plain.name == "Completed" and plain.result() == {"models": {"vit": 0.76}}
+
+
+def test_the_prune_step_deletes_old_runs_and_says_so_in_an_artifact(tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"},
+                           "storage": {"keep_runs": 1, "prune_after_run": True}})
+    for name, finished_at in (("old", 1_700_000_000), ("new", 1_800_000_000)):
+        owner = tmp_path / "weekly" / name / "flow-run.json"
+        owner.parent.mkdir(parents=True)
+        owner.write_text(json.dumps({"flow_run_id": name, "finished": True}))
+        os.utime(owner, (finished_at, finished_at))
+
+    @flow
+    def after_publish() -> dict:
+        return prune_task(config)
+
+    assert after_publish()["deleted"] == {"old": [str(tmp_path / "weekly" / "old")]}
+    assert sorted(path.name for path in (tmp_path / "weekly").iterdir()) == ["new"]
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retention"])))
+    assert {(row["flow run"], row["kept"]) for row in json.loads(artifact.data)} == {("new", "yes"),
+                                                                                    ("old", "deleted")}
 
 
 def test_the_publish_step_offline_leaves_the_plan_for_later(request):
@@ -515,5 +588,5 @@ def test_the_publish_step_offline_leaves_the_plan_for_later(request):
         return publish_task(config)
 
     plan = Path(config.run_dir) / "registry.json"
-    assert publish_only() == {"registry_plan": str(plan), "linked": {}}
+    assert publish_only() == {"registry_plan": str(plan), "linked": {}, "regressions": []}
     assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}

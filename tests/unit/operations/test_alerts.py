@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tasks.operations.alerts import alert
+from tasks.operations.alerts import FORWARD_ENV, FORWARD_MARKER, alert, relay
 from tests.conftest import REPO_ROOT
 from tests.support.wandb_records import read_records
 
@@ -47,6 +47,27 @@ def test_without_a_wandb_run_only_the_log_says_it(caplog, monkeypatch):
     sent = alert("model below the registered best", "top-1 0.71 < 0.80 - 0.02", "WARN")
     assert (sent.wandb, sent.prefect_event) == (False, None)
     assert "model below the registered best: top-1 0.71" in caplog.text
+
+
+def test_a_driver_forwards_its_alert_as_one_marked_line_and_the_follower_reads_it_back(capsys, monkeypatch):
+    """A Ray Job's driver has no Prefect API: its alert is one line of its output, which the flow relays."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(FORWARD_ENV, "1")
+    sent = alert("vit: loss is NaN", "stopped at epoch 3", "ERROR", details={"model": "vit", "epoch": 3})
+    assert (sent.forwarded, sent.prefect_event) == (True, None)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(FORWARD_MARKER)]
+    assert json.loads(line.removeprefix(FORWARD_MARKER)) == {
+        "title": "vit: loss is NaN", "text": "stopped at epoch 3", "level": "ERROR",
+        "details": {"model": "vit", "epoch": 3}}
+    monkeypatch.delenv(FORWARD_ENV)
+    relayed = relay(line)  # no Prefect API in this test: the event is skipped, the alert is logged here
+    assert relayed is not None and not relayed.forwarded
+    assert relay("epoch 3: loss nan") is None  # any other line of the job's log is the follower's to show
+
+
+def test_a_damaged_forwarded_alert_is_said_to_have_reached_nobody(caplog):
+    assert relay(FORWARD_MARKER + '{"title": "cut sh') is None
+    assert "could not be read, so it reached nobody" in caplog.text
 
 
 def test_an_unknown_level_is_refused():

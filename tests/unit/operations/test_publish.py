@@ -144,6 +144,8 @@ def test_a_plan_is_carried_out_once_and_a_model_far_below_the_best_alerts(evalua
                                        [LATEST_ALIAS, BEST_ALIAS]), (VIT, vit_target, [LATEST_ALIAS])]
     stored = {entry["model"]: entry["linked"] for entry in read_plan(run_dir)["models"]}
     assert stored[VIT]["aliases"] == [LATEST_ALIAS] and "does not beat" in stored[VIT]["reason"]
+    # What flags the flow run (flows/pipeline.py: flagged_if_regressed) is recorded with the link.
+    assert stored[VIT]["regression"] == asked[0]["text"] and stored[BASELINE]["regression"] is None
     assert stored[BASELINE]["version"] == f"wandb-registry-model/vit-pipeline-{BASELINE}:v1"
 
     (run_file,) = tmp_path.glob("wandb/offline-run-*/*.wandb")
@@ -195,18 +197,20 @@ def test_publish_run_dir_names_what_is_missing(evaluated_run, capsys, monkeypatc
     assert read_plan(run_dir)["models"][0]["linked"] is None  # the plan is kept as it was
 
 
-def test_publish_always_is_refused_without_wandb_online(monkeypatch):
+def test_publish_always_is_refused_without_wandb_online(evaluated_run, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="publish 'always'.*tracking.mode online"):
         build_config({"tracking": {"publish": "always"}})
     with pytest.raises(ConfigError, match="tracking.registry: must be a W&B registry name"):
         build_config({"tracking": {"registry": "wandb-registry-model"}})
-    from tasks.operations.publish import publish_refused
+    from tasks.operations.publish import publish
 
-    online = build_config({"tracking": {"publish": "always", "mode": "online"}})
-    assert "WANDB_API_KEY is not set" in publish_refused(online)
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert publish_refused(online) is None
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    online = evaluated_run.model_copy(deep=True)
+    online.tracking.mode, online.tracking.publish = "online", "always"
+    with pytest.raises(ConfigError, match="WANDB_API_KEY is not set"):  # a bad input: the CLI exits 2
+        publish(online)
+    assert read_plan(Path(online.run_dir))["models"][0]["linked"] is None  # planned, nothing linked
 
 
 @pytest.mark.slow
