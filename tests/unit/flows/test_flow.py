@@ -517,3 +517,37 @@ def test_the_publish_step_offline_leaves_the_plan_for_later(request):
     plan = Path(config.run_dir) / "registry.json"
     assert publish_only() == {"registry_plan": str(plan), "linked": {}}
     assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}
+
+
+def test_a_dead_flow_runs_directory_is_continued_from_another_host_by_its_identity(tmp_path, monkeypatch):
+    """A head that dies takes its hostname with it: a directory is continued by whichever host runs next,
+    once Prefect says its flow run is over, and the same flow run again always finds the directory it wrote."""
+    from prefect import get_client
+    from prefect.states import Crashed, Running
+
+    import flows.run_owner as run_owner
+
+    @flow(name="lost-head")
+    def noop() -> None:
+        pass
+
+    config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"}})
+    with get_client(sync_client=True) as client:
+        lost = str(client.create_flow_run(noop, state=Running()).id)
+        monkeypatch.setattr(run_owner, "this_host", lambda: "head-a")
+        first = run_owner.claim_run_directory(config, lost, "sunday")
+
+        monkeypatch.setattr(run_owner, "this_host", lambda: "head-b")
+        # Still Running for Prefect (its heartbeats not yet missed): it may be alive, so it is left alone.
+        probe = run_owner.claim_run_directory(config, str(client.create_flow_run(noop).id), "probe")
+        assert probe.continued is None and probe.config.run_dir != first.config.run_dir
+        run_owner.finish_run_directory(probe.config)
+        client.set_flow_run_state(lost, Crashed(message="heartbeats stopped"), force=True)
+        next_id = str(client.create_flow_run(noop, state=Running()).id)
+        resumed = run_owner.claim_run_directory(config, next_id, "monday")
+        assert resumed.continued == lost and resumed.config.run_dir == first.config.run_dir
+
+    monkeypatch.setattr(run_owner, "this_host", lambda: "head-c")  # that one's head dies too; Prefect retries it
+    again = run_owner.claim_run_directory(config, next_id, "monday")
+    assert again.continued is None and again.config.run_dir == first.config.run_dir
+
