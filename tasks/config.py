@@ -508,6 +508,11 @@ class ScalingConfig(_Section):
                           "http(s)://host:8265 submits trainings there as Ray Jobs.")
     ray_num_cpus: PositiveInt | None = Field(
         None, description="CPUs a local, in-process Ray may use; None: all of the machine's.")
+    max_cluster_resources: dict[str, NonNegativeFloat] | None = Field(
+        None, description="What the Ray cluster may grow to, e.g. {GPU: 12, CPU: 96} for an autoscaler's 6 workers "
+                          "of 2 GPUs and 16 CPUs: sizes a sweep's trials at once (sweep.max_concurrent_trials None) "
+                          "on a cluster that scales from zero. None: what the cluster's autoscaler declares (its "
+                          "node groups' max workers x their resources), else the nodes there when the sweep starts.")
     multi_node: bool = Field(
         False, description="Ray Train workers may land on several machines: checkpoints must then be on storage "
                            "all of them reach (storage.checkpoints or storage.shared_filesystem).")
@@ -708,7 +713,7 @@ class SweepConfig(_Section):
     num_trials: PositiveInt = Field(8, description="Parameter samples to train.")
     max_concurrent_trials: PositiveInt | None = Field(
         None, description="Trials run at once; None: as many as the Ray cluster holds trainings of this scaling "
-                          "config.")
+                          "config at its largest (scaling.max_cluster_resources, else its autoscaler's maximum).")
     scheduler: SweepSchedulerConfig = Field(
         default_factory=SweepSchedulerConfig, description="How trials are stopped early.")
     seed: int = Field(0, description="Seeds the sampling of parameters: the same config samples the same trials.")
@@ -888,7 +893,7 @@ NOT_TRAINING_FIELDS = (
     "data.data_root", "data.download_dir", "data.shard_dir", "data.shard_workers", "data.verify_before_training",
     "training.checkpoints_to_keep", "training.max_failures", "training.log_every_steps",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.ray_address", "scaling.ray_num_cpus",
-    "scaling.multi_node",
+    "scaling.max_cluster_resources", "scaling.multi_node",
     "tracking", "orchestration", "storage",
     "sweep",  # the pipeline's trainings ignore it; a sweep's trial has its parameters set in the other sections
 )

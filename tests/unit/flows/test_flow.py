@@ -551,3 +551,30 @@ def test_a_dead_flow_runs_directory_is_continued_from_another_host_by_its_identi
     again = run_owner.claim_run_directory(config, next_id, "monday")
     assert again.continued is None and again.config.run_dir == first.config.run_dir
 
+
+def test_a_sweep_reaching_the_cluster_through_its_jobs_api_runs_as_a_ray_job(tmp_path, monkeypatch):
+    """KubeRay's sidecar and an off-cluster worker set RAY_ADDRESS to the head's Jobs API: the sweep is
+    submitted there, not refused."""
+    import flows.sweep
+    from tasks.operations.sweep import SweepOutcome, TrialRecord
+
+    config = build_config({"training": {"epochs": 2}, "tracking": {"output_dir": str(tmp_path), "mode": "disabled"},
+                           "sweep": {"model": VIT, "parameters": {"training.lr": {"choice": [1e-3]}}}})
+    best = TrialRecord("t0", {"training.lr": 1e-3}, "completed", 0.4, 2, 2, None)
+    submitted = []
+
+    def sweep_as_job(address, cfg, *, group, flow_run_id, emit):
+        submitted.append((address, group, flow_run_id))
+        return SweepOutcome([best], cfg, tmp_path / "results.json", tmp_path / "best.yaml", False, 1.0)
+
+    monkeypatch.setattr(flows.sweep, "sweep_as_job", sweep_as_job)
+    monkeypatch.setattr(flows.sweep, "run_sweep", lambda *args, **kwargs: pytest.fail("Tune ran in the flow"))
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+
+    @flow
+    def sweep_step():
+        return flows.sweep.sweep_task(config, "g")
+
+    assert sweep_step().trials == [best]
+    ((address, group, flow_run_id),) = submitted
+    assert address == "http://head:8265" and group == "g" and flow_run_id not in ("", "None")
