@@ -11,7 +11,8 @@ restored; finished trials are not run again. The flow's result is the best confi
 Ray Tune drives its trials from a driver on the cluster: from this process when it is on a node of the
 cluster ("auto", <head>:6379, or a local Ray), else, where the cluster is reached through its Jobs API
 (http://<head>:8265, as from an off-cluster Prefect worker or KubeRay), as one Ray Job followed from here,
-as the pipeline's trainings are (tasks/operations/ray_jobs.py).
+as the pipeline's trainings are (tasks/operations/ray_jobs.py). With orchestration.cluster.launcher set, the
+cluster is brought up for the sweep and down after it, as for the pipeline (tasks/operations/cluster.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flows.pipeline import (
 )
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import PipelineConfig, load_config
+from tasks.operations.cluster import cluster_for_run, launcher_for
 from tasks.operations.ray_jobs import jobs_api, jobs_stopped_on_exit, sweep_as_job
 from tasks.operations.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
 from tasks.operations.tracking import sync_command
@@ -94,10 +96,11 @@ def vit_sweep(
     shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
     verify_task.with_options(**shard_limits)(config)
 
-    address = jobs_api(config)
-    _links(config, address or ensure_ray(config))
-    with jobs_stopped_on_exit(address, str(flow_run.get_id())):
-        outcome = sweep_task.with_options(**limits)(config, group)
+    with cluster_for_run(config, launcher_for(options.cluster), emit=logger.info) as on_cluster:
+        address = jobs_api(on_cluster)
+        _links(on_cluster, address or ensure_ray(on_cluster))
+        with jobs_stopped_on_exit(address, str(flow_run.get_id())):
+            outcome = sweep_task.with_options(**limits)(on_cluster, group)
     finish_run_directory(config)
     best = outcome.trials[0]
     logger.info("best of %d trials: %s, %s %.4f at epoch %d, with %s", len(outcome.trials), best.trial,

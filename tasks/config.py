@@ -580,6 +580,25 @@ class TrackingConfig(_Section):
         return self
 
 
+class ClusterLifecycleConfig(_Section):
+    """Whether the flow brings its Ray cluster up before the trainings and down after them (success, failure or
+    cancellation alike), so that a cluster exists only while a flow run needs it (tasks/operations/cluster.py)."""
+
+    launcher: Literal["none", "ray", "kuberay"] = Field(
+        "none", description="\"none\": the cluster is there already (scaling.ray_address). \"ray\": `ray up -y` / "
+                            "`ray down -y` on config_file, a Ray cluster launcher YAML (infra/ray/cluster-aws.yaml). "
+                            "\"kuberay\": `kubectl apply` / `kubectl delete` of the RayCluster in config_file "
+                            "(infra/kuberay/raycluster.yaml). Either way the trainings go to its Jobs API, which "
+                            "replaces scaling.ray_address.")
+    config_file: Path | None = Field(
+        None, description="The cluster's definition the launcher takes, relative to the repository (the flow's "
+                          "working directory) or absolute; None: infra/ray/cluster-aws.yaml (ray), "
+                          "infra/kuberay/raycluster.yaml (kuberay).")
+    namespace: str = Field("default", description="The Kubernetes namespace of the RayCluster (launcher kuberay).")
+    up_timeout_minutes: PositiveFloat = Field(
+        30, description="Minutes bringing the cluster up may take, until its head's Jobs API answers.")
+
+
 class OrchestrationConfig(_Section):
     """How the Prefect flow runs the steps: retries for transient faults, time limits, parallel trainings.
 
@@ -598,6 +617,9 @@ class OrchestrationConfig(_Section):
         120, description="Minutes the evaluate step may run before Prefect fails it.")
     max_concurrent_trainings: PositiveInt | None = Field(
         None, description="Trainings run at once; None: as many as the Ray cluster has room for.")
+    cluster: ClusterLifecycleConfig = Field(
+        default_factory=ClusterLifecycleConfig,
+        description="Whether the flow brings the Ray cluster up before its trainings and down after them.")
     notify_block: str | None = Field(
         None, description="The Prefect notification block (\"<block type>/<name>\", e.g. slack-webhook/vit-pipeline) "
                           "that the automations of infra/prefect/automations.yaml notify when a flow run fails or "

@@ -578,3 +578,65 @@ def test_a_sweep_reaching_the_cluster_through_its_jobs_api_runs_as_a_ray_job(tmp
     assert sweep_step().trials == [best]
     ((address, group, flow_run_id),) = submitted
     assert address == "http://head:8265" and group == "g" and flow_run_id not in ("", "None")
+
+
+# ------------------------------------------------------------------------------- the cluster's life
+
+
+@pytest.fixture
+def cluster_steps(tmp_path, monkeypatch) -> list[str]:
+    """The flow's steps, and the cluster launcher's commands among them, recorded; nothing trains."""
+    from tests.support.launched_flow import fake_steps
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a flow on no Ray cluster, as a launcher's must be
+    steps: list[str] = []
+    for (module, name), fake in fake_steps(steps.append, tmp_path).items():
+        monkeypatch.setattr(module, name, fake)
+    return steps
+
+
+UP_AND_DOWN = ["shard", "verify", "ray up", "forward the Jobs API", "train, evaluate, attention maps on the Jobs API",
+               "ray down"]
+
+
+def test_the_flow_brings_the_cluster_up_for_its_trainings_and_down_before_the_report(tmp_path, cluster_steps):
+    from tests.support.launched_flow import launched_config
+
+    vit_pipeline(config=launched_config(tmp_path))
+    assert cluster_steps == [*UP_AND_DOWN, "report"]
+
+
+@pytest.mark.parametrize("ending", [RuntimeError("a training failed"), KeyboardInterrupt()],
+                         ids=["failure", "ctrl-c"])
+def test_a_flow_run_that_fails_or_is_interrupted_takes_the_cluster_down(tmp_path, cluster_steps, ending, monkeypatch):
+    from tests.support.launched_flow import launched_config
+
+    monkeypatch.setenv("VIT_TEST_CLUSTER_STEPS_END", type(ending).__name__)
+    with pytest.raises(type(ending)):
+        vit_pipeline(config=launched_config(tmp_path))
+    assert cluster_steps == UP_AND_DOWN  # and no report
+
+
+def test_a_cancelled_flow_run_takes_the_cluster_down(tmp_path):
+    """Prefect cancels a flow run with SIGTERM to its process, which the flow engine raises in the flow as
+    TerminationSignal and then re-delivers: the flow run's own process, killed half way through training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    record = tmp_path / "steps"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO_ROOT), PREFECT_API_URL=PREFECT_API_URL.value())
+    process = subprocess.Popen([sys.executable, "-m", "tests.support.launched_flow", str(record), str(tmp_path)],
+                               cwd=REPO_ROOT, env=env)
+    deadline = time.monotonic() + 120
+    while not (record.is_file() and "train" in record.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the flow did not reach its trainings"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    assert record.read_text().splitlines() == UP_AND_DOWN
