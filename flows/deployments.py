@@ -10,7 +10,8 @@ and without one its runs fail at the start, naming both; after publishing it pru
 `sweep` searches hyperparameters with configs/sweep-smoke.yaml (CPU, minutes), `sweep-cifar10` with
 configs/sweep-cifar10.yaml (GPU cluster); both run flows/sweep.py.
 prefect.yaml declares the same deployments for the GPU cluster's work pool, with what the cluster adds
-(shared storage for runs, checkpoints and Prefect results); tests keep the two in step.
+(shared storage for runs, checkpoints and Prefect results, and for cifar10 a cluster brought up and down around
+each flow run: orchestration.cluster); tests keep the two in step.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ teacher match a finished one of the same run name is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
 Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json. A
 retrained model far below the registered best ends the flow run Completed but named "Regressed", with an alert.
+With orchestration.cluster.launcher set, the flow brings the Ray cluster up after the shards are verified
+and takes it down once the last step that needs it (attention maps) ends, or the flow fails or is
+cancelled (tasks/operations/cluster.py): the cluster costs nothing between scheduled runs.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
-from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
+from tasks.config import ConfigError, OrchestrationConfig, PipelineConfig, is_url, load_config, training_fields
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import Manifest, read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
 from tasks.judging.evaluate import EvaluationRecord
 from tasks.layout import RunLayout
+from tasks.operations.cluster import cluster_for_run, launcher_for
 from tasks.operations.publish import PublishError
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.operations.tracking import (
@@ -340,6 +344,29 @@ def _train_models(config: PipelineConfig, fingerprint: str, group: str, slots: i
     return {name: outcomes[name] for name in futures}, {name: how[name] for name in futures}
 
 
+def _cluster_steps(config: PipelineConfig, fingerprint: str, group: str, reuse: bool
+                   ) -> tuple[dict[str, TrainOutcome], dict[str, str], list[EvaluationRecord], dict[str, str]]:
+    """What runs on the Ray cluster: the trainings, then evaluation and attention maps of their models."""
+    options = config.orchestration
+    dashboard, slots = _connect_cluster(config)
+    _links(config, dashboard)
+    with jobs_stopped_on_exit(jobs_api(config), str(flow_run.get_id())):
+        outcomes, how = _train_models(config, fingerprint, group, slots, reuse)
+    create_table_artifact(key="trainings", table=[{"model": name, "training": text} for name, text in how.items()],
+                          description="Which models this flow run trained and which it reused")
+
+    trained = {name: str(outcome.best_weights) for name, outcome in outcomes.items()}
+    evaluate_options = _evaluate_options(options)
+    records = evaluate_task.with_options(**evaluate_options)(config, trained, group)
+    grids = attention_task.with_options(**evaluate_options)(config, trained, group)
+    return outcomes, how, records, grids
+
+
+def _evaluate_options(options: OrchestrationConfig) -> dict[str, Any]:
+    return dict(timeout_seconds=options.evaluate_timeout_minutes * 60, retries=options.retries,
+                retry_delay_seconds=options.retry_delay_seconds)
+
+
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=MAX_TASK_THREADS))
 def vit_pipeline(
     config: PipelineConfig | None = None,
@@ -374,18 +401,10 @@ def vit_pipeline(
     manifest = shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
     verify_task.with_options(result_storage=_result_storage(config), **shard_limits)(config)
 
-    dashboard, slots = _connect_cluster(config)
-    _links(config, dashboard)
-    with jobs_stopped_on_exit(jobs_api(config), str(flow_run.get_id())):
-        outcomes, how = _train_models(config, manifest.fingerprint, group, slots, reuse_trainings)
-    create_table_artifact(key="trainings", table=[{"model": name, "training": text} for name, text in how.items()],
-                          description="Which models this flow run trained and which it reused")
-
-    trained = {name: str(outcome.best_weights) for name, outcome in outcomes.items()}
-    evaluate_options = dict(timeout_seconds=options.evaluate_timeout_minutes * 60, **limits)
-    records = evaluate_task.with_options(**evaluate_options)(config, trained, group)
-    grids = attention_task.with_options(**evaluate_options)(config, trained, group)
-    report = report_task.with_options(**evaluate_options)(config, records, group)
+    launcher = launcher_for(options.cluster)
+    with cluster_for_run(config, launcher, emit=logger.info) as on_cluster:
+        outcomes, how, records, grids = _cluster_steps(on_cluster, manifest.fingerprint, group, reuse_trainings)
+    report = report_task.with_options(**_evaluate_options(options))(config, records, group)
     finish_run_directory(config)
     logger.info("report: %s", Path(report["html"]).absolute())
     logger.info("W&B runs are offline unless tracking.mode is online with WANDB_API_KEY set; upload with: %s",

@@ -2,16 +2,19 @@
 
 Each flow run writes its own directory, runs/<run>/<flow run name>-<id>/, recorded in its flow-run.json:
 the flow run, the host and process writing it, the configuration's digest, what the flow run does (the
-pipeline, a sweep), and whether it finished.
-When a flow run starts, the records of its run name say what happened before it on this host:
+pipeline, a sweep), and whether it finished. A directory belongs to a flow run, not to a machine: with the
+run directories and checkpoints on shared or object storage, whichever host runs the flow continues it.
 
-- a flow run whose process is gone while Prefect still shows it Running was killed outright (SIGKILL,
-  OOM killer, power loss) and never reported a final state: it is marked Crashed;
-- a directory whose flow run never finished and whose process is gone is continued by the next flow run
-  of the same configuration and kind, so its trainings resume from their checkpoints instead of starting over.
+- The same flow run again (Prefect's retry of a flow run, its Retry in the UI, on any host) writes the
+  directory its record names, so its trainings resume from their checkpoints.
+- A flow run that died is continued by the next flow run of the same configuration and kind, on any host,
+  once it is known dead: on this host, by its process being gone (a flow run Prefect still shows Running,
+  killed outright by SIGKILL, the OOM killer or a power loss, is then marked Crashed); on another host (a
+  lost head, a worker on a new machine), by Prefect's word that it ended without finishing, Crashed, Failed
+  or Cancelled. A flow run whose host died is marked Crashed by the heartbeat automation of
+  infra/prefect/automations.yaml (flows/operations.py); until then it counts as alive.
 
-A directory whose process is alive, or that is on another host, is never written by a second flow run.
-Runs on other hosts are left to Prefect's heartbeats.
+A directory whose flow run is alive is never written by a second flow run.
 """
 
 from __future__ import annotations
@@ -80,6 +83,26 @@ def _write(path: Path, record: dict) -> None:
     os.replace(temporary, path)
 
 
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def _flow_run_over(flow_run_id: str) -> bool:
+    """Whether Prefect says the flow run has ended (a final state, or it no longer exists): how a flow run of
+    another host, whose process cannot be seen from here, is known to be dead. Unreachable: not known."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            return True
+        except Exception:  # noqa: BLE001  (no answer: it may be alive)
+            return False
+    return run.state is not None and run.state.is_final()
+
+
 def _mark_crashed(owner: dict, current_id: str) -> bool:
     """Set the owner's flow run Crashed if Prefect still says it runs; whether it did."""
     from prefect import get_client
@@ -117,25 +140,32 @@ def claim_run_directory(config: PipelineConfig, flow_run_id: str, flow_run_name:
     `kind` says what the flow run does (the pipeline, a sweep): only a flow run of the same kind continues
     a directory."""
     run_root = Path(config.run_root)
-    host, digest = socket.gethostname(), config_digest(config)
+    host, digest = this_host(), config_digest(config)
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", flow_run_name).strip("-._")[:80] or "flow-run"
-    own_label = f"{readable}-{flow_run_id.replace('-', '')[:8]}"
     crashed, continuable = [], []
     with _claim_lock(run_root):
         records = [path for path in run_root.glob(f"*/{RUN_OWNER_FILE}") if not path.parent.is_symlink()]
+        own = None
         for path in sorted(records, key=lambda p: p.stat().st_mtime):  # `latest` is a link to one of them
             owner = _read(path)
-            if owner is None or owner.get("host") != host or owner.get("flow_run_id") == flow_run_id:
+            if owner is not None and owner.get("flow_run_id") == flow_run_id:
+                own = path.parent.name
                 continue
-            if owner.get("finished") or _alive(owner):
+            if owner is None or owner.get("finished"):
                 continue
-            if _mark_crashed(owner, flow_run_id):
-                crashed.append(owner["flow_run_id"])
+            if owner.get("host") == host:
+                if _alive(owner):
+                    continue
+                if _mark_crashed(owner, flow_run_id):
+                    crashed.append(owner["flow_run_id"])
+            elif not _flow_run_over(owner["flow_run_id"]):
+                continue
             if owner.get("config") == digest and owner.get("kind", PIPELINE_KIND) == kind:
                 continuable.append((path.parent.name, owner["flow_run_id"]))
-        # A retry of this very flow run finds its own directory; otherwise the newest continuable one.
-        label, continued = own_label, None
-        if not RunLayout(run_root / own_label).run_owner.is_file() and continuable:
+        # This very flow run again finds the directory it wrote, wherever it ran; otherwise the newest
+        # continuable one, or a new one.
+        label, continued = own or f"{readable}-{flow_run_id.replace('-', '')[:8]}", None
+        if own is None and continuable:
             label, continued = continuable[-1]
         claimed = config.model_copy(deep=True)
         claimed.tracking.flow_run = label

@@ -7,6 +7,12 @@ Like the pipeline, each flow run writes its own directory, runs/<run>/<flow run>
 group of that name: a run per trial (job type sweep-trial) and the sweep's summary. A flow run that died is
 continued by the next sweep of the same configuration: its directory, and Tune's experiment in it, are
 restored; finished trials are not run again. The flow's result is the best configuration.
+
+Ray Tune drives its trials from a driver on the cluster: from this process when it is on a node of the
+cluster ("auto", <head>:6379, or a local Ray), else, where the cluster is reached through its Jobs API
+(http://<head>:8265, as from an off-cluster Prefect worker or KubeRay), as one Ray Job followed from here,
+as the pipeline's trainings are (tasks/operations/ray_jobs.py). With orchestration.cluster.launcher set, the
+cluster is brought up for the sweep and down after it, as for the pipeline (tasks/operations/cluster.py).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from flows.pipeline import (
     verify_task,
 )
 from flows.run_owner import claim_run_directory, finish_run_directory
-from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.operations.ray_jobs import jobs_api
+from tasks.config import PipelineConfig, load_config
+from tasks.operations.cluster import cluster_for_run, launcher_for
+from tasks.operations.ray_jobs import jobs_api, jobs_stopped_on_exit, sweep_as_job
 from tasks.operations.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
 from tasks.operations.tracking import require_wandb_key, sync_command
 from tasks.training.train import ensure_ray
@@ -40,8 +47,14 @@ SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never 
 
 @task(name="sweep", retry_condition_fn=_retry_transient)
 def sweep_task(config: PipelineConfig, group: str) -> SweepOutcome:
-    """Ray Tune over the sweep's space; a retry restores the experiment instead of starting it again."""
-    outcome = run_sweep(config, group=group)
+    """Ray Tune over the sweep's space, here or as a Ray Job; a retry restores the experiment instead of
+    starting it again."""
+    address = jobs_api(config)
+    if address:
+        outcome = sweep_as_job(address, config, group=group, flow_run_id=str(flow_run.get_id()),
+                               emit=get_run_logger().info)
+    else:
+        outcome = run_sweep(config, group=group)
     sweep = config.sweep
     create_markdown_artifact(
         key="sweep-trials",
@@ -69,10 +82,6 @@ def vit_sweep(
     config = config or load_config(config_file, overrides or [])
     require_sweep(config, source)
     require_wandb_key(config)  # online W&B without a key fails here, not in the first trial
-    if jobs_api(config):
-        raise ConfigError(f"RAY_ADDRESS={jobs_api(config)}: a sweep drives Ray Tune from this process, which must "
-                          "join the cluster as a driver ('auto' on its head node, or <head>:6379), not reach it "
-                          "through the Jobs API")
     options = config.orchestration
     claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name(), kind=SWEEP_KIND)
     config = claim.config
@@ -88,8 +97,11 @@ def vit_sweep(
     shard_task.with_options(result_storage=_result_storage(config), **shard_limits)(config, group)
     verify_task.with_options(**shard_limits)(config)
 
-    _links(config, ensure_ray(config))
-    outcome = sweep_task.with_options(**limits)(config, group)
+    with cluster_for_run(config, launcher_for(options.cluster), emit=logger.info) as on_cluster:
+        address = jobs_api(on_cluster)
+        _links(on_cluster, address or ensure_ray(on_cluster))
+        with jobs_stopped_on_exit(address, str(flow_run.get_id())):
+            outcome = sweep_task.with_options(**limits)(on_cluster, group)
     finish_run_directory(config)
     best = outcome.trials[0]
     logger.info("best of %d trials: %s, %s %.4f at epoch %d, with %s", len(outcome.trials), best.trial,

@@ -522,6 +522,11 @@ class ScalingConfig(_Section):
                           "http(s)://host:8265 submits trainings there as Ray Jobs.")
     ray_num_cpus: PositiveInt | None = Field(
         None, description="CPUs a local, in-process Ray may use; None: all of the machine's.")
+    max_cluster_resources: dict[str, NonNegativeFloat] | None = Field(
+        None, description="What the Ray cluster may grow to, e.g. {GPU: 12, CPU: 96} for an autoscaler's 6 workers "
+                          "of 2 GPUs and 16 CPUs: sizes a sweep's trials at once (sweep.max_concurrent_trials None) "
+                          "on a cluster that scales from zero. None: what the cluster's autoscaler declares (its "
+                          "node groups' max workers x their resources), else the nodes there when the sweep starts.")
     multi_node: bool = Field(
         False, description="Ray Train workers may land on several machines: checkpoints must then be on storage "
                            "all of them reach (storage.checkpoints or storage.shared_filesystem).")
@@ -592,6 +597,25 @@ class TrackingConfig(_Section):
         return self
 
 
+class ClusterLifecycleConfig(_Section):
+    """Whether the flow brings its Ray cluster up before the trainings and down after them (success, failure or
+    cancellation alike), so that a cluster exists only while a flow run needs it (tasks/operations/cluster.py)."""
+
+    launcher: Literal["none", "ray", "kuberay"] = Field(
+        "none", description="\"none\": the cluster is there already (scaling.ray_address). \"ray\": `ray up -y` / "
+                            "`ray down -y` on config_file, a Ray cluster launcher YAML (infra/ray/cluster-aws.yaml). "
+                            "\"kuberay\": `kubectl apply` / `kubectl delete` of the RayCluster in config_file "
+                            "(infra/kuberay/raycluster.yaml). Either way the trainings go to its Jobs API, which "
+                            "replaces scaling.ray_address.")
+    config_file: Path | None = Field(
+        None, description="The cluster's definition the launcher takes, relative to the repository (the flow's "
+                          "working directory) or absolute; None: infra/ray/cluster-aws.yaml (ray), "
+                          "infra/kuberay/raycluster.yaml (kuberay).")
+    namespace: str = Field("default", description="The Kubernetes namespace of the RayCluster (launcher kuberay).")
+    up_timeout_minutes: PositiveFloat = Field(
+        30, description="Minutes bringing the cluster up may take, until its head's Jobs API answers.")
+
+
 class OrchestrationConfig(_Section):
     """How the Prefect flow runs the steps: retries for transient faults, time limits, parallel trainings.
 
@@ -610,6 +634,9 @@ class OrchestrationConfig(_Section):
         120, description="Minutes the evaluate step may run before Prefect fails it.")
     max_concurrent_trainings: PositiveInt | None = Field(
         None, description="Trainings run at once; None: as many as the Ray cluster has room for.")
+    cluster: ClusterLifecycleConfig = Field(
+        default_factory=ClusterLifecycleConfig,
+        description="Whether the flow brings the Ray cluster up before its trainings and down after them.")
     notify_block: str | None = Field(
         None, description="The Prefect notification block (\"<block type>/<name>\", e.g. slack-webhook/vit-pipeline) "
                           "that the automations of infra/prefect/automations.yaml notify when a flow run fails or "
@@ -733,7 +760,7 @@ class SweepConfig(_Section):
     num_trials: PositiveInt = Field(8, description="Parameter samples to train.")
     max_concurrent_trials: PositiveInt | None = Field(
         None, description="Trials run at once; None: as many as the Ray cluster holds trainings of this scaling "
-                          "config.")
+                          "config at its largest (scaling.max_cluster_resources, else its autoscaler's maximum).")
     scheduler: SweepSchedulerConfig = Field(
         default_factory=SweepSchedulerConfig, description="How trials are stopped early.")
     seed: int = Field(0, description="Seeds the sampling of parameters: the same config samples the same trials.")
@@ -919,7 +946,7 @@ NOT_TRAINING_FIELDS = (
     "data.data_root", "data.download_dir", "data.shard_dir", "data.shard_workers", "data.verify_before_training",
     "training.checkpoints_to_keep", "training.max_failures", "training.log_every_steps",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.ray_address", "scaling.ray_num_cpus",
-    "scaling.multi_node",
+    "scaling.max_cluster_resources", "scaling.multi_node",
     "tracking", "orchestration", "storage",
     "sweep",  # the pipeline's trainings ignore it; a sweep's trial has its parameters set in the other sections
 )

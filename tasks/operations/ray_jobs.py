@@ -1,4 +1,4 @@
-"""Trainings as Ray Jobs: how a flow outside the cluster (KubeRay's Prefect worker) trains on it.
+"""Trainings and sweeps as Ray Jobs: how a flow outside the cluster (an off-cluster Prefect worker) trains on it.
 
 Ray's Jobs API is what Ray recommends for running a Ray Train script on a cluster from elsewhere (Ray
 Client is not). Each training is one job whose driver runs on the head node and calls
@@ -9,6 +9,9 @@ exception) stops the jobs it submitted; so does the follower's process ending wi
 uncaught signal, interpreter exit). A follower killed outright (SIGKILL: the sidecar's container killed) leaves
 them running until the next flow run starts, which stops the jobs of flow runs that have ended. The job's run
 directory is the flow's: both must see the same storage (infra/README.md).
+
+A sweep is one job too: its driver runs Ray Tune on the head (tasks.operations.sweep.run_sweep), which
+must join the cluster as a driver, and reports the sweep's outcome the same way.
 
 `python -m tasks.operations.ray_jobs` is the job's entrypoint; its request travels in the job's environment.
 """
@@ -31,11 +34,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import PipelineConfig, is_url
 from tasks.operations.alerts import FORWARD_ENV, relay
 from tasks.training.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
+
+if TYPE_CHECKING:
+    from tasks.operations.sweep import SweepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +99,34 @@ def job_slots(config: PipelineConfig, address: str) -> int:
 
 def training_request(config: PipelineConfig, model_name: str, teacher_weights: str | None,
                      group: str | None) -> dict:
+    return {"config": _driver_config(config).model_dump_json(), "model": model_name,
+            "teacher_weights": teacher_weights, "group": group}
+
+
+def sweep_request(config: PipelineConfig, group: str | None) -> dict:
+    return {"config": _driver_config(config).model_dump_json(), "sweep": True, "group": group}
+
+
+def _driver_config(config: PipelineConfig) -> PipelineConfig:
     # The driver joins the cluster it runs on (Ray sets its RAY_ADDRESS), not the Jobs API.
-    config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"ray_address": None})})
-    return {"config": config.model_dump_json(), "model": model_name, "teacher_weights": teacher_weights,
-            "group": group}
+    return config.model_copy(update={"scaling": config.scaling.model_copy(update={"ray_address": None})})
 
 
 def submit_training(address: str, config: PipelineConfig, model_name: str, *, teacher_weights: str | None,
                     group: str | None, flow_run_id: str | None) -> str:
     """Submit one training as a Ray Job; returns its submission id."""
-    request = training_request(config, model_name, teacher_weights, group)
-    submission_id = f"vit-pipeline-{group or config.tracking.run_name}-{model_name}-{uuid.uuid4().hex[:8]}"
+    return _submit(address, config, training_request(config, model_name, teacher_weights, group), model_name,
+                   group=group, flow_run_id=flow_run_id)
+
+
+def _submit(address: str, config: PipelineConfig, request: dict, what: str, *, group: str | None,
+            flow_run_id: str | None) -> str:
+    submission_id = f"vit-pipeline-{group or config.tracking.run_name}-{what}-{uuid.uuid4().hex[:8]}"
     client(address).submit_job(
         entrypoint="python -m tasks.operations.ray_jobs",
         submission_id=submission_id,
         runtime_env={"env_vars": {REQUEST_ENV: json.dumps(request)}},
-        metadata={FLOW_RUN_KEY: flow_run_id or "", "model": model_name, "run_dir": str(config.run_dir)},
+        metadata={FLOW_RUN_KEY: flow_run_id or "", "model": what, "run_dir": str(config.run_dir)},
     )
     return submission_id
 
@@ -156,8 +174,9 @@ async def _tail(jobs, submission_id: str, log: JobLog) -> None:
             log.take(chunk[skip:])
 
 
-def follow_job(address: str, submission_id: str, emit: Callable[[str], None]) -> TrainOutcome:
-    """Wait for the job to end, passing each new log line to `emit`; its outcome, or TrainingError."""
+def follow_job(address: str, submission_id: str, emit: Callable[[str], None]) -> str:
+    """Wait for the job to end, passing each new log line to `emit`; the outcome it reported (JSON), or
+    TrainingError."""
     import aiohttp
     from ray.job_submission import JobStatus
 
@@ -182,7 +201,7 @@ def follow_job(address: str, submission_id: str, emit: Callable[[str], None]) ->
     if status == JobStatus.SUCCEEDED:
         if job_log.outcome_line is None:
             raise TrainingError(f"Ray Job {submission_id} succeeded but did not report its outcome")
-        return outcome_from_json(job_log.outcome_line)
+        return job_log.outcome_line
     message = jobs.get_job_info(submission_id).message or ""
     if status == JobStatus.STOPPED:
         raise TrainingCancelled(f"Ray Job {submission_id} was stopped before it finished")
@@ -201,11 +220,39 @@ def outcome_from_json(text: str) -> TrainOutcome:
     return TrainOutcome(**arguments)
 
 
+def sweep_outcome_to_json(outcome: SweepOutcome) -> str:
+    return json.dumps({"trials": [dataclasses.asdict(trial) for trial in outcome.trials],
+                       "best_config": outcome.best_config.model_dump(mode="json"),
+                       "results_file": str(outcome.results_file), "best_config_file": str(outcome.best_config_file),
+                       "restored": outcome.restored, "seconds": outcome.seconds})
+
+
+def sweep_outcome_from_json(text: str) -> SweepOutcome:
+    from tasks.operations.sweep import SweepOutcome, TrialRecord
+
+    fields = json.loads(text)
+    return SweepOutcome([TrialRecord(**trial) for trial in fields["trials"]],
+                        PipelineConfig.model_validate(fields["best_config"]), Path(fields["results_file"]),
+                        Path(fields["best_config_file"]), fields["restored"], fields["seconds"])
+
+
 def train_as_job(address: str, config: PipelineConfig, model_name: str, *, teacher_weights: str | None,
                  group: str | None, flow_run_id: str | None, emit: Callable[[str], None]) -> TrainOutcome:
     """Submit the training and follow it to its end; the job is stopped if following is interrupted."""
     submission_id = submit_training(address, config, model_name, teacher_weights=teacher_weights, group=group,
                                     flow_run_id=flow_run_id)
+    return outcome_from_json(_follow_submitted(address, submission_id, emit))
+
+
+def sweep_as_job(address: str, config: PipelineConfig, *, group: str | None, flow_run_id: str | None,
+                 emit: Callable[[str], None]) -> SweepOutcome:
+    """Submit the sweep (Ray Tune driven from the head) and follow it to its end, as train_as_job does."""
+    submission_id = _submit(address, config, sweep_request(config, group), "sweep", group=group,
+                            flow_run_id=flow_run_id)
+    return sweep_outcome_from_json(_follow_submitted(address, submission_id, emit))
+
+
+def _follow_submitted(address: str, submission_id: str, emit: Callable[[str], None]) -> str:
     emit(f"submitted Ray Job {submission_id} to {address}")
     with _followed_lock:
         _followed[submission_id] = address
@@ -323,19 +370,25 @@ def jobs_stopped_on_exit(address: str | None, flow_run_id: str | None) -> Iterat
 
 
 def main() -> int:
-    """The job's driver: train the requested model on the cluster it runs on, report the outcome."""
+    """The job's driver: train the requested model, or run the sweep, on the cluster it runs on; report the
+    outcome."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     request = json.loads(os.environ[REQUEST_ENV])
     os.environ[FORWARD_ENV] = "1"  # no Prefect API here: the flow following this job's log emits its alerts
     config = PipelineConfig.model_validate_json(request["config"])
     try:
-        outcome = train_model(config, request["model"], teacher_weights=request["teacher_weights"],
-                              group=request["group"])
+        if request.get("sweep"):
+            from tasks.operations.sweep import run_sweep
+
+            text = sweep_outcome_to_json(run_sweep(config, group=request["group"]))
+        else:
+            text = outcome_to_json(train_model(config, request["model"], teacher_weights=request["teacher_weights"],
+                                               group=request["group"]))
     except TrainingError as error:
         if not error.retryable:
             print(NOT_RETRYABLE_MARKER, flush=True)
         raise
-    print(OUTCOME_MARKER + outcome_to_json(outcome), flush=True)
+    print(OUTCOME_MARKER + text, flush=True)
     return 0
 
 

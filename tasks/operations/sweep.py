@@ -41,7 +41,14 @@ from tasks.config import (
 from tasks.layout import RunLayout
 from tasks.operations.tracking import files_artifact, start_wandb_run
 from tasks.training.checkpoints import latest_valid_checkpoint, read_checkpoint_metadata
-from tasks.training.train import TrainingError, concurrent_trainings, ensure_ray, fit_with_retries, training_run
+from tasks.training.train import (
+    TrainingError,
+    cluster_maximum,
+    concurrent_trainings,
+    ensure_ray,
+    fit_with_retries,
+    training_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +300,14 @@ class SweepTracker(Callback):
         self._runs.clear()
 
 
+def trials_at_once(config: PipelineConfig) -> int:
+    """sweep.max_concurrent_trials, else as many trials as the cluster holds at its largest: sized when the
+    sweep starts, a cluster scaled to zero would otherwise run one trial at a time while the autoscaler could
+    make room for more (Tune's pending trials are what asks it for nodes)."""
+    sweep = require_sweep(config, "the configuration")
+    return min(sweep.num_trials, sweep.max_concurrent_trials or concurrent_trainings(config, cluster_maximum(config)))
+
+
 def _tuner(config: PipelineConfig, job: SweepJob, group: str):
     """The sweep's Tuner: a new one, or the interrupted sweep's, restored from its experiment directory."""
     from ray import tune
@@ -313,7 +328,7 @@ def _tuner(config: PipelineConfig, job: SweepJob, group: str):
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.training.epochs,
                                   grace_period=sweep.scheduler.grace_period,
                                   reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
-    concurrent = min(sweep.num_trials, sweep.max_concurrent_trials or concurrent_trainings(config))
+    concurrent = trials_at_once(config)
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(sweep),

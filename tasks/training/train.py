@@ -153,6 +153,30 @@ def concurrent_trainings(config: PipelineConfig, resources: dict[str, float] | N
     return max(1, int(fits))
 
 
+def cluster_maximum(config: PipelineConfig) -> dict[str, float]:
+    """The resources the connected Ray cluster may grow to: scaling.max_cluster_resources, else what its
+    autoscaler declares, and at least what its nodes have now. Work sized by this waits for the autoscaler
+    to add nodes instead of fitting a cluster scaled to zero."""
+    import ray
+
+    now = ray.cluster_resources()
+    declared = config.scaling.max_cluster_resources or _declared_maximum()
+    return {name: max(now.get(name, 0.0), declared.get(name, 0.0)) for name in now.keys() | declared.keys()}
+
+
+def _declared_maximum() -> dict[str, float]:
+    """The autoscaler's maximum, from the cluster configuration it keeps in the GCS (Ray's cluster launcher and
+    KubeRay's autoscaler: every node group's max workers x its resources); {} without an autoscaler."""
+    from ray._private.state import state  # Ray's own reader of that record; no public API has it
+
+    try:
+        declared = state.get_max_resources_from_cluster_config()
+    except Exception as error:  # noqa: BLE001  (a private API: its absence only loses the estimate)
+        log.warning("could not read the autoscaler's maximum from the cluster (%s): sizing by its nodes now", error)
+        return {}
+    return {name: float(amount) for name, amount in (declared or {}).items()}
+
+
 @dataclass(frozen=True)
 class TrainingRun:
     """One model's Ray Train run, built but not started: `trainer.fit()` (or fit_with_retries) starts it."""

@@ -129,7 +129,7 @@ def _changed(config: PipelineConfig, path: str, annotation: Any, tmp_path: Path)
         candidates = [{**value, "depth": 2}]
     else:
         candidates = [*_literals(annotation), 64, 0.5, True, str(existing_file), str(tmp_path), "changed",
-                      "kind/changed"]
+                      "kind/changed", {"GPU": 8.0}]
     for candidate in candidates:
         changed = copy.deepcopy(tree)
         set_dotted(changed, path, candidate)
@@ -590,3 +590,126 @@ def test_the_publish_step_offline_leaves_the_plan_for_later(request):
     plan = Path(config.run_dir) / "registry.json"
     assert publish_only() == {"registry_plan": str(plan), "linked": {}, "regressions": []}
     assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}
+
+
+def test_a_dead_flow_runs_directory_is_continued_from_another_host_by_its_identity(tmp_path, monkeypatch):
+    """A head that dies takes its hostname with it: a directory is continued by whichever host runs next,
+    once Prefect says its flow run is over, and the same flow run again always finds the directory it wrote."""
+    from prefect import get_client
+    from prefect.states import Crashed, Running
+
+    import flows.run_owner as run_owner
+
+    @flow(name="lost-head")
+    def noop() -> None:
+        pass
+
+    config = build_config({"tracking": {"output_dir": str(tmp_path), "run_name": "weekly", "mode": "disabled"}})
+    with get_client(sync_client=True) as client:
+        lost = str(client.create_flow_run(noop, state=Running()).id)
+        monkeypatch.setattr(run_owner, "this_host", lambda: "head-a")
+        first = run_owner.claim_run_directory(config, lost, "sunday")
+
+        monkeypatch.setattr(run_owner, "this_host", lambda: "head-b")
+        # Still Running for Prefect (its heartbeats not yet missed): it may be alive, so it is left alone.
+        probe = run_owner.claim_run_directory(config, str(client.create_flow_run(noop).id), "probe")
+        assert probe.continued is None and probe.config.run_dir != first.config.run_dir
+        run_owner.finish_run_directory(probe.config)
+        client.set_flow_run_state(lost, Crashed(message="heartbeats stopped"), force=True)
+        next_id = str(client.create_flow_run(noop, state=Running()).id)
+        resumed = run_owner.claim_run_directory(config, next_id, "monday")
+        assert resumed.continued == lost and resumed.config.run_dir == first.config.run_dir
+
+    monkeypatch.setattr(run_owner, "this_host", lambda: "head-c")  # that one's head dies too; Prefect retries it
+    again = run_owner.claim_run_directory(config, next_id, "monday")
+    assert again.continued is None and again.config.run_dir == first.config.run_dir
+
+
+def test_a_sweep_reaching_the_cluster_through_its_jobs_api_runs_as_a_ray_job(tmp_path, monkeypatch):
+    """KubeRay's sidecar and an off-cluster worker set RAY_ADDRESS to the head's Jobs API: the sweep is
+    submitted there, not refused."""
+    import flows.sweep
+    from tasks.operations.sweep import SweepOutcome, TrialRecord
+
+    config = build_config({"training": {"epochs": 2}, "tracking": {"output_dir": str(tmp_path), "mode": "disabled"},
+                           "sweep": {"model": VIT, "parameters": {"training.lr": {"choice": [1e-3]}}}})
+    best = TrialRecord("t0", {"training.lr": 1e-3}, "completed", 0.4, 2, 2, None)
+    submitted = []
+
+    def sweep_as_job(address, cfg, *, group, flow_run_id, emit):
+        submitted.append((address, group, flow_run_id))
+        return SweepOutcome([best], cfg, tmp_path / "results.json", tmp_path / "best.yaml", False, 1.0)
+
+    monkeypatch.setattr(flows.sweep, "sweep_as_job", sweep_as_job)
+    monkeypatch.setattr(flows.sweep, "run_sweep", lambda *args, **kwargs: pytest.fail("Tune ran in the flow"))
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+
+    @flow
+    def sweep_step():
+        return flows.sweep.sweep_task(config, "g")
+
+    assert sweep_step().trials == [best]
+    ((address, group, flow_run_id),) = submitted
+    assert address == "http://head:8265" and group == "g" and flow_run_id not in ("", "None")
+
+
+# ------------------------------------------------------------------------------- the cluster's life
+
+
+@pytest.fixture
+def cluster_steps(tmp_path, monkeypatch) -> list[str]:
+    """The flow's steps, and the cluster launcher's commands among them, recorded; nothing trains."""
+    from tests.support.launched_flow import fake_steps
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a flow on no Ray cluster, as a launcher's must be
+    steps: list[str] = []
+    for (module, name), fake in fake_steps(steps.append, tmp_path).items():
+        monkeypatch.setattr(module, name, fake)
+    return steps
+
+
+UP_AND_DOWN = ["shard", "verify", "ray up", "forward the Jobs API", "train, evaluate, attention maps on the Jobs API",
+               "ray down"]
+
+
+def test_the_flow_brings_the_cluster_up_for_its_trainings_and_down_before_the_report(tmp_path, cluster_steps):
+    from tests.support.launched_flow import launched_config
+
+    vit_pipeline(config=launched_config(tmp_path))
+    assert cluster_steps == [*UP_AND_DOWN, "report"]
+
+
+@pytest.mark.parametrize("ending", [RuntimeError("a training failed"), KeyboardInterrupt()],
+                         ids=["failure", "ctrl-c"])
+def test_a_flow_run_that_fails_or_is_interrupted_takes_the_cluster_down(tmp_path, cluster_steps, ending, monkeypatch):
+    from tests.support.launched_flow import launched_config
+
+    monkeypatch.setenv("VIT_TEST_CLUSTER_STEPS_END", type(ending).__name__)
+    with pytest.raises(type(ending)):
+        vit_pipeline(config=launched_config(tmp_path))
+    assert cluster_steps == UP_AND_DOWN  # and no report
+
+
+def test_a_cancelled_flow_run_takes_the_cluster_down(tmp_path):
+    """Prefect cancels a flow run with SIGTERM to its process, which the flow engine raises in the flow as
+    TerminationSignal and then re-delivers: the flow run's own process, killed half way through training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    record = tmp_path / "steps"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO_ROOT), PREFECT_API_URL=PREFECT_API_URL.value())
+    process = subprocess.Popen([sys.executable, "-m", "tests.support.launched_flow", str(record), str(tmp_path)],
+                               cwd=REPO_ROOT, env=env)
+    deadline = time.monotonic() + 120
+    while not (record.is_file() and "train" in record.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the flow did not reach its trainings"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    assert record.read_text().splitlines() == UP_AND_DOWN

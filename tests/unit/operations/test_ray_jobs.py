@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tasks.operations import ray_jobs
-from tasks.operations.ray_jobs import OUTCOME_MARKER, TrainingCancelled, follow_job, outcome_to_json
+from tasks.operations.ray_jobs import (
+    OUTCOME_MARKER,
+    TrainingCancelled,
+    follow_job,
+    outcome_from_json,
+    outcome_to_json,
+)
 from tasks.training.train import TrainingError, TrainOutcome
 from tests.conftest import REPO_ROOT
 
@@ -70,7 +76,7 @@ def follow(monkeypatch, jobs: FakeJobs) -> tuple[list[str], TrainOutcome | BaseE
     monkeypatch.setattr(ray_jobs, "client", lambda address: jobs)
     lines: list[str] = []
     try:
-        return lines, follow_job("http://127.0.0.1:8265", "job-1", lines.append)
+        return lines, outcome_from_json(follow_job("http://127.0.0.1:8265", "job-1", lines.append))
     except TrainingError as error:
         return lines, error
 

@@ -220,3 +220,64 @@ def test_a_dead_sweeps_directory_is_continued_by_a_sweep_only(tmp_path, monkeypa
     run_owner.finish_run_directory(sweep.config)
     assert (tmp_path / "r" / run_owner.LATEST_LINK).is_symlink()
     assert run_owner.flow_run_directory(tmp_path / "r", "s1") == tmp_path / "r" / "sweep-dead"
+
+
+# ------------------------------------------------------------------------ on a cluster that scales
+
+
+def _gpu_sweep(**sweep):
+    tree = _tree(num_trials=8, **sweep)
+    tree["scaling"] = {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 1, "cpus_per_worker": 4}
+    return tree
+
+
+@pytest.fixture
+def scaled_to_zero(monkeypatch):
+    """A cluster of its CPU head alone (its GPU workers scaled to zero) whose autoscaler declares `declared`."""
+    import ray
+    from ray._private.state import state
+
+    declared: dict[str, float] = {}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "memory": 1e10})
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: dict(declared))
+    return declared
+
+
+def test_trials_at_once_follow_the_autoscalers_maximum_not_the_nodes_up_now(scaled_to_zero):
+    from tasks.operations.sweep import trials_at_once
+
+    scaled_to_zero.update({"CPU": 4 + 6 * 16, "GPU": 6 * 2})  # 6 workers of 2 GPUs at most
+    assert trials_at_once(build_config(_gpu_sweep())) == 6  # a trial trains on 2 GPUs
+    assert trials_at_once(build_config(_gpu_sweep(max_concurrent_trials=2))) == 2
+    scaled_to_zero.update({"GPU": 64})
+    assert trials_at_once(build_config(_gpu_sweep())) == 8  # never more than the trials
+
+
+def test_trials_at_once_follow_the_configured_maximum(scaled_to_zero):
+    from tasks.operations.sweep import trials_at_once
+
+    tree = _gpu_sweep()
+    tree["scaling"]["max_cluster_resources"] = {"GPU": 8, "CPU": 64}
+    assert trials_at_once(build_config(tree)) == 4
+    assert trials_at_once(build_config(_gpu_sweep())) == 1  # declared nothing, configured nothing: the nodes now
+
+
+def test_a_sweep_as_a_ray_job_runs_tune_on_the_cluster_and_reports_its_outcome(tmp_path, monkeypatch, capsys):
+    """The job's driver side: the request the flow submits runs run_sweep there, joining the cluster the job
+    runs on, and the outcome it prints is what the flow reads back."""
+    import tasks.operations.sweep as sweep_module
+    from tasks.operations import ray_jobs
+
+    config = build_config(_tree() | {"scaling": {"ray_address": "http://head:8265"},
+                                     "tracking": {"output_dir": str(tmp_path), "mode": "disabled"}})
+    record = trial_record(_result("t0", {"training.lr": 3e-3}, [0.2, 0.3]), config.sweep, 3)
+    outcome = sweep_module.SweepOutcome([record], trial_config(config, {"training.lr": 3e-3}),
+                                        tmp_path / "results.json", tmp_path / "best.yaml", False, 9.5)
+    ran = []
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda cfg, group: ran.append((cfg, group)) or outcome)
+    monkeypatch.setenv(ray_jobs.REQUEST_ENV, json.dumps(ray_jobs.sweep_request(config, "weekly-1")))
+    assert ray_jobs.main() == 0
+    ((driver_config, group),) = ran
+    assert group == "weekly-1" and driver_config.scaling.ray_address is None  # the job's own cluster
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(ray_jobs.OUTCOME_MARKER)]
+    assert ray_jobs.sweep_outcome_from_json(line.removeprefix(ray_jobs.OUTCOME_MARKER)) == outcome
