@@ -41,8 +41,10 @@ def fake_steps(record: Callable[[str], None], directory: Path) -> dict[tuple[obj
 
     @task(name="shard")
     def shard(config, group):
+        from tests.support.published_run import MANIFEST, manifest_of
+
         record("shard")
-        return {"fingerprint": "f" * 64}
+        return manifest_of(MANIFEST)
 
     @task(name="verify-shards")
     def verify(config):

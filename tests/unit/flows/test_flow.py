@@ -273,7 +273,9 @@ def test_deployments_match_prefect_yaml_and_their_configs_load(data_root):
         config = load_config(REPO_ROOT / entry["parameters"]["config_file"])
         assert (config.sweep is not None) == (flow_of is vit_sweep), entry["name"]
     cifar10 = next(d for d in declared if d["name"] == "cifar10")
-    assert [(s["cron"], s["active"]) for s in cifar10["schedules"]] == [(RETRAIN_CRON, False)]
+    # No `active` on the cluster's schedule: a redeploy keeps an operator's pause (tests/unit/test_infra.py).
+    assert [(s["cron"], s["slug"], "active" in s) for s in cifar10["schedules"]] == [
+        (RETRAIN_CRON, "weekly-retraining", False)]
     served_schedule = served["cifar10"].schedules[0]
     assert served_schedule.schedule.cron == RETRAIN_CRON and served_schedule.active is False
     assert vit_pipeline.name == vit_sweep.name == FLOW_NAME  # deployments vit-pipeline/<name>, the sweeps' too
