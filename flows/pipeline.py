@@ -13,6 +13,7 @@ configuration (all of it but where and how things run: tasks.config.training_fie
 teacher match a finished one of the same run name is taken from the cache and
 copied into this run's directory. The flow's result and its "trainings" artifact say which was which.
 Publish links the best models in the W&B Registry when W&B is online; offline it leaves registry.json.
+With serving.deploy_after_publish, a last step puts one trained model behind HTTP with Ray Serve.
 """
 
 from __future__ import annotations
@@ -205,6 +206,16 @@ def publish_task(config: PipelineConfig) -> dict:
     return {"registry_plan": str(path), "linked": {e["model"]: e["linked"]["version"] for e in linked}}
 
 
+@task(name="serve")
+def serve_task(config: PipelineConfig, model_name: str) -> str:
+    """Deploy a trained model with Ray Serve on the run's Ray cluster (serving.deploy_after_publish)."""
+    from tasks.inference.serve import PREDICT_PATH, serve_trained_model
+
+    url = serve_trained_model(config, model_name)
+    create_link_artifact(key="serving", link=f"{url}{PREDICT_PATH}", link_text=f"{model_name} on Ray Serve")
+    return url
+
+
 @task(name="report", retry_condition_fn=_retry_transient)
 def report_task(config: PipelineConfig, records: list[dict], group: str) -> dict[str, str]:
     from tasks.judging.report import write_report
@@ -334,6 +345,10 @@ def vit_pipeline(
     config = config or load_config(config_file, overrides or [])
     if (refused := publish_refused(config)) is not None:  # before hours of training, not after
         raise ConfigError(refused)
+    if config.serving.deploy_after_publish and jobs_api(config):
+        raise ConfigError("serving.deploy_after_publish deploys from the flow's own process, which must join the "
+                          "Ray cluster as a driver: scaling.ray_address is a Jobs API URL; give the cluster's "
+                          "<head>:6379 (or 'auto' on one of its nodes) instead")
     options = config.orchestration
     claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name())
     config = claim.config
@@ -371,6 +386,11 @@ def vit_pipeline(
     published = None
     if config.tracking.publish != "never" and config.tracking.mode != "disabled":
         published = publish_task.with_options(**limits)(config)
+    accuracies = {name: outcome.best_val_acc for name, outcome in outcomes.items()}
+    served = None
+    if config.serving.deploy_after_publish:  # lives as long as the Ray cluster (a local one ends with the flow)
+        from tasks.inference.serve import model_to_serve
+
+        served = serve_task(config, model_to_serve(config, accuracies))
     return {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
-            "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
-            "published": published}
+            "trainings": how, "models": accuracies, "published": published, "served": served}
