@@ -13,7 +13,6 @@ Ray cluster has GPUs. `vit-pipeline serve` (flows/cli.py) and the flow's optiona
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import socket
@@ -147,9 +146,12 @@ class ImageClassifier:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from ServingConfig in __init__
     async def predict_batch(self, bodies: list[bytes]) -> list[Prediction | RejectedImage]:
         self.batch_sizes.append(len(bodies))
-        # In a thread, so that the event loop queues the next batch's requests while this one runs.
-        return await asyncio.to_thread(classify_bodies, self.model, self.transform, bodies,
-                                       self.description.labels, self.serving.top_k, self.device)
+        # On the event loop, not in a thread: torch gives up the GIL at every operation, and a thread that must
+        # win it back from the loop's request handling each time ran the model at a fraction of its speed, in
+        # batches of ~3 at 32 concurrent requests (benchmarks/serve.py). Requests queue meanwhile, making the next
+        # batch full.
+        return classify_bodies(self.model, self.transform, bodies, self.description.labels, self.serving.top_k,
+                               self.device)
 
     def recorded_batch_sizes(self) -> list[int]:
         """The sizes of the batches this replica classified (the last BATCH_SIZES_KEPT)."""

@@ -65,11 +65,16 @@ def local_top_k(model_path: Path, images: list[Path]) -> list[list[str]]:
     return [[description.labels[i] for i in row] for row in logits.topk(TOP_K, dim=1).indices.tolist()]
 
 
-def test_the_serve_command_serves_until_interrupted_then_shuts_down(tmp_path, mini_shards):
-    config = trained_run(tmp_path, mini_shards)
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory, mini_shards):
+    """A trained-looking run: a tiny ViT's weights and config.json in models/<name>/."""
+    return trained_run(tmp_path_factory.mktemp("served"), mini_shards)
+
+
+def test_the_serve_command_serves_until_interrupted_then_shuts_down(run_config):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir(config, TINY_VIT["name"])),
+    command = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir(run_config, TINY_VIT["name"])),
                "--port", str(port), "--set", "scaling.ray_num_cpus=2"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "RAY_ADDRESS": ""})
@@ -100,16 +105,14 @@ def test_the_serve_command_serves_until_interrupted_then_shuts_down(tmp_path, mi
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, mini_shards):
-    """The flow's serve step (serve_trained_model) on a local Ray, a tiny ViT of a trained-looking run; its URL and
-    real CIFAR-10 test images with the labels the model itself gives them."""
+def server(tmp_path_factory, run_config, mini_shards):
+    """The flow's serve step (serve_trained_model) on a local Ray, the run's tiny ViT; its URL and real CIFAR-10
+    test images with the labels the model itself gives them."""
     from tasks.inference.serve import serve_trained_model, stop_serving
 
-    tmp = tmp_path_factory.mktemp("served")
-    config = trained_run(tmp, mini_shards)
     serving = ServingConfig(port=_free_port(), top_k=TOP_K, max_body_bytes=MAX_BODY_BYTES, batch_wait_timeout_s=0.05)
-    config = config.model_copy(update={"serving": serving})
-    images, _, _ = png_test_images(mini_shards, tmp / "images", 8)
+    config = run_config.model_copy(update={"serving": serving})
+    images, _, _ = png_test_images(mini_shards, tmp_path_factory.mktemp("images"), 8)
     expected = local_top_k(model_dir(config, TINY_VIT["name"]), images)
     ray.init(address="local", num_cpus=4)  # "local": never join a Ray cluster someone else runs here
     try:
