@@ -507,6 +507,16 @@ def test_publish_always_without_wandb_online_fails_before_anything_trains(tmp_pa
     assert fake_trainings == [] and not (tmp_path / "runs").exists()
 
 
+def test_serving_after_publish_through_a_jobs_api_fails_before_anything_trains(tmp_path, data_root,
+                                                                              fake_trainings):
+    config = _config(tmp_path, data_root, serving={"deploy_after_publish": True},
+                     scaling={"ray_address": "http://head:8265"})
+    state = vit_pipeline(config=config, return_state=True)
+    assert state.is_failed()
+    assert "serving.deploy_after_publish" in str(state.result(raise_on_failure=False))
+    assert fake_trainings == [] and not (tmp_path / "runs").exists()
+
+
 def test_the_publish_step_offline_leaves_the_plan_for_later(request):
     config = request.getfixturevalue("evaluated_run")
 
