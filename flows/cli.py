@@ -218,17 +218,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The model behind HTTP with Ray Serve until Ctrl-C (or SIGTERM), then Serve and Ray shut down."""
+    """The model behind HTTP with Ray Serve until Ctrl-C (or SIGTERM), then the application is deleted and, on a
+    Ray this command started, Serve and Ray shut down."""
     import ray
 
     from tasks.inference.model_ref import resolve_model_ref
     from tasks.inference.serve import PREDICT_PATH, require_free_port, start_serving, stop_serving
-    from tasks.training.train import ensure_ray
+    from tasks.training.train import ensure_ray, ray_address
 
     config = _load(args, {"host": "serving.host", "port": "serving.port"})
     description = resolve_model_ref(args.model)
     require_free_port(config.serving.host, config.serving.port)  # before Ray takes its seconds to start
     signal.signal(signal.SIGTERM, _interrupt)
+    own_ray = ray_address(config) is None  # else a cluster's, where other applications may be served
     ensure_ray(config)
     try:
         url = start_serving(description, config.serving)
@@ -238,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping Serve", flush=True)
     finally:
-        stop_serving()
+        stop_serving(shutdown_serve=own_ray)
         ray.shutdown()
     return 0
 

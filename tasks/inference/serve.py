@@ -249,6 +249,14 @@ def recorded_batch_sizes() -> list[int]:
     return list(serve.get_app_handle(APP_NAME).recorded_batch_sizes.remote().result())
 
 
-def stop_serving() -> None:
-    """Take the application down and stop Serve (its proxy and controller) on this Ray cluster."""
-    serve.shutdown()
+def stop_serving(shutdown_serve: bool = True) -> None:
+    """Take the application down; with `shutdown_serve`, Serve itself too (its proxy and controller): only right
+    on a Ray this process started, since on a shared cluster other applications may be served."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.delete(APP_NAME)
+    except RayServeException:  # Serve never started (start_serving failed early): nothing to take down
+        return
+    if shutdown_serve:
+        serve.shutdown()
