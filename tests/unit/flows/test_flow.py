@@ -125,7 +125,7 @@ def _changed(config: PipelineConfig, path: str, annotation: Any, tmp_path: Path)
         candidates = [{**value, "depth": 2}]
     else:
         candidates = [*_literals(annotation), 64, 0.5, True, str(existing_file), str(tmp_path), "changed",
-                      "kind/changed"]
+                      "kind/changed", *names]  # names: serving.model, unset by default
     for candidate in candidates:
         changed = copy.deepcopy(tree)
         set_dotted(changed, path, candidate)
