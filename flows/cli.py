@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 
 from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_config, with_pretrained_file
@@ -262,6 +264,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The model behind HTTP with Ray Serve until Ctrl-C (or SIGTERM), then the application is deleted and, on a
+    Ray this command started, Serve and Ray shut down."""
+    import ray
+
+    from tasks.inference.model_ref import resolve_model_ref
+    from tasks.inference.serve import PREDICT_PATH, require_free_port, start_serving, stop_serving
+    from tasks.training.train import ensure_ray, ray_address
+
+    config = _load(args, {"host": "serving.host", "port": "serving.port"})
+    description = resolve_model_ref(args.model)
+    require_free_port(config.serving.host, config.serving.port)  # before Ray takes its seconds to start
+    signal.signal(signal.SIGTERM, _interrupt)
+    own_ray = ray_address(config) is None  # else a cluster's, where other applications may be served
+    ensure_ray(config)
+    try:
+        url = start_serving(description, config.serving)
+        print(f"serving {args.model} at {url}{PREDICT_PATH} (POST an image file); Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping Serve", flush=True)
+    finally:
+        stop_serving(shutdown_serve=own_ray)
+        ray.shutdown()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -353,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how many of the last flow runs to keep (default: storage.keep_runs)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     prune.set_defaults(handler=cmd_prune)
+
+    serve = commands.add_parser("serve", help="a trained model behind HTTP on Ray Serve (POST /predict, GET /health)")
+    _config_arguments(serve)
+    serve.add_argument("--model", required=True, metavar="MODEL_REF",
+                       help="a models/<name> directory, <run directory>:<name> (runs/<run>/latest:<name>), "
+                            "<run directory>/registry.json:<name>, or wandb-registry-<registry>/<collection>[:alias]")
+    serve.add_argument("--host", help="the address to listen on (serving.host; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="the port to listen on (serving.port; default 8000)")
+    serve.set_defaults(handler=cmd_serve)
 
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")

@@ -17,6 +17,7 @@ retrained model far below the registered best ends the flow run Completed but na
 With orchestration.cluster.launcher set, the flow brings the Ray cluster up after the shards are verified
 and takes it down once the last step that needs it (attention maps) ends, or the flow fails or is
 cancelled (tasks/operations/cluster.py): the cluster costs nothing between scheduled runs.
+With serving.deploy_after_publish, a last step puts one trained model behind HTTP with Ray Serve.
 """
 
 from __future__ import annotations
@@ -232,6 +233,16 @@ def prune_task(config: PipelineConfig) -> dict[str, Any]:
     return {"kept": retention.kept, "deleted": retention.deleted}
 
 
+@task(name="serve")
+def serve_task(config: PipelineConfig, model_name: str) -> str:
+    """Deploy a trained model with Ray Serve on the run's Ray cluster (serving.deploy_after_publish)."""
+    from tasks.inference.serve import PREDICT_PATH, serve_trained_model
+
+    url = serve_trained_model(config, model_name)
+    create_link_artifact(key="serving", link=f"{url}{PREDICT_PATH}", link_text=f"{model_name} on Ray Serve")
+    return url
+
+
 @task(name="report", retry_condition_fn=_retry_transient)
 def report_task(config: PipelineConfig, records: list[EvaluationRecord], group: str) -> dict[str, str]:
     from tasks.judging.report import write_report
@@ -385,6 +396,11 @@ def vit_pipeline(
     if (key := require_wandb_key(config)) is not None:  # before hours of training, not after
         logger.info("W&B online (entity %s, project %s), API key from %s",
                     config.tracking.entity or "the key's default", config.tracking.project, key)
+    if config.serving.deploy_after_publish and (jobs_api(config) or config.orchestration.cluster.launcher is not None):
+        raise ConfigError("serving.deploy_after_publish deploys from the flow's own process, which must join a Ray "
+                          "cluster that outlives the flow run as a driver: scaling.ray_address is a Jobs API URL or "
+                          "orchestration.cluster.launcher takes the cluster down after the run; give a standing "
+                          "cluster's <head>:6379 (or 'auto' on one of its nodes) instead")
     options = config.orchestration
     claim = claim_run_directory(config, str(flow_run.get_id()), flow_run.get_name())
     config = claim.config
@@ -416,9 +432,14 @@ def vit_pipeline(
         published = publish_task.with_options(**limits)(config)
     # After publish, so that registry.json says which runs hold `best` and `latest` (those are kept).
     pruned = prune_task.with_options(**limits)(config) if config.storage.prune_after_run else None
+    accuracies = {name: outcome.best_val_acc for name, outcome in outcomes.items()}
+    served = None
+    if config.serving.deploy_after_publish:  # lives as long as the Ray cluster (a local one ends with the flow)
+        from tasks.inference.serve import model_to_serve
+
+        served = serve_task(config, model_to_serve(config, accuracies))
     result = {"run_dir": str(RunLayout.of(config).root.absolute()), "report": report, "attention": grids,
-              "trainings": how, "models": {name: outcome.best_val_acc for name, outcome in outcomes.items()},
-              "published": published, "pruned": pruned}
+              "trainings": how, "models": accuracies, "published": published, "pruned": pruned, "served": served}
     return flagged_if_regressed(result, published["regressions"] if published else [])
 
 

@@ -650,6 +650,32 @@ class OrchestrationConfig(_Section):
         return value
 
 
+class ServingConfig(_Section):
+    """The model behind HTTP on Ray Serve (`vit-pipeline serve`, tasks/inference/serve.py), and the flow's
+    optional step that deploys it after publish."""
+
+    deploy_after_publish: bool = Field(
+        False, description="The flow's last step deploys a trained model on the Ray cluster with Ray Serve. The "
+                           "application lives as long as that cluster: with a local, in-process Ray (no "
+                           "scaling.ray_address) it ends with the flow, so turn this on for a cluster that stays up.")
+    model: str | None = Field(
+        None, description="The model the flow deploys, by name; None: the one with the best validation accuracy.")
+    host: str = Field("127.0.0.1", description="The address Serve's HTTP proxy listens on (0.0.0.0: every "
+                                               "interface).")
+    port: int = Field(8000, ge=1, le=65535, description="The port Serve's HTTP proxy listens on.")
+    max_batch_size: PositiveInt = Field(
+        32, description="The most requests a replica puts through the model as one batch.")
+    batch_wait_timeout_s: NonNegativeFloat = Field(
+        0.01, description="Seconds a replica waits for more requests before running a batch that is not full.")
+    max_body_bytes: PositiveInt = Field(
+        10_000_000, description="The largest request body (image file) accepted; a larger one is answered 413.")
+    top_k: PositiveInt = Field(5, description="Labels (with probabilities) each prediction answers, best first.")
+    replicas: PositiveInt = Field(1, description="Serve replicas of the model, each a Ray actor with the model.")
+    cpus_per_replica: PositiveFloat = Field(
+        1.0, description="CPUs Ray reserves for each replica; its torch uses as many threads. A replica also takes "
+                         "a GPU when the cluster has any.")
+
+
 class StorageConfig(_Section):
     """Where state that must outlive one machine lives: a local path, or any fsspec URL (s3://bucket/prefix)."""
 
@@ -812,6 +838,8 @@ class PipelineConfig(_Section):
         default_factory=OrchestrationConfig, description="Prefect retries, time limits and notifications.")
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Checkpoint and result storage that outlives one machine.")
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig, description="The model behind HTTP on Ray Serve, and the flow's serve step.")
     sweep: SweepConfig | None = Field(
         None, description="A hyperparameter search (`vit-pipeline sweep`); None: no sweep. The pipeline flow "
                           "ignores it.")
@@ -857,6 +885,14 @@ class PipelineConfig(_Section):
                                     f"{error}; change data.image_size or the teacher")
         if problems:
             raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _served_model_is_configured(self) -> PipelineConfig:
+        served = self.serving.model
+        known = [spec.name for spec in self.model.all_specs()]
+        if served is not None and served not in known:
+            raise ValueError(f"serving.model: {served!r} is not a configured model; configured: {', '.join(known)}")
         return self
 
     @property
@@ -947,7 +983,7 @@ NOT_TRAINING_FIELDS = (
     "training.checkpoints_to_keep", "training.max_failures", "training.log_every_steps",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.ray_address", "scaling.ray_num_cpus",
     "scaling.max_cluster_resources", "scaling.multi_node",
-    "tracking", "orchestration", "storage",
+    "tracking", "orchestration", "storage", "serving",
     "sweep",  # the pipeline's trainings ignore it; a sweep's trial has its parameters set in the other sections
 )
 

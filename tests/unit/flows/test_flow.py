@@ -129,7 +129,7 @@ def _changed(config: PipelineConfig, path: str, annotation: Any, tmp_path: Path)
         candidates = [{**value, "depth": 2}]
     else:
         candidates = [*_literals(annotation), 64, 0.5, True, str(existing_file), str(tmp_path), "changed",
-                      "kind/changed", {"GPU": 8.0}]
+                      "kind/changed", {"GPU": 8.0}, *names]  # names: serving.model, unset by default
     for candidate in candidates:
         changed = copy.deepcopy(tree)
         set_dotted(changed, path, candidate)
@@ -580,6 +580,16 @@ def test_the_prune_step_deletes_old_runs_and_says_so_in_an_artifact(tmp_path):
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retention"])))
     assert {(row["flow run"], row["kept"]) for row in json.loads(artifact.data)} == {("new", "yes"),
                                                                                     ("old", "deleted")}
+
+
+def test_serving_after_publish_through_a_jobs_api_fails_before_anything_trains(tmp_path, data_root,
+                                                                              fake_trainings):
+    config = _config(tmp_path, data_root, serving={"deploy_after_publish": True},
+                     scaling={"ray_address": "http://head:8265"})
+    state = vit_pipeline(config=config, return_state=True)
+    assert state.is_failed()
+    assert "serving.deploy_after_publish" in str(state.result(raise_on_failure=False))
+    assert fake_trainings == [] and not (tmp_path / "runs").exists()
 
 
 def test_the_publish_step_offline_leaves_the_plan_for_later(request):
