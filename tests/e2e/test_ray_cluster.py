@@ -4,6 +4,7 @@ from KubeRay's head pod: submission, status, logs, outcome, and stopping them wh
 
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -109,27 +110,89 @@ def test_the_head_refuses_clients_without_its_token(ray_head):
         _use_token(token)
 
 
-def test_a_training_job_is_followed_to_its_outcome(ray_head, tmp_path, data_root, val_shards):
+@pytest.mark.timeout(600)
+def test_a_new_head_resumes_the_lost_heads_training_and_follows_it_to_its_outcome(ray_head, tmp_path, mini_cifar,
+                                                                                   monkeypatch):
+    """Losing the head is not starting over: a training a dead head left part way through resumes on a new head
+    (another `ray start --head`, another hostname) from the checkpoints on shared storage, continued by the next
+    flow run because Prefect says the dead one crashed, not because it is the same host; the new head's job is
+    followed to its outcome, its epoch lines streamed to the flow."""
+    from prefect import flow, get_client
+    from prefect.states import Crashed, Running
+    from prefect.testing.utilities import prefect_test_harness
     from ray.job_submission import JobSubmissionClient
 
-    from tasks.operations.ray_jobs import FLOW_RUN_KEY, job_slots, train_as_job
+    import flows.run_owner as run_owner
+    from tasks.data.shard import ShardOptions, shard_dataset
+    from tasks.operations.ray_jobs import FLOW_RUN_KEY, job_slots, stop_jobs, submit_training, train_as_job
+    from tasks.training.checkpoints import latest_valid_checkpoint
 
-    address, _ = ray_head
-    # Offline W&B: rank 0 then prints its epoch lines, which must reach the flow through the job's logs.
-    config = _tiny_config(tmp_path, data_root, val_shards, tracking="offline", ray_address=address)
-    assert job_slots(config, address) == 1  # 2 CPUs hold one training of 2 one-CPU workers
-    lines: list[str] = []
-    outcome = train_as_job(address, config, "vit_tiny_patch4_32", teacher_weights=None, group="g",
-                           flow_run_id="flow-1", emit=lines.append)
+    model, epochs = "vit_tiny_patch4_32", 3
 
-    assert outcome.history[-1]["epoch"] == 1 and outcome.history[-1]["val_samples"] == SUBSET_VAL
-    assert outcome.best_weights == tmp_path / "runs" / "jobs" / "models" / "vit_tiny_patch4_32" / "best.safetensors"
+    @flow(name="weekly")
+    def weekly() -> None:
+        pass
+
+    shards = str(tmp_path / "shards")
+    shard_dataset("cifar10", mini_cifar, shards, ShardOptions(shard_size=200, val_size=80), progress=False)
+    shared = tmp_path / "shared"  # the EFS both heads mount
+    config = build_config({
+        "data": {"data_root": str(mini_cifar), "shard_dir": shards, "loader_workers": 0},
+        "model": {"transformers": [{"name": model, "drop_path_rate": 0.0, "model_kwargs": {"depth": 1}}]},
+        "training": {"epochs": epochs, "batch_size": 16, "warmup_epochs": 0.2, "bf16": False},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        # Offline W&B: rank 0 then prints its epoch lines, which must reach the flow through the job's logs.
+        "tracking": {"run_name": "weekly", "output_dir": str(shared / "runs"), "mode": "offline"},
+        "storage": {"shared_filesystem": str(shared)},
+    })
+    address, token = ray_head  # the new head
+
+    with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as client:
+        # Head A runs the flow run and its training, which checkpoints its first epoch; then the head is lost.
+        lost = str(client.create_flow_run(weekly, state=Running()).id)
+        monkeypatch.setattr(run_owner, "this_host", lambda: "head-a")
+        first = run_owner.claim_run_directory(config, lost, "sunday").config
+        run_path = Path(first.checkpoint_location) / model
+        with start_ray_head() as head_a:
+            _use_token(head_a.token_file)
+            try:
+                on_a = first.model_copy(update={"scaling": first.scaling.model_copy(
+                    update={"ray_address": head_a.jobs_api})})
+                job = submit_training(head_a.jobs_api, on_a, model, teacher_weights=None, group="g", flow_run_id=lost)
+                deadline = time.monotonic() + JOB_SECONDS
+                while latest_valid_checkpoint(run_path) is None:
+                    assert time.monotonic() < deadline, f"no checkpoint in {run_path}"
+                    time.sleep(0.2)
+                stop_jobs(head_a.jobs_api, [job])  # the head goes, and its training with it
+            finally:
+                _use_token(token)
+        # Prefect's heartbeat automation marks the dead head's flow run Crashed.
+        client.set_flow_run_state(lost, Crashed(message="heartbeats stopped"), force=True)
+
+        # Head B, on another machine: the next flow run continues the directory and the training resumes.
+        monkeypatch.setattr(run_owner, "this_host", lambda: "head-b")
+        claim = run_owner.claim_run_directory(config, str(client.create_flow_run(weekly, state=Running()).id),
+                                              "monday")
+        assert claim.continued == lost and claim.config.run_dir == first.run_dir
+        on_b = claim.config.model_copy(update={"scaling": claim.config.scaling.model_copy(
+            update={"ray_address": address})})
+        flow_run_id = claim.config.tracking.flow_run
+        assert job_slots(on_b, address) == 2  # the 2-CPU head holds two trainings of one 1-CPU worker
+        lines: list[str] = []
+        outcome = train_as_job(address, on_b, model, teacher_weights=None, group="g", flow_run_id=flow_run_id,
+                               emit=lines.append)
+
+    resumed = [int(m.group(1)) for line in lines if (m := re.search(rf"\[{model}\] resuming after epoch (\d+)", line))]
+    assert resumed and 1 <= resumed[0] < epochs, lines[-30:]
+    assert any(f"[{model}] epoch {epochs}/{epochs}" in line for line in lines), lines[-20:]
+    assert not any(f"[{model}] epoch 1/{epochs}" in line for line in lines)  # epoch 1 was not trained again
+    assert [entry["epoch"] for entry in outcome.history][-1] == epochs and outcome.history[-1]["val_samples"] == 80
+    assert outcome.best_weights == Path(first.run_dir) / "models" / model / "best.safetensors"
     assert outcome.best_weights.is_file()
-    assert lines[0].startswith("submitted Ray Job vit-pipeline-g-vit_tiny_patch4_32-")
-    assert any("[vit_tiny_patch4_32] epoch 1/1" in line for line in lines), lines[-20:]
-    (job,) = [job for job in JobSubmissionClient(address).list_jobs()
-              if (job.metadata or {}).get(FLOW_RUN_KEY) == "flow-1"]
-    assert str(job.status) == "SUCCEEDED" and job.metadata["model"] == "vit_tiny_patch4_32"
+    assert lines[0].startswith(f"submitted Ray Job vit-pipeline-g-{model}-")
+    (job_b,) = [job for job in JobSubmissionClient(address).list_jobs()
+                if (job.metadata or {}).get(FLOW_RUN_KEY) == flow_run_id]
+    assert str(job_b.status) == "SUCCEEDED" and job_b.metadata["model"] == model
 
 
 def test_a_failing_training_job_fails_the_task_with_its_reason(ray_head, tmp_path, data_root, val_shards):
