@@ -38,12 +38,12 @@ from tasks.config import ConfigError, PipelineConfig, is_url, load_config, train
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
+from tasks.digests import file_sha256
 from tasks.layout import RunLayout
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.operations.tracking import (
     dataset_artifact_name,
-    file_digest,
     files_artifact,
     manifest_snapshot,
     start_wandb_run,
@@ -101,8 +101,8 @@ def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     decisive = {
         "config": training_fields(config, name),
         "manifest": parameters["manifest_fingerprint"],
-        "teacher": file_digest(Path(teacher)) if teacher else None,
-        "checkpoints": [file_digest(path) if path else None for path in (spec.pretrained_file, spec.teacher_file)],
+        "teacher": file_sha256(Path(teacher)) if teacher else None,
+        "checkpoints": [file_sha256(path) if path else None for path in (spec.pretrained_file, spec.teacher_file)],
         # The run name, not the flow run: a later flow run may reuse this training when asked to.
         "outputs": str(Path(config.run_root).absolute()),
     }

@@ -37,6 +37,7 @@ from tasks.data.samples import (
     iter_samples,
 )
 from tasks.data.sources import Source, SourceError, first_image_size, load_image_file, open_source
+from tasks.digests import file_sha256
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
@@ -226,14 +227,10 @@ def _write_shard(job: ShardJob) -> dict:
             writer.write(encode_sample(key, pixels, label, job.image_format))
             class_counts[label] += 1
     partial = pattern % job.index
-    digest = hashlib.sha256()
-    with open(partial, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return {
         "name": job.name,
         "num_samples": len(job.keys),
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(partial),
         "bytes": os.path.getsize(partial),
         "class_counts": class_counts,
         "partial": partial,
@@ -298,8 +295,9 @@ def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> 
             path = _join(root, shard["name"])
             if not fs.exists(path) or fs.size(path) != shard["bytes"]:
                 return False
-            if hashlib.sha256(fs.cat_file(path)).hexdigest() != shard["sha256"]:
-                return False
+            with fs.open(path, "rb") as handle:
+                if file_sha256(handle) != shard["sha256"]:
+                    return False
     return True
 
 

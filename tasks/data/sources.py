@@ -18,6 +18,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from tasks.digests import update_with_file
+
 CIFAR10_DIRNAME = "cifar-10-batches-py"
 CIFAR10_SPLIT_FILES = {
     "train": [f"data_batch_{i}" for i in range(1, 6)],
@@ -173,9 +175,7 @@ def _file_digest(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -30,10 +30,11 @@ from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, read_manifest
+from tasks.digests import file_sha256
 from tasks.judging.evaluate import read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
-from tasks.operations.tracking import file_digest, init_wandb_run, wandb_mode, wandb_run_id
+from tasks.operations.tracking import init_wandb_run, wandb_mode, wandb_run_id
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def model_card(config: PipelineConfig, record: dict, manifest: dict, weights: Pa
         "gflops": record["gflops"],
         "train_seconds": record.get("train_seconds"),
         "device_hours": record.get("device_hours"),
-        "weights_sha256": file_digest(weights),
+        "weights_sha256": file_sha256(weights),
         "report": _report_link(config),
         "config": training_fields(config, record["model"]),
     }
@@ -272,7 +273,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
         weights = run_dir / entry["weights"]
         if not weights.is_file():
             raise PublishError(f"{entry['model']}: {weights} is missing")
-        if file_digest(weights) != entry["metadata"]["weights_sha256"]:
+        if file_sha256(weights) != entry["metadata"]["weights_sha256"]:
             raise PublishError(f"{entry['model']}: {weights} differs from the weights registry.json was planned "
                                f"with (sha256); plan again with `vit-pipeline publish --flow-run DIR`")
         card = entry["metadata"]

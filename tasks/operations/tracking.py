@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import PipelineConfig
+from tasks.digests import file_sha256
 from tasks.layout import RunLayout
 
 WANDB_ID_LIMIT = 64
@@ -104,14 +105,6 @@ def dataset_artifact_name(config: PipelineConfig) -> str:
     return f"shards-{config.data.dataset}"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def files_artifact(name: str, kind: str, files: list[Path], metadata: dict | None = None):
     import wandb
 
@@ -129,7 +122,7 @@ def record_input(run, name: str, kind: str, path: Path) -> None:
     upstream version after `wandb sync`.
     """
     if run.offline:
-        run.config.update({f"input/{name}": file_digest(path)}, allow_val_change=True)
+        run.config.update({f"input/{name}": file_sha256(path)}, allow_val_change=True)
     else:
         run.use_artifact(files_artifact(name, kind, [path]))
 
