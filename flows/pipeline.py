@@ -18,8 +18,6 @@ Publish links the best models in the W&B Registry when W&B is online; offline it
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -38,7 +36,7 @@ from tasks.config import ConfigError, PipelineConfig, is_url, load_config, train
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
 from tasks.data.sources import SourceError
-from tasks.digests import file_sha256
+from tasks.digests import file_sha256, json_sha256
 from tasks.layout import RunLayout
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
@@ -71,7 +69,7 @@ MAX_TASK_THREADS = 16
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return json_sha256(parts)[:32]
 
 
 def _retry_transient(task, task_run, state) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.digests import json_sha256
 from tasks.layout import RUN_OWNER_FILE, RunLayout
 
 LATEST_LINK = "latest"
@@ -63,7 +63,7 @@ def _alive(owner: dict) -> bool:
 def config_digest(config: PipelineConfig) -> str:
     """What a continued directory must have been written with: the configuration, less its directory."""
     tree = config.model_dump(mode="json", exclude={"tracking": {"flow_run"}})
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+    return json_sha256(tree)
 
 
 def _read(path: Path) -> dict | None:

@@ -37,7 +37,7 @@ from tasks.data.samples import (
     iter_samples,
 )
 from tasks.data.sources import Source, SourceError, first_image_size, load_image_file, open_source
-from tasks.digests import file_sha256
+from tasks.digests import file_sha256, json_sha256
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
@@ -201,12 +201,10 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def compute_fingerprint(source: Source, options: ShardOptions) -> str:
-    payload = json.dumps(
+    return json_sha256(
         {"dataset": source.dataset, "source": source.digest, "classes": list(source.classes),
-         **options.fingerprint_fields()},
-        sort_keys=True,
+         **options.fingerprint_fields()}
     )
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _write_shard(job: ShardJob) -> dict:

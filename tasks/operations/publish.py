@@ -17,7 +17,6 @@ its link once made, so a publish cut short is finished by running it again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, read_manifest
-from tasks.digests import file_sha256
+from tasks.digests import file_sha256, json_sha256
 from tasks.judging.evaluate import read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
@@ -92,7 +91,7 @@ def split_sha256(manifest: dict, split: str = TEST_SPLIT) -> str:
     is scored on the same split."""
     shards = sorted((shard["name"], shard["num_samples"], shard["sha256"])
                     for shard in manifest["splits"][split]["shards"])
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    return json_sha256(shards)
 
 
 def decide(card: dict, registered: dict | None, margin: float) -> Decision:
