@@ -286,8 +286,8 @@ class DataConfig(_Section):
     @field_validator("shard_dir")
     @classmethod
     def _no_shell_urls(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("pipe:"):
-            raise ValueError("pipe: URLs run shell commands and are not accepted; use a path or fsspec URL")
+        if value is not None:
+            refuse_command_url(value)
         return value
 
     @model_validator(mode="after")
@@ -745,6 +745,12 @@ class SweepConfig(_Section):
 
 def is_url(location: str | Path) -> bool:
     return "://" in str(location)
+
+
+def refuse_command_url(location: str, error: type[ValueError] = ValueError) -> None:
+    """WebDataset runs a `pipe:` location as a shell command: no shard location may be one."""
+    if location.startswith("pipe:"):
+        raise error("pipe: URLs run shell commands and are not accepted; use a path or fsspec URL")
 
 
 class PipelineConfig(_Section):

@@ -28,6 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from tasks.config import refuse_command_url
 from tasks.data.samples import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
@@ -333,8 +334,7 @@ def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: 
 def check_shard_location(location: str) -> None:
     """Refuse, by name and before anything is written, a location that runs commands (pipe:) or a local
     directory that cannot be made or written (under a file, a broken link, no write permission)."""
-    if location.startswith("pipe:"):
-        raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+    refuse_command_url(location, ShardFormatError)
     fs, root = fsspec.core.url_to_fs(location)
     if not _is_local(fs):
         return
