@@ -921,7 +921,7 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     for section, key in ((data, "data_root"), (data, "download_dir"), (tracking, "output_dir")):
         if section[key] is not None:
             section[key] = Path(section[key]).absolute()
-    if data["shard_dir"] is not None and "://" not in data["shard_dir"]:
+    if data["shard_dir"] is not None and not is_url(data["shard_dir"]):
         data["shard_dir"] = str(Path(data["shard_dir"]).absolute())
     storage = tree["storage"]
     for key in ("checkpoints", "results"):

@@ -204,7 +204,7 @@ def training_run(
         resources["GPU"] = scaling.gpus_per_worker or 1
     job = TrainingJob(
         config=config, model_name=model_name,
-        shard_location=location if "://" in location else str(Path(location).absolute()),
+        shard_location=location if is_url(location) else str(Path(location).absolute()),
         teacher_weights=str(Path(teacher_weights).absolute()) if teacher_weights else None,
         # A local run directory is scanned for the furthest valid checkpoint; object storage is Ray's alone.
         group=group, run_path=None if is_url(storage) else f"{storage}/{name}", step_hook=step_hook,
