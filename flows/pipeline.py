@@ -35,8 +35,8 @@ from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
-from tasks.data.sources import SourceError
 from tasks.digests import file_sha256, json_sha256
+from tasks.errors import is_deterministic
 from tasks.layout import RunLayout
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
@@ -47,7 +47,6 @@ from tasks.operations.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.training.checkpoints import CheckpointError
 from tasks.training.train import (
     TrainingError,
     TrainOutcome,
@@ -59,10 +58,6 @@ from tasks.training.train import (
 
 FLOW_NAME = "vit-pipeline"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
-# Bad input does not get better by retrying, nor does a training someone stopped; everything else
-# (storage, network, a lost node) may.
-PERMANENT_ERRORS = (ConfigError, SourceError, ShardFormatError, CheckpointError, TrainingCancelled, ValueError,
-                    TypeError, KeyError)
 # The thread pool only bounds bookkeeping threads; how many trainings really run at once is decided
 # by the flow's training slots, sized by concurrent_trainings() against the Ray cluster.
 MAX_TASK_THREADS = 16
@@ -75,8 +70,10 @@ def _digest(*parts: Any) -> str:
 def _retry_transient(task, task_run, state) -> bool:
     error = state.result(raise_on_failure=False)
     if isinstance(error, (TrainingError, PublishError)):
-        return error.retryable  # Ray Train's own retries are spent, or a retry would fail the same way
-    return not isinstance(error, PERMANENT_ERRORS)
+        # Ray Train's own retries are spent, a retry would fail the same way, or someone stopped the training
+        return error.retryable and not isinstance(error, TrainingCancelled)
+    # Bad input or a bug does not get better by retrying; everything else (storage, network, a lost node) may.
+    return not is_deterministic(error)
 
 
 def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

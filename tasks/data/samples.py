@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_png
 
+from tasks.errors import ShardFormatError
+
 IMAGE_EXTENSIONS = ("npy", "png")
 # Payloads that deserialise into code; a shard carrying one is refused, never loaded.
 UNSAFE_EXTENSIONS = {"pth", "pt", "pkl", "pickle", "pyd", "joblib", "ckpt"}
@@ -25,10 +27,6 @@ TAR_BLOCK = 512
 ZERO_BLOCK = bytes(TAR_BLOCK)
 NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype]] = {}
-
-
-class ShardFormatError(ValueError):
-    """A shard is unreadable or holds a sample the pipeline refuses to load."""
 
 
 def encode_sample(key: str, pixels: np.ndarray, label: int, image_format: str) -> dict[str, bytes | str]:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.digests import file_sha256
+from tasks.errors import CheckpointError
 from tasks.layout import BEST_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ METADATA = "metadata.json"
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 STATE = "state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete, damaged or unsafe to load."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,20 +20,18 @@ from typing import TypeVar
 from tasks.config import (
     RAY_CLIENT_REFUSED,
     RAY_CLIENT_SCHEME,
-    ConfigError,
     PipelineConfig,
     is_url,
     with_absolute_paths,
 )
 from tasks.data.loader import batches_per_rank
-from tasks.data.samples import ShardFormatError
 from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
+from tasks.errors import is_deterministic
 from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import start_wandb_run
 from tasks.training.checkpoints import (
     WEIGHTS,
-    CheckpointError,
     latest_valid_checkpoint,
     read_checkpoint_metadata,
 )
@@ -43,14 +40,6 @@ from tasks.training.train_loop import NonFiniteLossError, StepHook, TrainingJob,
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Errors that happen again on every attempt: a retry from the last checkpoint only repeats them.
-DETERMINISTIC_ERRORS = (
-    AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, ImportError,
-    NotImplementedError, ZeroDivisionError, NonFiniteLossError, ConfigError, ShardFormatError, CheckpointError,
-)
-# torch reports shape and size mismatches as plain RuntimeErrors; these messages mark them as deterministic.
-SHAPE_ERROR = re.compile(r"shape|size mismatch|sizes? of tensors|dimension|must match the size", re.IGNORECASE)
 
 
 class TrainingError(RuntimeError):
@@ -244,7 +233,7 @@ def train_model(
     """Train one configured model on the shards with Ray Train; resumes a run of the same name.
 
     A worker that dies, a lost node or a transient I/O error restarts the worker group from the last
-    checkpoint, up to training.max_failures times; a deterministic error (see DETERMINISTIC_ERRORS) fails at
+    checkpoint, up to training.max_failures times; a deterministic error (tasks.errors.is_deterministic) fails at
     once with its message, as a TrainingError that is not retryable.
     """
     run = training_run(config, model_name, shard_location=shard_location, teacher_weights=teacher_weights,
@@ -294,13 +283,6 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
     )
     if (problem := check_ema_horizon(training, steps_per_epoch * training.epochs)) is not None:
         raise TrainingError(problem, retryable=False)
-
-
-def is_deterministic(error: BaseException) -> bool:
-    """Whether `error`, raised in a worker, would be raised again by a retry from the last checkpoint."""
-    if isinstance(error, DETERMINISTIC_ERRORS):
-        return True
-    return type(error) is RuntimeError and bool(SHAPE_ERROR.search(str(error)))
 
 
 def fit_with_retries(trainer, model_name: str, run_path: str, max_failures: int):

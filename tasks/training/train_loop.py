@@ -43,6 +43,7 @@ from tasks.data.loader import Normalizer, ShardStream, device_batches, make_load
 from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import VAL_SPLIT, read_manifest
+from tasks.errors import NonFiniteLossError
 from tasks.layout import BEST_WEIGHTS
 from tasks.models import autocast_context, build_model, uses_channels_last
 from tasks.operations.tracking import (
@@ -86,10 +87,6 @@ log = logging.getLogger(__name__)
 
 # Called as step_hook(epoch, step, rank) after each optimizer step; tests use it to inject faults.
 StepHook = Callable[[int, int, int], None]
-
-
-class NonFiniteLossError(ArithmeticError):
-    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
 @dataclass(frozen=True)
