@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -24,7 +23,6 @@ from tasks.config import (
     is_url,
     with_absolute_paths,
 )
-from tasks.data.loader import batches_per_rank
 from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
 from tasks.errors import is_deterministic
 from tasks.layout import BEST_WEIGHTS, RunLayout
@@ -35,7 +33,7 @@ from tasks.training.checkpoints import (
     latest_valid_checkpoint,
     read_checkpoint_metadata,
 )
-from tasks.training.recipe import check_ema_horizon
+from tasks.training.recipe import check_ema_horizon, steps_per_epoch
 from tasks.training.train_loop import NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
@@ -276,12 +274,8 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
         raise TrainingError(f"{location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; shard "
                             f"again with data.val_size > 0", retryable=False)
     training = config.training
-    steps_per_epoch = math.ceil(
-        batches_per_rank(splits["train"]["num_samples"], config.scaling.num_workers, training.batch_size,
-                         config.data.augment.repeated_augmentation)
-        / training.grad_accum_steps
-    )
-    if (problem := check_ema_horizon(training, steps_per_epoch * training.epochs)) is not None:
+    steps = steps_per_epoch(config, splits["train"]["num_samples"], config.scaling.num_workers)
+    if (problem := check_ema_horizon(training, steps * training.epochs)) is not None:
         raise TrainingError(problem, retryable=False)
 
 

@@ -19,7 +19,6 @@ What keeps the numbers honest:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import resource
@@ -73,6 +72,7 @@ from tasks.training.recipe import (
     check_ema_horizon,
     effective_lr,
     freeze_backbone,
+    steps_per_epoch,
     uses_mixing,
     warmup_cosine,
 )
@@ -245,11 +245,11 @@ def setup(context: WorkerContext, job: TrainingJob) -> LoopState:
         teacher = build_teacher(config, spec, num_classes, job.teacher_weights)
         teacher = teacher.to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(model, training, spec, context.world_size)
-    steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
-    total_steps = steps_per_epoch * training.epochs
+    epoch_steps = steps_per_epoch(config, train_stream.num_samples, context.world_size)
+    total_steps = epoch_steps * training.epochs
     if (problem := check_ema_horizon(training, total_steps)) is not None:
         raise ValueError(problem)
-    warmup_steps = max(1, round(training.warmup_epochs * steps_per_epoch))
+    warmup_steps = max(1, round(training.warmup_epochs * epoch_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps,
                                               training.min_lr / effective_lr(training, context.world_size))
@@ -261,7 +261,7 @@ def setup(context: WorkerContext, job: TrainingJob) -> LoopState:
         train_loader=make_loader(train_stream, loader_workers, persistent=True, pin_memory=pin),
         val_loader=make_loader(val_stream, loader_workers, persistent=True, pin_memory=pin),
         normalizer=Normalizer(config.data.mean, config.data.std, device, channels_last=channels_last),
-        device_augment=device_augment, steps_per_epoch=steps_per_epoch,
+        device_augment=device_augment, steps_per_epoch=epoch_steps,
     )
     _resume(loop)
     _prepare_step_model(loop, frozen=backbone_frozen(training, loop.start_epoch))
