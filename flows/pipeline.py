@@ -34,7 +34,7 @@ from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
 from tasks.data.samples import ShardFormatError
-from tasks.data.shard import read_manifest, shard_from_config, shard_listing, verify_shards
+from tasks.data.shard import read_manifest, shard_cache_inputs, shard_from_config, shard_listing, verify_shards
 from tasks.digests import file_sha256, json_sha256
 from tasks.errors import is_deterministic
 from tasks.layout import RunLayout
@@ -77,13 +77,7 @@ def _retry_transient(task, task_run, state) -> bool:
 
 
 def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    config: PipelineConfig = parameters["config"]
-    data = config.data.model_dump(
-        mode="json",
-        include={"dataset", "data_root", "shard_size", "image_format", "image_size", "shuffle_seed", "val_size",
-                 "split_seed"},
-    )
-    return f"shard-{_digest(data, config.shard_location)}"
+    return f"shard-{_digest(shard_cache_inputs(parameters['config']))}"
 
 
 def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

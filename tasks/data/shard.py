@@ -444,10 +444,10 @@ def shard_dataset(
     return write_shards(source, location, options, progress=progress)
 
 
-def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardResult:
-    """The shard step as the pipeline configures it (data section -> config.shard_location)."""
+def shard_options(config: PipelineConfig) -> ShardOptions:
+    """The shard options the data section configures."""
     data = config.data
-    options = ShardOptions(
+    return ShardOptions(
         shard_size=data.shard_size,
         image_format=data.image_format,
         # ImageFolder images are resized when sharded; CIFAR-10's keep their 32 px, the loader resizes them.
@@ -457,8 +457,21 @@ def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardRes
         val_size=data.val_size,
         split_seed=data.split_seed,
     )
+
+
+def shard_cache_inputs(config: PipelineConfig) -> dict:
+    """What the shards `config` writes depend on, known before the source is read: the source's name and
+    root (where the fingerprint has the content's digest), the fingerprinted options, and the location."""
+    return {"dataset": config.data.dataset, "data_root": str(config.data.data_root),
+            **shard_options(config).fingerprint_fields(), "location": config.shard_location}
+
+
+def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardResult:
+    """The shard step as the pipeline configures it (data section -> config.shard_location)."""
+    data = config.data
     return shard_dataset(
-        data.dataset, data.data_root, config.shard_location, options, download_dir=data.download_dir, progress=progress
+        data.dataset, data.data_root, config.shard_location, shard_options(config), download_dir=data.download_dir,
+        progress=progress,
     )
 
 

@@ -517,3 +517,15 @@ def test_the_publish_step_offline_leaves_the_plan_for_later(request):
     plan = Path(config.run_dir) / "registry.json"
     assert publish_only() == {"registry_plan": str(plan), "linked": {}}
     assert {entry["model"] for entry in json.loads(plan.read_text())["models"]} == {BASELINE, VIT}
+
+
+def test_shard_cache_key_follows_the_shard_fingerprint_and_its_version(tmp_path, data_root, monkeypatch):
+    import tasks.data.shard
+
+    config = _config(tmp_path, data_root)
+    key = shard_cache_key(None, {"config": config})
+    reseeded = config.model_copy(deep=True)
+    reseeded.data.split_seed += 1
+    assert shard_cache_key(None, {"config": reseeded}) != key
+    monkeypatch.setattr(tasks.data.shard, "MANIFEST_VERSION", tasks.data.shard.MANIFEST_VERSION + 1)
+    assert shard_cache_key(None, {"config": config}) != key
