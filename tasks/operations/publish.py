@@ -184,11 +184,6 @@ def describe(card: dict) -> str:
     ])
 
 
-def offline_run_ids(run_dir: Path) -> list[str]:
-    """The W&B runs this run directory holds offline (wandb/offline-run-<time>-<id>), which `wandb sync` uploads."""
-    return sorted({path.name.split("-", 3)[3] for path in RunLayout(run_dir).wandb_dir.glob("offline-run-*-*")})
-
-
 def plan_publication(config: PipelineConfig) -> dict:
     """What publishing links, written to <run directory>/registry.json; the plan is returned.
 
@@ -226,7 +221,7 @@ def plan_publication(config: PipelineConfig) -> dict:
         "version": PLAN_VERSION,
         "wandb": {"project": tracking.project, "entity": tracking.entity,
                   "group": tracking.flow_run or tracking.run_name, "registry": tracking.registry,
-                  "offline_runs": offline_run_ids(run_dir)},
+                  "offline_runs": RunLayout(run_dir).offline_wandb_run_ids()},
         "regression_margin": tracking.regression_margin,
         "models": models,
     }
@@ -264,7 +259,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
     missing = registry.missing_runs(plan["wandb"]["offline_runs"])
     if missing:
         raise PublishError(f"W&B does not have the run(s) {', '.join(missing)} of {run_dir} yet (their cards link "
-                           f"them): upload them first with `wandb sync {RunLayout(run_dir).wandb_dir}/offline-run-*`")
+                           f"them): upload them first with `wandb sync {RunLayout(run_dir).offline_wandb_runs}`")
     for entry in plan["models"]:
         if entry["linked"]:
             log.info("%s: already linked to %s", entry["model"], entry["linked"]["version"])

@@ -87,7 +87,7 @@ def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: st
 
 
 def sync_command(config: PipelineConfig) -> str:
-    return f"wandb sync {RunLayout.of(config).wandb_dir.absolute()}/offline-run-*"
+    return f"wandb sync {RunLayout.of(config).offline_wandb_runs.absolute()}"
 
 
 def manifest_snapshot(location: str, directory: Path) -> Path:
