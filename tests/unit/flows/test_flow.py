@@ -31,13 +31,12 @@ from tasks.config import (
     NOT_TRAINING_FIELDS,
     ConfigError,
     PipelineConfig,
-    SearchDimension,
-    SweepConfig,
     build_config,
     get_dotted,
     load_config,
     set_dotted,
 )
+from tasks.operations.sweep_space import SearchDimension, SweepConfig
 from tests.conftest import REPO_ROOT
 from tests.support.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
     BASELINE,
