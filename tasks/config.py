@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import timm
 import yaml
 from pydantic import (
     Field,
@@ -27,14 +26,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from timm.models import model_entrypoint
 
 from tasks.config_base import Section
-from tasks.data.sources import CIFAR10_SIDE
+from tasks.data.sources import CIFAR10_MEAN, CIFAR10_SIDE, CIFAR10_STD
 from tasks.layout import RunLayout
 from tasks.operations.sweep_space import SweepConfig, sweep_problems
-from vitmodels import CIFAR10_MEAN, CIFAR10_STD
-from vitmodels.factory import input_size_kwargs
 
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -48,6 +44,10 @@ RAY_CLIENT_REFUSED = (
 
 def our_model_names() -> list[str]:
     """Models registered by vitmodels (importing it registers them with timm)."""
+    # Imported when a model name is checked, not with the configuration: deploying the flows needs no torch.
+    import timm
+    from timm.models import model_entrypoint
+
     import vitmodels  # noqa: F401
 
     return [name for name in timm.list_models() if model_entrypoint(name).__module__.startswith("vitmodels")]
@@ -350,6 +350,8 @@ class ModelSpec(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
+        import timm
+
         ours = ", ".join(our_model_names())
         if not timm.is_model(value):
             raise ValueError(
@@ -677,6 +679,8 @@ class PipelineConfig(Section):
                 problems.append(f"{path}.model_kwargs.img_size ({given}) differs from {size_field}, the size of "
                                 f"the images {spec.name} gets: leave img_size out, data.image_size decides it")
                 continue
+            from vitmodels.factory import input_size_kwargs
+
             try:
                 spec._input_size_kwargs = input_size_kwargs(spec.name, size, spec.model_kwargs)
             except ValueError as error:

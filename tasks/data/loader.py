@@ -38,7 +38,7 @@ from tasks.config import AugmentConfig, refuse_command_url
 from tasks.data.augment import BatchAugmenter
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.data.shard import require_manifest
-from vitmodels import CIFAR10_MEAN
+from tasks.data.sources import CIFAR10_MEAN
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 

@@ -27,6 +27,10 @@ CIFAR10_SPLIT_FILES = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 CIFAR10_SIDE = 32
+# Per-channel statistics of the CIFAR-10 training images; here, torch-free, so the configuration's defaults
+# need no torch (vitmodels' CIFAR-10 preset takes them from here too).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 T = TypeVar("T")
 
 
