@@ -4,9 +4,10 @@
                     -> train ViT, train Swin (no teacher: they start at once) ------------+-> evaluate all
                                                                  -> attention maps -> report -> publish
 
-Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
-runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
-cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
+Every task is a thin wrapper around a plain function in tasks/; the training and judging steps are imported in
+their tasks, so deploying the flow (which imports this module) needs no torch, timm or Ray. Each flow run writes
+its own directory, runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py).
+Shards are cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
 per shard set (a training checks their sizes only). Trainings run
 again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
 configuration (all of it but where and how things run: tasks.config.training_fields), shards, checkpoint and
@@ -21,7 +22,7 @@ import dataclasses
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -33,10 +34,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, is_url, load_config, training_fields
-from tasks.data.samples import ShardFormatError
 from tasks.data.shard import read_manifest, shard_cache_inputs, shard_from_config, shard_listing, verify_shards
 from tasks.digests import file_sha256, json_sha256
-from tasks.errors import is_deterministic
+from tasks.errors import ShardFormatError, TrainingError, is_deterministic
 from tasks.layout import RunLayout
 from tasks.operations.publish import PublishError, publish_refused
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
@@ -47,14 +47,9 @@ from tasks.operations.tracking import (
     start_wandb_run,
     sync_command,
 )
-from tasks.training.train import (
-    TrainingError,
-    TrainOutcome,
-    concurrent_trainings,
-    ensure_ray,
-    on_training_device,
-    train_model,
-)
+
+if TYPE_CHECKING:
+    from tasks.training.train import TrainOutcome
 
 FLOW_NAME = "vit-pipeline"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
@@ -142,6 +137,8 @@ def train_task(
 ) -> TrainOutcome:
     """Train one model on the cluster this process drives, or as a Ray Job followed from here when the
     cluster is reached through its Jobs API."""
+    from tasks.training.train import train_model
+
     address = jobs_api(config)
     if address:
         return train_as_job(address, config, model_name, teacher_weights=teacher_weights, group=group,
@@ -152,6 +149,7 @@ def train_task(
 @task(name="evaluate", retry_condition_fn=_retry_transient)
 def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[dict]:
     from tasks.judging.evaluate import evaluate_models, markdown_table
+    from tasks.training.train import on_training_device
 
     # On a GPU node when training ran on GPUs, so the speed measured is the training hardware's.
     records = on_training_device(config, evaluate_models, config, {name: Path(path) for name, path in trained.items()},
@@ -165,6 +163,7 @@ def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -
 @task(name="attention-maps", retry_condition_fn=_retry_transient)
 def attention_task(config: PipelineConfig, trained: dict[str, str], group: str) -> dict[str, str]:
     from tasks.judging.attention import attention_maps
+    from tasks.training.train import on_training_device
 
     transformers = {spec.name for spec in config.model.transformers}
     grids = on_training_device(config, attention_maps, config,
@@ -239,6 +238,8 @@ def _result_storage(config: PipelineConfig) -> LocalFileSystem | RemoteFileSyste
 
 def _connect_cluster(config: PipelineConfig) -> tuple[str | None, int]:
     """Reach the Ray cluster that trains: its dashboard and how many trainings it holds at once."""
+    from tasks.training.train import concurrent_trainings, ensure_ray
+
     address = jobs_api(config)
     dashboard = address or ensure_ray(config)
     limit = config.orchestration.max_concurrent_trainings

@@ -12,6 +12,7 @@ restored; finished trials are not run again. The flow's result is the best confi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -30,9 +31,10 @@ from flows.pipeline import (
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.operations.ray_jobs import jobs_api
-from tasks.operations.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
 from tasks.operations.tracking import sync_command
-from tasks.training.train import ensure_ray
+
+if TYPE_CHECKING:
+    from tasks.operations.sweep import SweepOutcome
 
 DEFAULT_SWEEP_CONFIG_FILE = "configs/sweep-smoke.yaml"
 SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never by the pipeline
@@ -41,6 +43,8 @@ SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never 
 @task(name="sweep", retry_condition_fn=_retry_transient)
 def sweep_task(config: PipelineConfig, group: str) -> SweepOutcome:
     """Ray Tune over the sweep's space; a retry restores the experiment instead of starting it again."""
+    from tasks.operations.sweep import markdown_table, run_sweep  # Ray and torch: only where the sweep runs
+
     outcome = run_sweep(config, group=group)
     sweep = config.sweep
     create_markdown_artifact(
@@ -64,6 +68,9 @@ def vit_sweep(
 
     `config` (the form in the Prefect UI) wins; otherwise `config_file` plus `section.field=value` overrides.
     """
+    from tasks.operations.sweep import require_sweep
+    from tasks.training.train import ensure_ray
+
     logger = get_run_logger()
     source = "the flow's config" if config is not None else config_file
     config = config or load_config(config_file, overrides or [])

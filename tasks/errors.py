@@ -24,6 +24,19 @@ class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot start or did not finish; the message says what to do about it.
+
+    retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
+    cause is the worker's error that ended the training, when one did.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, cause: BaseException | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.cause = cause
+
+
 # The user's input is wrong (a configuration, a source dataset, shards, a checkpoint): the message names it.
 INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, SourceError, ShardFormatError, CheckpointError)
 # Errors that happen again on every attempt: bad input, a bug, a diverged loss. Retrying only repeats them.

@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, read_manifest
 from tasks.digests import file_sha256, json_sha256
-from tasks.judging.evaluate import read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
 from tasks.operations.tracking import init_wandb_run, wandb_mode, wandb_run_id
@@ -189,6 +188,8 @@ def plan_publication(config: PipelineConfig) -> dict:
 
     Every model of the run's evaluation.json, with its card; the shards' manifest gives the test split.
     """
+    from tasks.judging.evaluate import read_evaluation  # torch: the flows import this module without it
+
     layout = RunLayout.of(config)
     run_dir = layout.root
     evaluation = read_evaluation(config)

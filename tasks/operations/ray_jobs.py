@@ -22,10 +22,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import PipelineConfig, is_url
-from tasks.training.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
+from tasks.errors import TrainingError
+
+if TYPE_CHECKING:
+    from tasks.training.train import TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class TrainingCancelled(TrainingError):
 
 def jobs_api(config: PipelineConfig) -> str | None:
     """The Ray Jobs API address (http(s)://head:8265) when trainings are submitted as jobs, else None."""
+    from tasks.training.train import ray_address  # the training step's torch stays out of the flows' imports
+
     address = ray_address(config)
     return address if address and is_url(address) else None
 
@@ -70,6 +75,8 @@ def cluster_resources(address: str) -> dict[str, float]:
 
 
 def job_slots(config: PipelineConfig, address: str) -> int:
+    from tasks.training.train import concurrent_trainings
+
     return concurrent_trainings(config, cluster_resources(address))
 
 
@@ -139,6 +146,8 @@ def outcome_to_json(outcome: TrainOutcome) -> str:
 
 
 def outcome_from_json(text: str) -> TrainOutcome:
+    from tasks.training.train import TrainOutcome
+
     fields = json.loads(text)
     paths = {field.name for field in dataclasses.fields(TrainOutcome) if field.type in ("Path", Path)}
     arguments: dict[str, Any] = {key: Path(value) if key in paths else value for key, value in fields.items()}
@@ -189,6 +198,8 @@ def jobs_stopped_on_exit(address: str | None, flow_run_id: str | None) -> Iterat
 
 def main() -> int:
     """The job's driver: train the requested model on the cluster it runs on, report the outcome."""
+    from tasks.training.train import train_model
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     request = json.loads(os.environ[REQUEST_ENV])
     config = PipelineConfig.model_validate_json(request["config"])

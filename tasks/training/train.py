@@ -24,7 +24,7 @@ from tasks.config import (
     with_absolute_paths,
 )
 from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
-from tasks.errors import is_deterministic
+from tasks.errors import TrainingError, is_deterministic
 from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import start_wandb_run
@@ -38,19 +38,6 @@ from tasks.training.train_loop import NonFiniteLossError, StepHook, TrainingJob,
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or did not finish; the message says what to do about it.
-
-    retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
-    cause is the worker's error that ended the training, when one did.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = True, cause: BaseException | None = None):
-        super().__init__(message)
-        self.retryable = retryable
-        self.cause = cause
 
 
 @dataclass

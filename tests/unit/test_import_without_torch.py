@@ -23,7 +23,7 @@ class Absent(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Absent())
 """
-LIGHT_MODULES = ["tasks.config", "flows.operations"]
+LIGHT_MODULES = ["tasks.config", "flows.operations", "flows.pipeline", "flows.sweep", "flows.deployments"]
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
