@@ -59,7 +59,7 @@ from torchvision import transforms
 import vitmodels  # noqa: F401  (registers our models with timm)
 from tasks.config import PipelineConfig, parse_override, set_dotted
 from tasks.data.samples import decode_image, decode_label, iter_samples
-from tasks.data.shard import ShardOptions, require_manifest, write_shards
+from tasks.data.shard import require_manifest, shard_options, write_shards
 from tasks.data.sources import Source, open_source
 from tasks.judging.evaluate import evaluate_models
 from tasks.layout import BEST_WEIGHTS, RunLayout
@@ -126,9 +126,7 @@ def shard_once(config: PipelineConfig, args: argparse.Namespace) -> str:
     data = config.data
     source = first_images(open_source(data.dataset, data.data_root, data.download_dir),
                           args.max_train_images, args.max_eval_images)
-    options = ShardOptions(shard_size=data.shard_size, image_format=data.image_format, workers=1,
-                           val_size=data.val_size, split_seed=data.split_seed, shuffle_seed=data.shuffle_seed)
-    write_shards(source, config.shard_location, options, progress=False)
+    write_shards(source, config.shard_location, dataclasses.replace(shard_options(config), workers=1), progress=False)
     return config.shard_location
 
 

@@ -15,19 +15,18 @@ import time
 from pathlib import Path
 
 from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_config, with_pretrained_file
-from tasks.data.samples import ShardFormatError
 from tasks.data.shard import shard_from_config, verify_shards
-from tasks.data.sources import SourceError
+from tasks.errors import INPUT_ERRORS
 from tasks.inference.export import EXPORT_FORMATS, ONNX_TOLERANCE, PARITY_IMAGES, TIMM_TOLERANCE, ExportError
 from tasks.inference.model_ref import ModelRefError
 from tasks.operations.publish import PublishError
-from tasks.training.checkpoints import CheckpointError
 from tasks.training.train import TrainingError
 
 EXIT_VERIFY_FAILED = 1
 # Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
-BAD_INPUT_ERRORS = (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
-                    PublishError, ModelRefError, ExportError)
+# Besides the user-input errors: a file named on the command line that is not there, and the training and
+# publish errors, whose messages say what to do.
+BAD_INPUT_ERRORS = (*INPUT_ERRORS, FileNotFoundError, TrainingError, PublishError, ModelRefError, ExportError)
 # The loggers through which Prefect reports a step's or a flow's error, traceback included.
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 

@@ -4,9 +4,10 @@
                     -> train ViT, train Swin (no teacher: they start at once) ------------+-> evaluate all
                                                   -> attention maps -> report -> publish [-> prune old runs]
 
-Every task is a thin wrapper around a plain function in tasks/. Each flow run writes its own directory,
-runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py). Shards are
-cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
+Every task is a thin wrapper around a plain function in tasks/; the training and judging steps are imported in
+their tasks, so deploying the flow (which imports this module) needs no torch, timm or Ray. Each flow run writes
+its own directory, runs/<run>/<flow run>/, and its W&B runs form one group of the same name (flows/run_owner.py).
+Shards are cached by what decides them, so every flow run reuses them while the data stays the same, and re-hashed once
 per shard set (a training checks their sizes only). Trainings run
 again in every flow run unless it is asked to reuse cached ones (`reuse_trainings`): then a training whose
 configuration (all of it but where and how things run: tasks.config.training_fields), shards, checkpoint and
@@ -23,12 +24,10 @@ With serving.deploy_after_publish, a last step puts one trained model behind HTT
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -41,66 +40,58 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, OrchestrationConfig, PipelineConfig, is_url, load_config, training_fields
-from tasks.data.samples import ShardFormatError
-from tasks.data.shard import Manifest, read_manifest, shard_from_config, shard_listing, verify_shards
-from tasks.data.sources import SourceError
-from tasks.judging.evaluate import EvaluationRecord
+from tasks.data.shard import (
+    Manifest,
+    read_manifest,
+    shard_cache_inputs,
+    shard_from_config,
+    shard_listing,
+    verify_shards,
+)
+from tasks.digests import file_sha256, json_sha256
+from tasks.errors import ShardFormatError, TrainingError, is_deterministic
 from tasks.layout import RunLayout
 from tasks.operations.cluster import cluster_for_run, launcher_for
 from tasks.operations.publish import PublishError
 from tasks.operations.ray_jobs import TrainingCancelled, job_slots, jobs_api, jobs_stopped_on_exit, train_as_job
 from tasks.operations.tracking import (
     dataset_artifact_name,
-    file_digest,
     files_artifact,
     manifest_snapshot,
     require_wandb_key,
     start_wandb_run,
     sync_command,
 )
-from tasks.training.checkpoints import CheckpointError
-from tasks.training.train import (
-    TrainingError,
-    TrainOutcome,
-    concurrent_trainings,
-    ensure_ray,
-    on_training_device,
-    train_model,
-)
+
+if TYPE_CHECKING:
+    from tasks.judging.evaluate import EvaluationRecord
+    from tasks.training.train import TrainOutcome
 
 FLOW_NAME = "vit-pipeline"
 # The final state's name of a flow run that published a model far below the registered best (Completed type).
 REGRESSED_STATE = "Regressed"
 DEFAULT_CONFIG_FILE = "configs/smoke.yaml"
-# Bad input does not get better by retrying, nor does a training someone stopped; everything else
-# (storage, network, a lost node) may.
-PERMANENT_ERRORS = (ConfigError, SourceError, ShardFormatError, CheckpointError, TrainingCancelled, ValueError,
-                    TypeError, KeyError)
 # The thread pool only bounds bookkeeping threads; how many trainings really run at once is decided
 # by the flow's training slots, sized by concurrent_trainings() against the Ray cluster.
 MAX_TASK_THREADS = 16
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return json_sha256(parts)[:32]
 
 
 def _retry_transient(task, task_run, state) -> bool:
     error = state.result(raise_on_failure=False)
     if isinstance(error, (TrainingError, PublishError)):
-        return error.retryable  # Ray Train's own retries are spent, or a retry would fail the same way
-    return not isinstance(error, PERMANENT_ERRORS)
+        # Ray Train's own retries are spent, a retry would fail the same way, or someone stopped the training
+        return error.retryable and not isinstance(error, TrainingCancelled)
+    # Bad input or a bug does not get better by retrying; everything else (storage, network, a lost node) may.
+    return not is_deterministic(error)
 
 
 def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    config: PipelineConfig = parameters["config"]
-    data = config.data.model_dump(
-        mode="json",
-        include={"dataset", "data_root", "shard_size", "image_format", "image_size", "shuffle_seed", "val_size",
-                 "split_seed"},
-    )
     # v2: the task returns a Manifest, where it returned a dict; a result persisted as a dict must not be reused.
-    return f"shard-v2-{_digest(data, config.shard_location)}"
+    return f"shard-v2-{_digest(shard_cache_inputs(parameters['config']))}"
 
 
 def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -113,8 +104,8 @@ def train_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     decisive = {
         "config": training_fields(config, name),
         "manifest": parameters["manifest_fingerprint"],
-        "teacher": file_digest(Path(teacher)) if teacher else None,
-        "checkpoints": [file_digest(path) if path else None for path in (spec.pretrained_file, spec.teacher_file)],
+        "teacher": file_sha256(Path(teacher)) if teacher else None,
+        "checkpoints": [file_sha256(path) if path else None for path in (spec.pretrained_file, spec.teacher_file)],
         # The run name, not the flow run: a later flow run may reuse this training when asked to.
         "outputs": str(Path(config.run_root).absolute()),
     }
@@ -166,6 +157,8 @@ def train_task(
 ) -> TrainOutcome:
     """Train one model on the cluster this process drives, or as a Ray Job followed from here when the
     cluster is reached through its Jobs API."""
+    from tasks.training.train import train_model
+
     address = jobs_api(config)
     if address:
         return train_as_job(address, config, model_name, teacher_weights=teacher_weights, group=group,
@@ -176,6 +169,7 @@ def train_task(
 @task(name="evaluate", retry_condition_fn=_retry_transient)
 def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -> list[EvaluationRecord]:
     from tasks.judging.evaluate import evaluate_models, markdown_table
+    from tasks.training.train import on_training_device
 
     # On a GPU node when training ran on GPUs, so the speed measured is the training hardware's.
     records = on_training_device(config, evaluate_models, config, {name: Path(path) for name, path in trained.items()},
@@ -189,6 +183,7 @@ def evaluate_task(config: PipelineConfig, trained: dict[str, str], group: str) -
 @task(name="attention-maps", retry_condition_fn=_retry_transient)
 def attention_task(config: PipelineConfig, trained: dict[str, str], group: str) -> dict[str, str]:
     from tasks.judging.attention import attention_maps
+    from tasks.training.train import on_training_device
 
     transformers = {spec.name for spec in config.model.transformers}
     grids = on_training_device(config, attention_maps, config,
@@ -288,6 +283,8 @@ def _result_storage(config: PipelineConfig) -> LocalFileSystem | RemoteFileSyste
 
 def _connect_cluster(config: PipelineConfig) -> tuple[str | None, int]:
     """Reach the Ray cluster that trains: its dashboard and how many trainings it holds at once."""
+    from tasks.training.train import concurrent_trainings, ensure_ray
+
     address = jobs_api(config)
     dashboard = address or ensure_ray(config)
     limit = config.orchestration.max_concurrent_trainings

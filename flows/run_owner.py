@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.digests import json_sha256
 from tasks.layout import LATEST_LINK, RUN_OWNER_FILE, RunLayout
 
 CLAIM_LOCK = ".claim.lock"
@@ -65,7 +65,7 @@ def _alive(owner: dict) -> bool:
 def config_digest(config: PipelineConfig) -> str:
     """What a continued directory must have been written with: the configuration, less its directory."""
     tree = config.model_dump(mode="json", exclude={"tracking": {"flow_run"}})
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+    return json_sha256(tree)
 
 
 def _read(path: Path) -> dict | None:

@@ -18,6 +18,7 @@ cluster is brought up for the sweep and down after it, as for the pipeline (task
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -37,9 +38,10 @@ from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import PipelineConfig, load_config
 from tasks.operations.cluster import cluster_for_run, launcher_for
 from tasks.operations.ray_jobs import jobs_api, jobs_stopped_on_exit, sweep_as_job
-from tasks.operations.sweep import SweepOutcome, markdown_table, require_sweep, run_sweep
 from tasks.operations.tracking import require_wandb_key, sync_command
-from tasks.training.train import ensure_ray
+
+if TYPE_CHECKING:
+    from tasks.operations.sweep import SweepOutcome
 
 DEFAULT_SWEEP_CONFIG_FILE = "configs/sweep-smoke.yaml"
 SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never by the pipeline
@@ -49,6 +51,8 @@ SWEEP_KIND = "sweep"  # its run directories are continued only by sweeps, never 
 def sweep_task(config: PipelineConfig, group: str) -> SweepOutcome:
     """Ray Tune over the sweep's space, here or as a Ray Job; a retry restores the experiment instead of
     starting it again."""
+    from tasks.operations.sweep import markdown_table, run_sweep  # Ray and torch: only where the sweep runs
+
     address = jobs_api(config)
     if address:
         outcome = sweep_as_job(address, config, group=group, flow_run_id=str(flow_run.get_id()),
@@ -77,6 +81,9 @@ def vit_sweep(
 
     `config` (the form in the Prefect UI) wins; otherwise `config_file` plus `section.field=value` overrides.
     """
+    from tasks.operations.sweep import require_sweep
+    from tasks.training.train import ensure_ray
+
     logger = get_run_logger()
     source = "the flow's config" if config is not None else config_file
     config = config or load_config(config_file, overrides or [])

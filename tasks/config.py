@@ -6,7 +6,6 @@ instead of being silently ignored halfway through a GPU run.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import re
@@ -15,11 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import timm
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -27,16 +23,14 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
-from timm.models import model_entrypoint
 
-from tasks.data.sources import CIFAR10_SIDE
+from tasks.config_base import Section
+from tasks.data.sources import CIFAR10_MEAN, CIFAR10_SIDE, CIFAR10_STD
 from tasks.layout import RunLayout
-from vitmodels import CIFAR10_MEAN, CIFAR10_STD
-from vitmodels.factory import input_size_kwargs
+from tasks.operations.sweep_space import SweepConfig, sweep_problems
 
 DATA_ROOT_ENV = "DATA_ROOT"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -50,6 +44,10 @@ RAY_CLIENT_REFUSED = (
 
 def our_model_names() -> list[str]:
     """Models registered by vitmodels (importing it registers them with timm)."""
+    # Imported when a model name is checked, not with the configuration: deploying the flows needs no torch.
+    import timm
+    from timm.models import model_entrypoint
+
     import vitmodels  # noqa: F401
 
     return [name for name in timm.list_models() if model_entrypoint(name).__module__.startswith("vitmodels")]
@@ -61,10 +59,6 @@ EXIT_BAD_INPUT = 2
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every offending field."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # timm's magnitude scale: a level of 10 is each op's full strength (timm.data.auto_augment._LEVEL_DENOM).
@@ -148,7 +142,7 @@ def parse_rand_augment(text: str) -> RandAugmentPolicy:
     return policy
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(Section):
     """How training images are augmented and labels softened; validation and test images are never augmented."""
 
     crop_padding: NonNegativeInt = Field(
@@ -213,7 +207,7 @@ class AugmentConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the images come from, how they are sharded, split and loaded."""
 
     dataset: Literal["cifar10", "imagefolder"] = Field(
@@ -286,8 +280,8 @@ class DataConfig(_Section):
     @field_validator("shard_dir")
     @classmethod
     def _no_shell_urls(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("pipe:"):
-            raise ValueError("pipe: URLs run shell commands and are not accepted; use a path or fsspec URL")
+        if value is not None:
+            refuse_command_url(value)
         return value
 
     @model_validator(mode="after")
@@ -305,7 +299,7 @@ class DataConfig(_Section):
         return self
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     """One model of the comparison: any name timm.create_model knows, ours included."""
 
     name: str = Field(description="The model's name in timm's registry (timm.list_models()), ours included.")
@@ -356,6 +350,8 @@ class ModelSpec(_Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
+        import timm
+
         ours = ", ".join(our_model_names())
         if not timm.is_model(value):
             raise ValueError(
@@ -366,6 +362,8 @@ class ModelSpec(_Section):
     @field_validator("teacher")
     @classmethod
     def _known_teacher(cls, value: str | None) -> str | None:
+        import timm
+
         if value not in (None, "baseline") and not timm.is_model(value):
             raise ValueError(f"unknown teacher {value!r}: \"baseline\" or a name in timm.list_models()")
         return value
@@ -412,7 +410,7 @@ class ModelSpec(_Section):
         return dict(self._teacher_input_size_kwargs)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The models the pipeline trains and compares: one convolutional baseline and the transformers."""
 
     baseline: ModelSpec = Field(
@@ -440,7 +438,7 @@ class ModelConfig(_Section):
         raise ConfigError(f"model.{name}: not in this configuration; configured models: {known}")
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     """The training recipe every model shares: schedule, optimiser, precision, checkpoints and fine-tuning."""
 
     epochs: PositiveInt = Field(
@@ -505,7 +503,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     """How each training is spread over Ray Train workers (DDP), and which Ray cluster runs them."""
 
     num_workers: PositiveInt = Field(
@@ -539,7 +537,7 @@ class ScalingConfig(_Section):
         return value
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """Where runs write and how they are tracked in Weights & Biases and published to its Registry."""
 
     project: str = Field("vit-pipeline", description="The W&B project runs are logged to.")
@@ -597,7 +595,7 @@ class TrackingConfig(_Section):
         return self
 
 
-class ClusterLifecycleConfig(_Section):
+class ClusterLifecycleConfig(Section):
     """Whether the flow brings its Ray cluster up before the trainings and down after them (success, failure or
     cancellation alike), so that a cluster exists only while a flow run needs it (tasks/operations/cluster.py)."""
 
@@ -616,7 +614,7 @@ class ClusterLifecycleConfig(_Section):
         30, description="Minutes bringing the cluster up may take, until its head's Jobs API answers.")
 
 
-class OrchestrationConfig(_Section):
+class OrchestrationConfig(Section):
     """How the Prefect flow runs the steps: retries for transient faults, time limits, parallel trainings.
 
     Trainings have no Prefect timeout: they run in worker threads, which a timeout cannot interrupt;
@@ -650,7 +648,7 @@ class OrchestrationConfig(_Section):
         return value
 
 
-class ServingConfig(_Section):
+class ServingConfig(Section):
     """The model behind HTTP on Ray Serve (`vit-pipeline serve`, tasks/inference/serve.py), and the flow's
     optional step that deploys it after publish."""
 
@@ -676,7 +674,7 @@ class ServingConfig(_Section):
                          "a GPU when the cluster has any.")
 
 
-class StorageConfig(_Section):
+class StorageConfig(Section):
     """Where state that must outlive one machine lives: a local path, or any fsspec URL (s3://bucket/prefix)."""
 
     checkpoints: str | None = Field(
@@ -706,126 +704,17 @@ class StorageConfig(_Section):
         return value
 
 
-# What every epoch reports about the validation split (tasks/train_loop.validate), and which way is better.
-# Trials are chosen on these alone: an epoch's training metrics are not measured on held-out data.
-VALIDATION_METRICS = {"val_acc": "max", "val_loss": "min"}
-# Where swept parameters may live: the recipe, the augmentation and the swept model's own fields. The shards
-# are made once for every trial, and scaling, tracking, orchestration and storage are not hyperparameters.
-SWEEPABLE_SECTIONS = ("training.", "data.augment.")
-
-
-class SearchDimension(_Section):
-    """The values one swept field takes: exactly one of `choice` (a list), `uniform` or `loguniform` ([low, high])."""
-
-    choice: list[Any] | None = Field(None, min_length=1, description="The values to sample from, uniformly.")
-    uniform: tuple[float, float] | None = Field(None, description="[low, high]: any number between, uniformly.")
-    loguniform: tuple[PositiveFloat, PositiveFloat] | None = Field(
-        None, description="[low, high], both above 0: any number between, uniformly on a log scale (for learning "
-                          "rates, weight decays).")
-
-    @model_validator(mode="after")
-    def _one_distribution(self) -> SearchDimension:
-        given = [name for name in ("choice", "uniform", "loguniform") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of choice, uniform, loguniform (got {', '.join(given) or 'none'})")
-        bounds = self.uniform or self.loguniform
-        if bounds is not None and not bounds[0] < bounds[1]:
-            raise ValueError(f"[low, high] needs low < high (got {list(bounds)})")
-        return self
-
-    @property
-    def bounds(self) -> tuple[float, float]:
-        """[low, high] of a uniform or loguniform dimension."""
-        bounds = self.uniform or self.loguniform
-        if bounds is None:
-            raise ValueError("a choice has no bounds")
-        return bounds
-
-    def candidates(self) -> list[Any]:
-        """Values standing for everything the dimension samples, checked against the config before any trial:
-        every choice, or both bounds and a fractional value between them (an integer field refuses that one)."""
-        if self.choice is not None:
-            return list(self.choice)
-        low, high = self.bounds
-        inside = low + 0.37 * (high - low) if self.uniform else low * (high / low) ** 0.37
-        return [low, inside, high]
-
-
-class SweepSchedulerConfig(_Section):
-    """How trials are stopped early: ASHA (asynchronous successive halving) on the sweep's metric, or never (fifo)."""
-
-    name: Literal["asha", "fifo"] = Field(
-        "asha", description="\"asha\" stops poor trials early; \"fifo\" trains every trial for training.epochs.")
-    grace_period: PositiveInt = Field(
-        1, description="Epochs every trial trains before ASHA may stop it; then at grace_period x "
-                       "reduction_factor^k epochs a trial continues only if it is in the best 1/reduction_factor of "
-                       "the trials that got that far.")
-    reduction_factor: float = Field(
-        3.0, gt=1.0, description="ASHA's halving rate: the share 1/reduction_factor of trials kept at each rung, and "
-                                 "the growth of the epochs between rungs.")
-
-
-class SweepConfig(_Section):
-    """A hyperparameter search over one configured model with Ray Tune (`vit-pipeline sweep`); the pipeline
-    flow ignores this section.
-
-    parameters are keyed by their dotted path in this configuration, list items by index:
-    `training.lr`, `data.augment.mixup_alpha`, `model.transformers.0.drop_path_rate`,
-    `model.transformers.0.model_kwargs.depth`.
-    """
-
-    model: str = Field(description="The configured model (model.baseline or one of model.transformers) every "
-                                   "trial trains.")
-    parameters: dict[str, SearchDimension] = Field(
-        description="The search space: each swept field's dotted path and the values it takes.")
-    metric: str = Field(
-        "val_acc", description="The validation metric trials are compared and stopped on: val_acc or val_loss.")
-    mode: Literal["max", "min"] | None = Field(
-        None, description="Whether the metric is better higher or lower; None: the metric's own direction (max for "
-                          "val_acc, min for val_loss).")
-    num_trials: PositiveInt = Field(8, description="Parameter samples to train.")
-    max_concurrent_trials: PositiveInt | None = Field(
-        None, description="Trials run at once; None: as many as the Ray cluster holds trainings of this scaling "
-                          "config at its largest (scaling.max_cluster_resources, else its autoscaler's maximum).")
-    scheduler: SweepSchedulerConfig = Field(
-        default_factory=SweepSchedulerConfig, description="How trials are stopped early.")
-    seed: int = Field(0, description="Seeds the sampling of parameters: the same config samples the same trials.")
-
-    @field_validator("parameters")
-    @classmethod
-    def _not_empty(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
-        if not value:
-            raise ValueError("the search space is empty: give at least one parameter, e.g. "
-                             "training.lr: {loguniform: [1.0e-4, 3.0e-3]}")
-        return value
-
-    @field_validator("metric")
-    @classmethod
-    def _reported_by_every_epoch(cls, value: str) -> str:
-        if value not in VALIDATION_METRICS:
-            raise ValueError(f"no epoch reports {value!r} about the validation split; trials are chosen on one "
-                             f"of: {', '.join(VALIDATION_METRICS)}")
-        return value
-
-    @field_validator("mode")
-    @classmethod
-    def _the_metrics_direction(cls, value: str | None, info: ValidationInfo) -> str | None:
-        metric = info.data.get("metric")
-        if value is not None and metric in VALIDATION_METRICS and value != VALIDATION_METRICS[metric]:
-            raise ValueError(f"{metric} is better when {'higher' if VALIDATION_METRICS[metric] == 'max' else 'lower'}"
-                             f": mode {VALIDATION_METRICS[metric]} (or leave mode out)")
-        return value
-
-    @property
-    def direction(self) -> str:
-        return self.mode or VALIDATION_METRICS[self.metric]
-
-
 def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
-class PipelineConfig(_Section):
+def refuse_command_url(location: str, error: type[ValueError] = ValueError) -> None:
+    """WebDataset runs a `pipe:` location as a shell command: no shard location may be one."""
+    if location.startswith("pipe:"):
+        raise error("pipe: URLs run shell commands and are not accepted; use a path or fsspec URL")
+
+
+class PipelineConfig(Section):
     """The whole pipeline's configuration, one section per concern (configs/*.yaml)."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="The data: source, shards, split and loading.")
@@ -872,6 +761,8 @@ class PipelineConfig(_Section):
                 problems.append(f"{path}.model_kwargs.img_size ({given}) differs from {size_field}, the size of "
                                 f"the images {spec.name} gets: leave img_size out, data.image_size decides it")
                 continue
+            from vitmodels.factory import input_size_kwargs
+
             try:
                 spec._input_size_kwargs = input_size_kwargs(spec.name, size, spec.model_kwargs)
             except ValueError as error:
@@ -941,34 +832,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _sweep_fits_the_configuration(self) -> PipelineConfig:
-        """Every swept path is a field of this configuration that a trial may change, and every value the
-        search can sample is one the configuration accepts: found now, not when a trial starts."""
-        sweep = self.sweep
-        if sweep is None:
-            return self
-        problems = []
-        if (where := swept_model_path(self, sweep)) is None:
-            known = ", ".join(spec.name for spec in self.model.all_specs())
-            raise ValueError(f"sweep.model: {sweep.model!r} is not a configured model; configured: {known}")
-        spec = self.model.spec(sweep.model)
-        if spec.distillation != "none" and spec.teacher == "baseline":
-            problems.append(f"sweep.model: {sweep.model} distils from the pipeline's trained baseline, which a "
-                            "sweep does not train; sweep a model without teacher: baseline")
-        if sweep.scheduler.name == "asha" and sweep.scheduler.grace_period > self.training.epochs:
-            problems.append(f"sweep.scheduler.grace_period: {sweep.scheduler.grace_period} epochs is more than "
-                            f"training.epochs ({self.training.epochs})")
-        tree = self.model_dump(mode="json", exclude={"sweep"})
-        for path, dimension in list(sweep.parameters.items()):
-            problem = _sweep_path_problem(self, sweep, path, where)
-            if problem is None:
-                problem, values = _checked_values(tree, path, dimension)
-                if problem is None and dimension.choice is not None:
-                    # As the field holds them (YAML reads 1e-4 as a string, pydantic makes it a float): trials,
-                    # results and W&B see typed values.
-                    sweep.parameters[path] = dimension.model_copy(update={"choice": values})
-            if problem is not None:
-                problems.append(f"sweep.parameters.{path}: {problem}")
-        if problems:
+        if self.sweep is not None and (problems := sweep_problems(self, self.sweep)):
             raise ValueError("\n  ".join(problems))
         return self
 
@@ -1009,7 +873,7 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     for section, key in ((data, "data_root"), (data, "download_dir"), (tracking, "output_dir")):
         if section[key] is not None:
             section[key] = Path(section[key]).absolute()
-    if data["shard_dir"] is not None and "://" not in data["shard_dir"]:
+    if data["shard_dir"] is not None and not is_url(data["shard_dir"]):
         data["shard_dir"] = str(Path(data["shard_dir"]).absolute())
     storage = tree["storage"]
     for key in ("checkpoints", "results"):
@@ -1020,48 +884,6 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
             if spec[key] is not None:
                 spec[key] = Path(spec[key]).absolute()
     return PipelineConfig.model_validate(tree)
-
-
-def swept_model_path(config: PipelineConfig, sweep: SweepConfig) -> str | None:
-    """Where the sweep's model sits in the configuration: model.baseline or model.transformers.<index>."""
-    if config.model.baseline.name == sweep.model:
-        return "model.baseline"
-    indices = [i for i, spec in enumerate(config.model.transformers) if spec.name == sweep.model]
-    return f"model.transformers.{indices[0]}" if indices else None
-
-
-def _sweep_path_problem(config: PipelineConfig, sweep: SweepConfig, path: str, model_path: str) -> str | None:
-    """Why `path` cannot be swept: not a field of this configuration, or one a trial must not change."""
-    parts, node = path.split("."), config
-    for index, part in enumerate(parts):
-        where = ".".join(parts[:index]) or "the configuration"
-        if isinstance(node, BaseModel):
-            fields = type(node).model_fields
-            if part not in fields:
-                return f"no field {part!r} in {where} (it has: {', '.join(fields)})"
-            node = getattr(node, part)
-        elif isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                return f"{where} is a list of {len(node)}: address its items by index (0..{len(node) - 1})"
-            node = node[int(part)]
-        elif isinstance(node, dict) and index == len(parts) - 1:
-            node = None  # a keyword of model_kwargs: any the model's constructor takes
-        else:
-            return f"{where} is a value, not a section"
-    if isinstance(node, BaseModel | list):
-        return "is a section: sweep its fields one by one"
-    if path.startswith("model."):
-        if not path.startswith(f"{model_path}."):
-            return f"not a field of the swept model {sweep.model} ({model_path}.*)"
-        if path == f"{model_path}.name":
-            return "sweep.model names the model every trial trains"
-    elif not path.startswith(SWEEPABLE_SECTIONS):
-        return (f"only {', '.join(s + '*' for s in SWEEPABLE_SECTIONS)} and the swept model's fields ({model_path}.*) "
-                "can be swept: the shards are made once for every trial, and the other sections are not "
-                "hyperparameters")
-    if path == "training.epochs" and sweep.scheduler.name == "asha":
-        return "ASHA decides how many epochs each trial gets, up to training.epochs"
-    return None
 
 
 def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
@@ -1092,23 +914,6 @@ def get_dotted(tree: dict[str, Any], path: str) -> Any:
     for part in path.split("."):
         node = node[int(part)] if isinstance(node, list) else node[part]
     return node
-
-
-def _checked_values(tree: dict[str, Any], path: str, dimension: SearchDimension) -> tuple[str | None, list[Any]]:
-    """Why a value the dimension can sample is refused at `path` (None if none is), and the candidate values as
-    the configuration holds them once validated."""
-    values = []
-    for value in dimension.candidates():
-        candidate = copy.deepcopy(tree)
-        set_dotted(candidate, path, value)
-        try:
-            values.append(get_dotted(PipelineConfig.model_validate(candidate).model_dump(mode="json"), path))
-        except ValidationError as error:
-            reasons = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
-            sampled = "" if dimension.choice is not None else " (uniform and loguniform sample any number between "\
-                "their bounds; choice lists whole numbers)"
-            return f"the value {value!r} is refused: {reasons}{sampled}", values
-    return None, values
 
 
 def with_pretrained_file(config: PipelineConfig, model_name: str, path: str | Path) -> PipelineConfig:

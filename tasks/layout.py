@@ -10,7 +10,7 @@ A run directory is runs/<run_name>/ for the step commands, runs/<run_name>/<flow
     ray/                              Ray Train's checkpoints, unless storage.checkpoints puts them elsewhere
     evaluation.json                   evaluate's records, one per model
     attention/<model>.png             attention maps
-    report/report.html                the report, with its figures
+    report/report.html, report.md     the report, with its figures (report/<figure>.png)
     registry.json                     the publish plan and the links made
     sweep/                            a sweep's trials, results.json and best.yaml
     wandb/                            W&B's run files (offline runs wait here for `wandb sync`)
@@ -34,6 +34,9 @@ RUN_OWNER_FILE = "flow-run.json"
 # runs/<run>/latest: a link to the flow run directory that finished last (flows/run_owner.py).
 LATEST_LINK = "latest"
 REPORT_FILE = "report.html"
+REPORT_MARKDOWN_FILE = "report.md"
+# W&B names an offline run's directory offline-run-<time>-<run id>; `wandb sync` takes them by this pattern.
+OFFLINE_RUN_GLOB = "offline-run-*"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,13 @@ class RunLayout:
         return self.report_dir / REPORT_FILE
 
     @property
+    def report_markdown(self) -> Path:
+        return self.report_dir / REPORT_MARKDOWN_FILE
+
+    def report_figure(self, name: str) -> Path:
+        return self.report_dir / f"{name}.png"
+
+    @property
     def registry(self) -> Path:
         return self.root / REGISTRY_FILE
 
@@ -94,6 +104,16 @@ class RunLayout:
     @property
     def wandb_dir(self) -> Path:
         return self.root / "wandb"
+
+    @property
+    def offline_wandb_runs(self) -> Path:
+        """W&B's offline run directories, as the pattern `wandb sync` takes."""
+        return self.wandb_dir / OFFLINE_RUN_GLOB
+
+    def offline_wandb_run_ids(self) -> list[str]:
+        """The ids of the W&B runs held offline here, which `wandb sync` uploads."""
+        names = (path.name.split("-", 3) for path in self.wandb_dir.glob(OFFLINE_RUN_GLOB))
+        return sorted({parts[3] for parts in names if len(parts) == 4})
 
     @property
     def wandb_inputs(self) -> Path:

@@ -17,13 +17,11 @@ from timm.data import (
 )
 from timm.models import generate_default_cfgs
 
+from tasks.data.sources import CIFAR10_MEAN, CIFAR10_STD
+
 from .pretrained import checkpoint_num_classes, classifier_names, load_pretrained, read_state_dict
 
 log = logging.getLogger(__name__)
-
-# per-channel statistics of the CIFAR-10 training images (the one home of these numbers)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 CIFAR10_CFG = dict(
     input_size=(3, 32, 32), num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD,

@@ -18,7 +18,7 @@ from tasks.config import AugmentConfig
 from tasks.data.auto_augment import BatchRandAugment, OpRound
 from tasks.data.crops import INTERPOLATIONS, crop_and_flip, draw_resized_crops, resize_center_crop, resized_crops
 from tasks.data.host_to_device import require_host_generator
-from vitmodels import CIFAR10_MEAN
+from tasks.data.sources import CIFAR10_MEAN
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch.nn.functional as nnf
 
 from tasks.config import RAND_AUGMENT_LEVELS, RandAugmentPolicy
 from tasks.data.host_to_device import pinned_to
-from vitmodels import CIFAR10_MEAN
+from tasks.data.sources import CIFAR10_MEAN
 
 # timm's RandAugment op sets, in timm's order (timm.data.auto_augment._RAND_TRANSFORMS and
 # _RAND_INCREASING_TRANSFORMS): inc1 swaps six ops for variants whose severity grows with the level.

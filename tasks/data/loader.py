@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.config import AugmentConfig
+from tasks.config import AugmentConfig, refuse_command_url
 from tasks.data.augment import BatchAugmenter
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
 from tasks.data.shard import require_manifest
-from vitmodels import CIFAR10_MEAN
+from tasks.data.sources import CIFAR10_MEAN
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -128,8 +128,7 @@ class ShardStream(IterableDataset):
         interpolation: str = "bicubic",
         mean: tuple[float, float, float] = CIFAR10_MEAN,
     ):
-        if location.startswith("pipe:"):
-            raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+        refuse_command_url(location, ShardFormatError)
         manifest = require_manifest(location)
         if split not in manifest.splits:
             raise KeyError(f"{location}: no split {split!r}; the manifest has {sorted(manifest.splits)}")

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_png
+
+from tasks.errors import ShardFormatError
 
 IMAGE_EXTENSIONS = ("npy", "png")
 # Payloads that deserialise into code; a shard carrying one is refused, never loaded.
@@ -25,10 +25,6 @@ TAR_BLOCK = 512
 ZERO_BLOCK = bytes(TAR_BLOCK)
 NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype]] = {}
-
-
-class ShardFormatError(ValueError):
-    """A shard is unreadable or holds a sample the pipeline refuses to load."""
 
 
 def encode_sample(key: str, pixels: np.ndarray, label: int, image_format: str) -> dict[str, bytes | str]:
@@ -54,6 +50,10 @@ def decode_image(sample: Sample) -> np.ndarray:
 def decode_png_rgb(payload: bytes, key: str | None) -> np.ndarray:
     """H x W x 3 uint8 from PNG bytes, any PNG colour type. torchvision's libpng call costs ~40 us for a CIFAR
     image against PIL's ~57 us, most of it per-call overhead at this size (benchmarks/README.md)."""
+    # Here, not with the module: the flows import the shard step's module where torch is not installed.
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
     try:
         # bytearray: torch.frombuffer needs a writable buffer; the copy of a few KiB is cheap.
         image = decode_png(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=ImageReadMode.RGB)

@@ -28,6 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from tasks.config import refuse_command_url
 from tasks.contracts import parse_record, record_json
 from tasks.data.samples import (
     IMAGE_EXTENSIONS,
@@ -38,6 +39,7 @@ from tasks.data.samples import (
     iter_samples,
 )
 from tasks.data.sources import Source, SourceError, first_image_size, load_image_file, open_source
+from tasks.digests import file_sha256, json_sha256
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
@@ -241,12 +243,10 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def compute_fingerprint(source: Source, options: ShardOptions) -> str:
-    payload = json.dumps(
+    return json_sha256(
         {"dataset": source.dataset, "source": source.digest, "classes": list(source.classes),
-         **options.fingerprint_fields()},
-        sort_keys=True,
+         **options.fingerprint_fields()}
     )
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _write_shard(job: ShardJob) -> dict:
@@ -267,14 +267,10 @@ def _write_shard(job: ShardJob) -> dict:
             writer.write(encode_sample(key, pixels, label, job.image_format))
             class_counts[label] += 1
     partial = pattern % job.index
-    digest = hashlib.sha256()
-    with open(partial, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return {
         "name": job.name,
         "num_samples": len(job.keys),
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(partial),
         "bytes": os.path.getsize(partial),
         "class_counts": class_counts,
         "partial": partial,
@@ -337,8 +333,9 @@ def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest)
         path = _join(root, shard.name)
         if not fs.exists(path) or fs.size(path) != shard.bytes:
             return False
-        if hashlib.sha256(fs.cat_file(path)).hexdigest() != shard.sha256:
-            return False
+        with fs.open(path, "rb") as handle:
+            if file_sha256(handle) != shard.sha256:
+                return False
     return True
 
 
@@ -376,8 +373,7 @@ def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: 
 def check_shard_location(location: str) -> None:
     """Refuse, by name and before anything is written, a location that runs commands (pipe:) or a local
     directory that cannot be made or written (under a file, a broken link, no write permission)."""
-    if location.startswith("pipe:"):
-        raise ShardFormatError("pipe: URLs run shell commands and are not accepted")
+    refuse_command_url(location, ShardFormatError)
     fs, root = fsspec.core.url_to_fs(location)
     if not _is_local(fs):
         return
@@ -487,10 +483,10 @@ def shard_dataset(
     return write_shards(source, location, options, progress=progress)
 
 
-def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardResult:
-    """The shard step as the pipeline configures it (data section -> config.shard_location)."""
+def shard_options(config: PipelineConfig) -> ShardOptions:
+    """The shard options the data section configures."""
     data = config.data
-    options = ShardOptions(
+    return ShardOptions(
         shard_size=data.shard_size,
         image_format=data.image_format,
         # ImageFolder images are resized when sharded; CIFAR-10's keep their 32 px, the loader resizes them.
@@ -500,8 +496,21 @@ def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardRes
         val_size=data.val_size,
         split_seed=data.split_seed,
     )
+
+
+def shard_cache_inputs(config: PipelineConfig) -> dict:
+    """What the shards `config` writes depend on, known before the source is read: the source's name and
+    root (where the fingerprint has the content's digest), the fingerprinted options, and the location."""
+    return {"dataset": config.data.dataset, "data_root": str(config.data.data_root),
+            **shard_options(config).fingerprint_fields(), "location": config.shard_location}
+
+
+def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardResult:
+    """The shard step as the pipeline configures it (data section -> config.shard_location)."""
+    data = config.data
     return shard_dataset(
-        data.dataset, data.data_root, config.shard_location, options, download_dir=data.download_dir, progress=progress
+        data.dataset, data.data_root, config.shard_location, shard_options(config), download_dir=data.download_dir,
+        progress=progress,
     )
 
 

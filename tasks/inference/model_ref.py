@@ -212,7 +212,7 @@ def _from_run_dir(run_dir: Path, name: str, ref: str) -> ModelDescription:
 
 def _from_registry_file(plan_file: Path, selector: str, ref: str) -> ModelDescription:
     """A model of a publish plan (registry.json), by model name, collection name or full registry target."""
-    from tasks.operations.tracking import file_digest
+    from tasks.digests import file_sha256
 
     if not plan_file.is_file():
         raise ModelRefError(f"model {ref!r}: {plan_file} does not exist (the publish step writes it)")
@@ -230,7 +230,7 @@ def _from_registry_file(plan_file: Path, selector: str, ref: str) -> ModelDescri
     weights = plan_file.parent / entry["weights"]
     if not weights.is_file():
         raise ModelRefError(f"model {ref!r}: its weights {weights} do not exist")
-    if file_digest(weights) != entry["metadata"]["weights_sha256"]:
+    if file_sha256(weights) != entry["metadata"]["weights_sha256"]:
         raise ModelRefError(f"model {ref!r}: {weights} is not the file {plan_file} was planned with (sha256 differs)")
     return read_model_dir(weights.parent, ref, weights)
 

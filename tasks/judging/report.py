@@ -155,18 +155,18 @@ def plot_confusion_matrices(records: list[EvaluationRecord], classes: list[str],
     return _save(figure, path)
 
 
-def make_plots(config: PipelineConfig, records: list[EvaluationRecord], classes: list[str],
-               out: Path) -> dict[str, Path]:
+def make_plots(config: PipelineConfig, records: list[EvaluationRecord], classes: list[str]) -> dict[str, Path]:
+    layout = RunLayout.of(config)
     plots = {
         "accuracy_vs_gflops": plot_tradeoff(records, "gflops", "GFLOPs per image", True,
-                                            out / "accuracy_vs_gflops.png"),
+                                            layout.report_figure("accuracy_vs_gflops")),
         "accuracy_vs_throughput": plot_tradeoff(records, "images_per_s", "inference images/s", False,
-                                                out / "accuracy_vs_throughput.png"),
-        "confusion_matrices": plot_confusion_matrices(records, classes, out / "confusion_matrices.png"),
+                                                layout.report_figure("accuracy_vs_throughput")),
+        "confusion_matrices": plot_confusion_matrices(records, classes, layout.report_figure("confusion_matrices")),
     }
     histories = read_histories(config, [record.model for record in records])
     if histories:
-        plots["training_curves"] = plot_training_curves(histories, out / "training_curves.png")
+        plots["training_curves"] = plot_training_curves(histories, layout.report_figure("training_curves"))
     return plots
 
 
@@ -239,9 +239,9 @@ def write_report(config: PipelineConfig, evaluation: list[EvaluationRecord] | No
     out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = report_rows(records)
-    plots = make_plots(config, records, stored.classes, out)
+    plots = make_plots(config, records, stored.classes)
     grids = attention_grids(config, records)
-    files = {"markdown": out / "report.md", "html": layout.report, **plots}
+    files = {"markdown": layout.report_markdown, "html": layout.report, **plots}
     files["markdown"].write_text(render_markdown(config, rows, plots, grids, out))
     files["html"].write_text(render_html(config, rows, plots, grids))
     _log_to_wandb(config, rows, plots, files, group)

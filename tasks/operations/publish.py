@@ -17,7 +17,6 @@ its link once made, so a publish cut short is finished by running it again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,16 +24,19 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, Manifest, read_manifest
+from tasks.digests import file_sha256, json_sha256
 from tasks.inference.model_ref import MODEL_CONFIG_FILE, REGISTRY_PREFIX
-from tasks.judging.evaluate import EvaluationRecord, read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
-from tasks.operations.tracking import file_digest, init_wandb_run, wandb_mode, wandb_run_id
+from tasks.operations.tracking import init_wandb_run, wandb_mode, wandb_run_id
+
+if TYPE_CHECKING:
+    from tasks.judging.evaluate import EvaluationRecord
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def split_sha256(manifest: Manifest, split: str = TEST_SPLIT) -> str:
     sha256s. Shards are byte-identical for the same source and shard options, so a retraining on the same data
     is scored on the same split."""
     shards = sorted((shard.name, shard.num_samples, shard.sha256) for shard in manifest.splits[split].shards)
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    return json_sha256(shards)
 
 
 def decide(card: dict, registered: dict | None, margin: float) -> Decision:
@@ -143,7 +145,7 @@ def model_card(config: PipelineConfig, record: EvaluationRecord, manifest: Manif
         "gflops": record.gflops,
         "train_seconds": record.train_seconds,
         "device_hours": record.device_hours,
-        "weights_sha256": file_digest(weights),
+        "weights_sha256": file_sha256(weights),
         "report": _report_link(config),
         "config": training_fields(config, record.model),
     }
@@ -183,16 +185,13 @@ def describe(card: dict) -> str:
     ])
 
 
-def offline_run_ids(run_dir: Path) -> list[str]:
-    """The W&B runs this run directory holds offline (wandb/offline-run-<time>-<id>), which `wandb sync` uploads."""
-    return sorted({path.name.split("-", 3)[3] for path in RunLayout(run_dir).wandb_dir.glob("offline-run-*-*")})
-
-
 def plan_publication(config: PipelineConfig) -> dict:
     """What publishing links, written to <run directory>/registry.json; the plan is returned.
 
     Every model of the run's evaluation.json, with its card; the shards' manifest gives the test split.
     """
+    from tasks.judging.evaluate import read_evaluation  # torch: the flows import this module without it
+
     layout = RunLayout.of(config)
     run_dir = layout.root
     evaluation = read_evaluation(config)
@@ -225,7 +224,7 @@ def plan_publication(config: PipelineConfig) -> dict:
         "version": PLAN_VERSION,
         "wandb": {"project": tracking.project, "entity": tracking.entity,
                   "group": tracking.flow_run or tracking.run_name, "registry": tracking.registry,
-                  "offline_runs": offline_run_ids(run_dir)},
+                  "offline_runs": RunLayout(run_dir).offline_wandb_run_ids()},
         "regression_margin": tracking.regression_margin,
         "models": models,
     }
@@ -263,7 +262,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
     missing = registry.missing_runs(plan["wandb"]["offline_runs"])
     if missing:
         raise PublishError(f"W&B does not have the run(s) {', '.join(missing)} of {run_dir} yet (their cards link "
-                           f"them): upload them first with `wandb sync {RunLayout(run_dir).wandb_dir}/offline-run-*`")
+                           f"them): upload them first with `wandb sync {RunLayout(run_dir).offline_wandb_runs}`")
     for entry in plan["models"]:
         if entry["linked"]:
             log.info("%s: already linked to %s", entry["model"], entry["linked"]["version"])
@@ -271,7 +270,7 @@ def publish_plan(plan: dict, run_dir: Path, registry: Registry, *, run=None) -> 
         weights = run_dir / entry["weights"]
         if not weights.is_file():
             raise PublishError(f"{entry['model']}: {weights} is missing")
-        if file_digest(weights) != entry["metadata"]["weights_sha256"]:
+        if file_sha256(weights) != entry["metadata"]["weights_sha256"]:
             raise PublishError(f"{entry['model']}: {weights} differs from the weights registry.json was planned "
                                f"with (sha256); plan again with `vit-pipeline publish --flow-run DIR`")
         card = entry["metadata"]

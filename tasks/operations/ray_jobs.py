@@ -37,8 +37,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import PipelineConfig, is_url
+from tasks.errors import TrainingError
 from tasks.operations.alerts import FORWARD_ENV, relay
-from tasks.training.train import TrainingError, TrainOutcome, concurrent_trainings, ray_address, train_model
+
+if TYPE_CHECKING:
+    from tasks.training.train import TrainOutcome
 
 if TYPE_CHECKING:
     from tasks.operations.sweep import SweepOutcome
@@ -71,6 +74,8 @@ class TrainingCancelled(TrainingError):
 
 def jobs_api(config: PipelineConfig) -> str | None:
     """The Ray Jobs API address (http(s)://head:8265) when trainings are submitted as jobs, else None."""
+    from tasks.training.train import ray_address  # the training step's torch stays out of the flows' imports
+
     address = ray_address(config)
     return address if address and is_url(address) else None
 
@@ -94,6 +99,8 @@ def cluster_resources(address: str) -> dict[str, float]:
 
 
 def job_slots(config: PipelineConfig, address: str) -> int:
+    from tasks.training.train import concurrent_trainings
+
     return concurrent_trainings(config, cluster_resources(address))
 
 
@@ -214,6 +221,8 @@ def outcome_to_json(outcome: TrainOutcome) -> str:
 
 
 def outcome_from_json(text: str) -> TrainOutcome:
+    from tasks.training.train import TrainOutcome
+
     fields = json.loads(text)
     paths = {field.name for field in dataclasses.fields(TrainOutcome) if field.type in ("Path", Path)}
     arguments: dict[str, Any] = {key: Path(value) if key in paths else value for key, value in fields.items()}
@@ -372,6 +381,8 @@ def jobs_stopped_on_exit(address: str | None, flow_run_id: str | None) -> Iterat
 def main() -> int:
     """The job's driver: train the requested model, or run the sweep, on the cluster it runs on; report the
     outcome."""
+    from tasks.training.train import train_model
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     request = json.loads(os.environ[REQUEST_ENV])
     os.environ[FORWARD_ENV] = "1"  # no Prefect API here: the flow following this job's log emits its alerts

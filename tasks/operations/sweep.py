@@ -32,13 +32,13 @@ from ray.tune import Callback
 from tasks.config import (
     ConfigError,
     PipelineConfig,
-    SweepConfig,
     build_config,
     is_url,
     set_dotted,
     with_absolute_paths,
 )
 from tasks.layout import RunLayout
+from tasks.operations.sweep_space import SweepConfig
 from tasks.operations.tracking import files_artifact, start_wandb_run
 from tasks.training.checkpoints import latest_valid_checkpoint, read_checkpoint_metadata
 from tasks.training.train import (

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import ConfigError, PipelineConfig
+from tasks.digests import file_sha256
 from tasks.layout import RunLayout
 from tasks.operations.alerts import prefect_api_configured
 
@@ -136,7 +137,7 @@ def init_wandb_run(*, project: str, entity: str | None, group: str, job_type: st
 
 
 def sync_command(config: PipelineConfig) -> str:
-    return f"wandb sync {RunLayout.of(config).wandb_dir.absolute()}/offline-run-*"
+    return f"wandb sync {RunLayout.of(config).offline_wandb_runs.absolute()}"
 
 
 def manifest_snapshot(location: str, directory: Path) -> Path:
@@ -152,14 +153,6 @@ def manifest_snapshot(location: str, directory: Path) -> Path:
 
 def dataset_artifact_name(config: PipelineConfig) -> str:
     return f"shards-{config.data.dataset}"
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def files_artifact(name: str, kind: str, files: list[Path], metadata: dict | None = None):
@@ -179,7 +172,7 @@ def record_input(run, name: str, kind: str, path: Path) -> None:
     upstream version after `wandb sync`.
     """
     if run.offline:
-        run.config.update({f"input/{name}": file_digest(path)}, allow_val_change=True)
+        run.config.update({f"input/{name}": file_sha256(path)}, allow_val_change=True)
     else:
         run.use_artifact(files_artifact(name, kind, [path]))
 

@@ -8,7 +8,6 @@ unpickles arbitrary objects: safetensors for tensors, `torch.load(weights_only=T
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tasks.digests import file_sha256
+from tasks.errors import CheckpointError
 from tasks.layout import BEST_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ EMA_WEIGHTS = "ema.safetensors"
 STATE = "state.pt"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete, damaged or unsafe to load."""
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP and torch.compile wrappers."""
     while True:
@@ -39,14 +36,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         if inner is None:
             return model
         model = inner
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
@@ -83,7 +72,7 @@ def save_checkpoint(
         directory / STATE,
     )
     files = {
-        path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(directory.iterdir())
         if path.name != METADATA
     }
@@ -106,7 +95,7 @@ def read_checkpoint_metadata(directory: Path) -> dict:
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != expected["bytes"] or file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: size or sha256 differs from {METADATA}")
     if WEIGHTS not in metadata.get("files", {}):
         raise CheckpointError(f"{directory}: {METADATA} lists no {WEIGHTS}")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tasks.config import ModelSpec, PipelineConfig, TrainingConfig
+from tasks.data.loader import batches_per_rank
 from tasks.models import build_model
 
 if TYPE_CHECKING:
@@ -99,6 +100,15 @@ def lr_scales(model: nn.Module, *, layer_decay: float | None, backbone_lr_scale:
         scale = layer_decay ** (last_layer - layers[name]) if layer_decay is not None else 1.0
         scales[name] = scale if is_head_parameter(name, heads) else scale * backbone_lr_scale
     return scales
+
+
+def steps_per_epoch(config: PipelineConfig, train_samples: int, world_size: int) -> int:
+    """Optimizer steps per epoch: the batches each rank yields (repeated-augmentation copies included), in
+    groups of training.grad_accum_steps; the epoch's last group may be shorter."""
+    training = config.training
+    batches = batches_per_rank(train_samples, world_size, training.batch_size,
+                               config.data.augment.repeated_augmentation)
+    return math.ceil(batches / training.grad_accum_steps)
 
 
 def global_batch(training: TrainingConfig, world_size: int) -> int:

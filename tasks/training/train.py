@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,50 +19,26 @@ from typing import TypeVar
 from tasks.config import (
     RAY_CLIENT_REFUSED,
     RAY_CLIENT_SCHEME,
-    ConfigError,
     PipelineConfig,
     is_url,
     with_absolute_paths,
 )
-from tasks.data.loader import batches_per_rank
-from tasks.data.samples import ShardFormatError
 from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
+from tasks.errors import TrainingError, is_deterministic
 from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import require_wandb_key, start_wandb_run
 from tasks.training.checkpoints import (
     WEIGHTS,
-    CheckpointError,
     latest_valid_checkpoint,
     read_checkpoint_metadata,
 )
-from tasks.training.recipe import check_ema_horizon
+from tasks.training.recipe import check_ema_horizon, steps_per_epoch
 from tasks.training.train_loop import NonFiniteLossError, StepHook, TrainingJob, train_worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Errors that happen again on every attempt: a retry from the last checkpoint only repeats them.
-DETERMINISTIC_ERRORS = (
-    AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, ImportError,
-    NotImplementedError, ZeroDivisionError, NonFiniteLossError, ConfigError, ShardFormatError, CheckpointError,
-)
-# torch reports shape and size mismatches as plain RuntimeErrors; these messages mark them as deterministic.
-SHAPE_ERROR = re.compile(r"shape|size mismatch|sizes? of tensors|dimension|must match the size", re.IGNORECASE)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or did not finish; the message says what to do about it.
-
-    retryable is False when trying again cannot help (bad input, a bug, a NaN loss): the flow must not retry.
-    cause is the worker's error that ended the training, when one did.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = True, cause: BaseException | None = None):
-        super().__init__(message)
-        self.retryable = retryable
-        self.cause = cause
 
 
 @dataclass
@@ -229,7 +203,7 @@ def training_run(
         resources["GPU"] = scaling.gpus_per_worker or 1
     job = TrainingJob(
         config=config, model_name=model_name,
-        shard_location=location if "://" in location else str(Path(location).absolute()),
+        shard_location=location if is_url(location) else str(Path(location).absolute()),
         teacher_weights=str(Path(teacher_weights).absolute()) if teacher_weights else None,
         # A local run directory is scanned for the furthest valid checkpoint; object storage is Ray's alone.
         group=group, run_path=None if is_url(storage) else f"{storage}/{name}", step_hook=step_hook,
@@ -269,7 +243,7 @@ def train_model(
     """Train one configured model on the shards with Ray Train; resumes a run of the same name.
 
     A worker that dies, a lost node or a transient I/O error restarts the worker group from the last
-    checkpoint, up to training.max_failures times; a deterministic error (see DETERMINISTIC_ERRORS) fails at
+    checkpoint, up to training.max_failures times; a deterministic error (tasks.errors.is_deterministic) fails at
     once with its message, as a TrainingError that is not retryable.
     """
     require_wandb_key(config)  # the driver's check (the step command, a Ray Job's driver), before Ray starts
@@ -314,20 +288,9 @@ def _check_before_start(config: PipelineConfig, location: str) -> None:
         raise TrainingError(f"{location}: the shards have no {VAL_SPLIT!r} split to choose checkpoints on; shard "
                             f"again with data.val_size > 0", retryable=False)
     training = config.training
-    steps_per_epoch = math.ceil(
-        batches_per_rank(splits["train"].num_samples, config.scaling.num_workers, training.batch_size,
-                         config.data.augment.repeated_augmentation)
-        / training.grad_accum_steps
-    )
-    if (problem := check_ema_horizon(training, steps_per_epoch * training.epochs)) is not None:
+    steps = steps_per_epoch(config, splits["train"].num_samples, config.scaling.num_workers)
+    if (problem := check_ema_horizon(training, steps * training.epochs)) is not None:
         raise TrainingError(problem, retryable=False)
-
-
-def is_deterministic(error: BaseException) -> bool:
-    """Whether `error`, raised in a worker, would be raised again by a retry from the last checkpoint."""
-    if isinstance(error, DETERMINISTIC_ERRORS):
-        return True
-    return type(error) is RuntimeError and bool(SHAPE_ERROR.search(str(error)))
 
 
 def fit_with_retries(trainer, model_name: str, run_path: str, max_failures: int):

@@ -19,7 +19,6 @@ What keeps the numbers honest:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import resource
@@ -43,6 +42,7 @@ from tasks.data.loader import Normalizer, ShardStream, device_batches, make_load
 from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import VAL_SPLIT, read_manifest
+from tasks.errors import NonFiniteLossError
 from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS
 from tasks.models import autocast_context, build_model, uses_channels_last
@@ -73,6 +73,7 @@ from tasks.training.recipe import (
     check_ema_horizon,
     effective_lr,
     freeze_backbone,
+    steps_per_epoch,
     uses_mixing,
     warmup_cosine,
 )
@@ -87,10 +88,6 @@ log = logging.getLogger(__name__)
 
 # Called as step_hook(epoch, step, rank) after each optimizer step; tests use it to inject faults.
 StepHook = Callable[[int, int, int], None]
-
-
-class NonFiniteLossError(ArithmeticError):
-    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -249,11 +246,11 @@ def setup(context: WorkerContext, job: TrainingJob) -> LoopState:
         teacher = build_teacher(config, spec, num_classes, job.teacher_weights)
         teacher = teacher.to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(model, training, spec, context.world_size)
-    steps_per_epoch = math.ceil(len(train_stream) / training.grad_accum_steps)
-    total_steps = steps_per_epoch * training.epochs
+    epoch_steps = steps_per_epoch(config, train_stream.num_samples, context.world_size)
+    total_steps = epoch_steps * training.epochs
     if (problem := check_ema_horizon(training, total_steps)) is not None:
         raise ValueError(problem)
-    warmup_steps = max(1, round(training.warmup_epochs * steps_per_epoch))
+    warmup_steps = max(1, round(training.warmup_epochs * epoch_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps,
                                               training.min_lr / effective_lr(training, context.world_size))
@@ -265,7 +262,7 @@ def setup(context: WorkerContext, job: TrainingJob) -> LoopState:
         train_loader=make_loader(train_stream, loader_workers, persistent=True, pin_memory=pin),
         val_loader=make_loader(val_stream, loader_workers, persistent=True, pin_memory=pin),
         normalizer=Normalizer(config.data.mean, config.data.std, device, channels_last=channels_last),
-        device_augment=device_augment, steps_per_epoch=steps_per_epoch,
+        device_augment=device_augment, steps_per_epoch=epoch_steps,
     )
     _resume(loop)
     _prepare_step_model(loop, frozen=backbone_frozen(training, loop.start_epoch))

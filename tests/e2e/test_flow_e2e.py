@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.e2e.test_sweep_run import SHRUNK as SWEEP_SHRUNK
-from tests.e2e.test_sweep_run import wandb_runs_by_job_type
 from tests.support.prefect_server import free_port, server_env, stop, wait_until
 from tests.support.prefect_server import start as start_server
 from tests.support.ray_head import ray_head
+from tests.support.sweep_runs import SHRUNK as SWEEP_SHRUNK
+from tests.support.sweep_runs import wandb_runs_by_job_type
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ DURATIONS = {BASELINE: 2.0, VIT: 0.5, SWIN: 0.5, DEIT: 0.5}
 @pytest.fixture(name="fake_trainings")
 def fake_trainings_fixture(monkeypatch):
     """train_model replaced by one that takes DURATIONS[model] seconds, records when it ran, and writes weights."""
-    import flows.pipeline
+    import tasks.training.train
     from tasks.layout import RunLayout
     from tasks.training.train import TrainOutcome
 
@@ -34,7 +34,7 @@ def fake_trainings_fixture(monkeypatch):
         return TrainOutcome(model_name, out / "best.safetensors", out / "last.safetensors", [], best_epoch=1,
                             best_val_acc=0.5, checkpoint_dir="", train_seconds=0.0)
 
-    monkeypatch.setattr(flows.pipeline, "train_model", train_model)
+    monkeypatch.setattr(tasks.training.train, "train_model", train_model)  # the flow imports it in train_task
     return calls
 
 

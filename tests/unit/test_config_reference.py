@@ -1,7 +1,8 @@
 """docs/configuration.md's field reference is generated from the schema and kept current."""
 
-from tasks.config import AugmentConfig, ModelSpec, PipelineConfig, SearchDimension, SweepSchedulerConfig
+from tasks.config import AugmentConfig, ModelSpec, PipelineConfig
 from tasks.config_reference import BEGIN, END, _section_type, main, render, updated
+from tasks.operations.sweep_space import SearchDimension, SweepSchedulerConfig
 
 
 def test_the_reference_in_the_docs_is_current():

@@ -11,7 +11,8 @@ from tasks.layout import RunLayout
 from tests.conftest import REPO_ROOT
 
 FILE_NAMES = (layout.BEST_WEIGHTS, layout.LAST_WEIGHTS, layout.METRICS_FILE, layout.EVALUATION_FILE,
-              layout.REGISTRY_FILE, layout.RUN_OWNER_FILE)
+              layout.REGISTRY_FILE, layout.RUN_OWNER_FILE, layout.REPORT_FILE, layout.REPORT_MARKDOWN_FILE,
+              layout.OFFLINE_RUN_GLOB)
 
 
 def test_the_documented_paths():
@@ -24,6 +25,9 @@ def test_the_documented_paths():
     assert run.evaluation == root / "evaluation.json"
     assert run.attention_map("m") == root / "attention" / "m.png"
     assert run.report == root / "report" / "report.html"
+    assert run.report_markdown == root / "report" / "report.md"
+    assert run.report_figure("confusion_matrices") == root / "report" / "confusion_matrices.png"
+    assert run.offline_wandb_runs == root / "wandb" / "offline-run-*"
     assert run.registry == root / "registry.json"
     assert run.sweep_dir == root / "sweep"
     assert run.wandb_dir == root / "wandb"
@@ -65,3 +69,14 @@ def run_file_literals(source_dirs: list[Path]) -> list[str]:
 
 def test_only_the_layout_spells_the_run_directorys_files():
     assert run_file_literals([REPO_ROOT / "tasks", REPO_ROOT / "flows"]) == []
+
+
+def test_offline_wandb_runs_by_wandbs_own_directory_names(tmp_path):
+    layout = RunLayout(tmp_path)
+    for name in ("offline-run-20260101_000000-weekly-2-train-vit-0123456789", "offline-run-20260101_000001-abc",
+                 "run-20260101_000002-online", "offline-run-unfinished"):
+        (layout.wandb_dir / name).mkdir(parents=True)
+    assert layout.offline_wandb_run_ids() == ["abc", "weekly-2-train-vit-0123456789"]
+    assert sorted(path.name for path in layout.wandb_dir.glob(layout.offline_wandb_runs.name)) == [
+        "offline-run-20260101_000000-weekly-2-train-vit-0123456789", "offline-run-20260101_000001-abc",
+        "offline-run-unfinished"]

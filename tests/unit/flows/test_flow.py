@@ -35,13 +35,12 @@ from tasks.config import (
     NOT_TRAINING_FIELDS,
     ConfigError,
     PipelineConfig,
-    SearchDimension,
-    SweepConfig,
     build_config,
     get_dotted,
     load_config,
     set_dotted,
 )
+from tasks.operations.sweep_space import SearchDimension, SweepConfig
 from tests.conftest import REPO_ROOT
 from tests.support.fake_trainings import (  # noqa: F401  (fake_trainings_fixture: the fixture fake_trainings)
     BASELINE,
@@ -725,3 +724,15 @@ def test_a_cancelled_flow_run_takes_the_cluster_down(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
     assert record.read_text().splitlines() == UP_AND_DOWN
+
+
+def test_shard_cache_key_follows_the_shard_fingerprint_and_its_version(tmp_path, data_root, monkeypatch):
+    import tasks.data.shard
+
+    config = _config(tmp_path, data_root)
+    key = shard_cache_key(None, {"config": config})
+    reseeded = config.model_copy(deep=True)
+    reseeded.data.split_seed += 1
+    assert shard_cache_key(None, {"config": reseeded}) != key
+    monkeypatch.setattr(tasks.data.shard, "MANIFEST_VERSION", tasks.data.shard.MANIFEST_VERSION + 1)
+    assert shard_cache_key(None, {"config": config}) != key

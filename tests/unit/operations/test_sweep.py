@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from flows.cli import EXIT_BAD_INPUT, main
-from tasks.config import VALIDATION_METRICS, ConfigError, build_config, load_config
+from tasks.config import ConfigError, build_config, load_config
 from tasks.layout import RUN_OWNER_FILE
 from tasks.operations.sweep import (
     COMPLETED,
@@ -27,6 +27,7 @@ from tasks.operations.sweep import (
     trial_record,
     write_best_config,
 )
+from tasks.operations.sweep_space import VALIDATION_METRICS
 from tests.conftest import REPO_ROOT
 
 VIT = "vit_tiny_patch4_32"

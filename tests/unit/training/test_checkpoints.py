@@ -79,12 +79,12 @@ class _Exploit:
 
 def _refresh_hashes(directory: Path) -> None:
     """What an attacker who can write the checkpoint would do: make the metadata match the payload."""
-    from tasks.training.checkpoints import _sha256
+    from tasks.digests import file_sha256
 
     metadata = json.loads((directory / METADATA).read_text())
     for name in metadata["files"]:
         path = directory / name
-        metadata["files"][name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        metadata["files"][name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     (directory / METADATA).write_text(json.dumps(metadata))
 
 

@@ -5,6 +5,7 @@ import torch
 
 from tasks.config import build_config
 from tasks.models import autocast_context, uses_channels_last
+from tasks.training.recipe import steps_per_epoch
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
@@ -27,3 +28,11 @@ def test_channels_last_per_model_overrides_the_training_default():
     everywhere = config.model_copy(update={"training": config.training.model_copy(update={"channels_last": True})})
     assert uses_channels_last(everywhere.training, everywhere.model.spec("vit_tiny_patch4_32"))
     assert not uses_channels_last(everywhere.training, everywhere.model.spec("swin_tiny_patch2_window4_32"))
+
+
+@pytest.mark.parametrize(("accum", "repeats", "expected"), [(1, 1, 8), (3, 1, 3), (3, 2, 6)])
+def test_steps_per_epoch_counts_each_ranks_batches_in_accumulation_groups(accum, repeats, expected):
+    # 1,000 images on 2 ranks: 500 each, in batches of 64 (32 distinct images when each is repeated twice).
+    config = build_config({"training": {"batch_size": 64, "grad_accum_steps": accum},
+                           "data": {"augment": {"repeated_augmentation": repeats}}})
+    assert steps_per_epoch(config, 1000, 2) == expected

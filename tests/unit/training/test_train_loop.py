@@ -15,11 +15,11 @@ from torch import nn
 
 from tasks.config import build_config
 from tasks.data.loader import ShardStream
+from tasks.errors import is_deterministic
 from tasks.layout import BEST_WEIGHTS
 from tasks.models import build_model
 from tasks.training.checkpoints import EMA_WEIGHTS, checkpoint_dirs, read_checkpoint_metadata
 from tasks.training.recipe import check_ema_horizon, ema_initial_share
-from tasks.training.train import is_deterministic
 from tasks.training.train_loop import (
     NonFiniteLossError,
     TrainingJob,
