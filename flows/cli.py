@@ -16,6 +16,7 @@ from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_confi
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import shard_from_config, verify_shards
 from tasks.data.sources import SourceError
+from tasks.inference.model_ref import ModelRefError
 from tasks.operations.publish import PublishError
 from tasks.training.checkpoints import CheckpointError
 from tasks.training.train import TrainingError
@@ -23,7 +24,7 @@ from tasks.training.train import TrainingError
 EXIT_VERIFY_FAILED = 1
 # Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
 BAD_INPUT_ERRORS = (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
-                    PublishError)
+                    PublishError, ModelRefError)
 # The loggers through which Prefect reports a step's or a flow's error, traceback included.
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 

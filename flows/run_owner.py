@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
-from tasks.layout import RUN_OWNER_FILE, RunLayout
+from tasks.layout import LATEST_LINK, RUN_OWNER_FILE, RunLayout
 
-LATEST_LINK = "latest"
 CLAIM_LOCK = ".claim.lock"
 PIPELINE_KIND = "pipeline"
 

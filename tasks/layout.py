@@ -6,6 +6,7 @@ A run directory is runs/<run_name>/ for the step commands, runs/<run_name>/<flow
     models/<model>/best.safetensors   the weights training chose on validation (what is scored and exported)
     models/<model>/last.safetensors   the last epoch's weights
     models/<model>/metrics.json       the training's history and summary
+    models/<model>/config.json        what the model is and what it takes, in timm's hub layout (tasks/inference)
     ray/                              Ray Train's checkpoints, unless storage.checkpoints puts them elsewhere
     evaluation.json                   evaluate's records, one per model
     attention/<model>.png             attention maps
@@ -30,6 +31,8 @@ METRICS_FILE = "metrics.json"
 EVALUATION_FILE = "evaluation.json"
 REGISTRY_FILE = "registry.json"
 RUN_OWNER_FILE = "flow-run.json"
+# runs/<run>/latest: a link to the flow run directory that finished last (flows/run_owner.py).
+LATEST_LINK = "latest"
 REPORT_FILE = "report.html"
 
 

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
 from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, read_manifest
+from tasks.inference.model_ref import MODEL_CONFIG_FILE, REGISTRY_PREFIX
 from tasks.judging.evaluate import read_evaluation
 from tasks.layout import RunLayout
 from tasks.operations.alerts import alert
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 PLAN_VERSION = 1
 BEST_ALIAS = "best"
 LATEST_ALIAS = "latest"
-REGISTRY_PREFIX = "wandb-registry-"
 # How long publishing waits for the W&B server to answer a connection before saying it cannot reach it.
 CONNECT_SECONDS = 10.0
 
@@ -339,6 +339,9 @@ class WandbRegistry:
         card = {**entry["metadata"], "report": self._report_with_url(entry["metadata"]["report"])}
         artifact = wandb.Artifact(entry["artifact"], type="model", description=describe(card), metadata=card)
         artifact.add_file(str(weights), name=weights.name)
+        # config.json says what the weights are (tasks/inference/model_ref.py): a downloaded version is usable.
+        if (model_config := weights.parent / MODEL_CONFIG_FILE).is_file():
+            artifact.add_file(str(model_config), name=MODEL_CONFIG_FILE)
         # The training run logged the same bytes under the same name, so W&B keeps that one version (lineage to
         # the training run); the card is set on it either way.
         logged = self.run.log_artifact(artifact).wait()

@@ -29,6 +29,7 @@ from tasks.config import (
 from tasks.data.loader import batches_per_rank
 from tasks.data.samples import ShardFormatError
 from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
+from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS, RunLayout
 from tasks.operations.alerts import Sent, alert
 from tasks.operations.tracking import start_wandb_run
@@ -256,7 +257,8 @@ def train_model(
         if isinstance(error.cause, NonFiniteLossError):
             alert_nonfinite_loss(run.config, model_name, error, group=group)
         raise
-    return _export(run.config, model_name, result, time.perf_counter() - started)
+    location = shard_location or run.config.shard_location
+    return _export(run.config, model_name, result, time.perf_counter() - started, location)
 
 
 def alert_nonfinite_loss(config: PipelineConfig, model_name: str, error: TrainingError, *,
@@ -339,8 +341,9 @@ def _failure_message(model_name: str, run_path: str, error: BaseException) -> st
     return f"training {model_name} failed ({type(error).__name__}: {error}); {where}"
 
 
-def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> TrainOutcome:
-    """Copy the best and last scored weights out of the run's last checkpoint into runs/<run>/models/<model>/.
+def _export(config: PipelineConfig, model_name: str, result, seconds: float, shard_location: str) -> TrainOutcome:
+    """Copy the best and last scored weights out of the run's last checkpoint into runs/<run>/models/<model>/,
+    with the config.json that says what they are (tasks/inference/model_ref.py).
 
     The last checkpoint carries the best epoch's scored weights (EMA when on), so what is exported as best is
     exactly what was validated as best, whatever checkpoints Ray kept.
@@ -354,6 +357,7 @@ def _export(config: PipelineConfig, model_name: str, result, seconds: float) -> 
         metadata = read_checkpoint_metadata(Path(directory))  # raises CheckpointError on a damaged checkpoint
         shutil.copyfile(Path(directory) / BEST_WEIGHTS, layout.weights(model_name))
         shutil.copyfile(Path(directory) / metadata.get("scored_weights", WEIGHTS), layout.weights(model_name, "last"))
+    write_model_config(out, config, model_name, shard_location)
     history, best_epoch = metadata["history"], metadata["best_epoch"]
     best_val_acc = history[best_epoch - 1]["val_acc"]
     checkpoint_dir = _checkpoint_location(config, model_name, result.checkpoint)

@@ -43,6 +43,7 @@ from tasks.data.loader import Normalizer, ShardStream, device_batches, make_load
 from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
 from tasks.data.shard import VAL_SPLIT, read_manifest
+from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS
 from tasks.models import autocast_context, build_model, uses_channels_last
 from tasks.operations.tracking import (
@@ -565,6 +566,9 @@ def _log_best_weights_artifact(tracker, loop: LoopState) -> None:
         artifact = wandb.Artifact(model_artifact_name(loop.job.model_name), type="model",
                                   metadata={"model": loop.job.model_name, "epoch": loop.best_epoch})
         artifact.add_file(str(path))
+        # The same config.json as the export's beside the weights, so a downloaded version can be used as it is.
+        artifact.add_file(str(write_model_config(Path(directory), loop.config, loop.job.model_name,
+                                                 loop.job.shard_location)))
         tracker.log_artifact(artifact)
 
 
