@@ -168,8 +168,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.layout import RunLayout
 
     config = _load(args, {"shards": "data.shard_dir"})
-    print(markdown_table(evaluate_models(config)), end="")
-    print(f"written to {RunLayout.of(config).evaluation}")
+    layout = RunLayout.of(config)
+    if args.model:
+        # Only the models named, merged into evaluation.json beside the others already scored there.
+        records = evaluate_models(config, {name: layout.weights(name) for name in dict.fromkeys(args.model)},
+                                  merge=True)
+    else:
+        records = evaluate_models(config)
+    print(markdown_table(records), end="")
+    print(f"written to {layout.evaluation}; `vit-pipeline report` renders it")
     return 0
 
 
@@ -258,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="evaluate the trained models on the test split")
     _config_arguments(evaluate)
     evaluate.add_argument("--shards", help=shards_help)
+    evaluate.add_argument("--model", action="append", metavar="NAME",
+                          help="evaluate only this trained model of the config (repeatable), keeping the other "
+                               "models' records in evaluation.json (default: every model, all trained)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     attention = commands.add_parser("attention", help="attention-map grids of the trained transformers")

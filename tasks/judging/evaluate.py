@@ -250,8 +250,13 @@ def _image_shape(stream: ShardStream) -> tuple[int, int, int]:
 
 
 def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = None,
-                    shard_location: str | None = None, group: str | None = None) -> list[dict]:
-    """Evaluate the baseline and every transformer (or `models`: name -> weights) on the test split."""
+                    shard_location: str | None = None, group: str | None = None, *,
+                    merge: bool = False) -> list[dict]:
+    """Evaluate the baseline and every transformer (or `models`: name -> weights) on the test split.
+
+    merge: keep evaluation.json's records of the other models (scored on the same classes), so models trained
+    one at a time are compared side by side; otherwise the file holds the models evaluated now. Returns the
+    records written, in the configuration's model order."""
     models = models if models is not None else default_models(config)
     for name, weights in models.items():
         config.model.spec(name)  # fail on an unknown name or missing file before evaluating anything
@@ -263,10 +268,24 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
     records = [evaluate_model(config, name, Path(weights), location, manifest, device)
                for name, weights in models.items()]
     out = RunLayout.of(config).evaluation
+    if merge and out.is_file():
+        records = _merged(config, records, json.loads(out.read_text()), classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": records, "classes": classes}, indent=2))
     _log_to_wandb(config, records, group, models, out)
     return records
+
+
+def _merged(config: PipelineConfig, records: list[dict], stored: dict, classes: list[str]) -> list[dict]:
+    """`records` with the stored records of other models, in the configuration's model order (others last)."""
+    if stored.get("classes") != classes:
+        log.warning("%s was scored on other classes (%s); its records are replaced", RunLayout.of(config).evaluation,
+                    stored.get("classes"))
+        return records
+    evaluated = {record["model"] for record in records}
+    kept = [record for record in stored.get("models", []) if record["model"] not in evaluated]
+    order = [spec.name for spec in config.model.all_specs()]
+    return sorted([*kept, *records], key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
 
 
 def read_evaluation(config: PipelineConfig) -> dict:
