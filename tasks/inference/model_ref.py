@@ -277,8 +277,9 @@ def load_model(description: ModelDescription, device: torch.device | str = "cpu"
 
 
 def eval_transform(description: ModelDescription) -> Callable[[Image.Image], torch.Tensor]:
-    """A PIL image of any size and mode -> the normalised C x H x W float tensor the model takes: RGB, resized and
-    centre-cropped as its pretrained_cfg says (timm's evaluation transform)."""
+    """A PIL image of any size and mode -> the normalised C x H x W float tensor the model takes: upright (as its
+    EXIF orientation says), RGB, resized and centre-cropped as its pretrained_cfg says (timm's evaluation
+    transform)."""
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -287,4 +288,6 @@ def eval_transform(description: ModelDescription) -> Callable[[Image.Image], tor
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image).convert("RGB")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import tasks.training.train
 from tasks.config import build_config
+from tasks.inference.model_ref import load_model, resolve_model_ref
 from tasks.models import build_model
 from tasks.operations.alerts import alert
 from tasks.operations.tracking import wandb_run_id
@@ -76,6 +77,10 @@ def test_two_workers_train_vit_two_epochs(unfaulted):
         model.load_state_dict(load_file(weights))  # strict
     wandb_runs = list((Path(config.run_dir) / "wandb").glob("offline-run-*"))
     assert wandb_runs and list(wandb_runs[0].glob("*.wandb"))
+    # The export says what the weights are (config.json): the model is usable by reference alone.
+    described = resolve_model_ref(f"{config.run_dir}:vit_tiny_patch4_32")
+    assert described.weights == outcome.best_weights and described.model_args == {"depth": 2}
+    load_model(described)  # strict
 
 
 def _kill_once(epoch: int, step: int, rank: int, *, marker: str, at_epoch: int, at_rank: int) -> None:
