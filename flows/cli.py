@@ -17,14 +17,16 @@ from tasks.data.samples import ShardFormatError
 from tasks.data.shard import shard_from_config, verify_shards
 from tasks.data.sources import SourceError
 from tasks.inference.model_ref import ModelRefError
+from tasks.inference.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, DEVICES, PredictInputError
 from tasks.operations.publish import PublishError
 from tasks.training.checkpoints import CheckpointError
 from tasks.training.train import TrainingError
 
 EXIT_VERIFY_FAILED = 1
+EXIT_SKIPPED = 1  # predict: some files were not readable images (the others were classified)
 # Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
 BAD_INPUT_ERRORS = (ConfigError, SourceError, ShardFormatError, FileNotFoundError, TrainingError, CheckpointError,
-                    PublishError, ModelRefError)
+                    PublishError, ModelRefError, PredictInputError)
 # The loggers through which Prefect reports a step's or a flow's error, traceback included.
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
@@ -180,6 +182,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with a trained model; exit 1 when some files were skipped."""
+    from tasks.inference.model_ref import load_model, resolve_model_ref
+    from tasks.inference.predict import (
+        check_output,
+        choose_device,
+        find_images,
+        format_prediction,
+        predict_images,
+        write_predictions,
+    )
+
+    check_output(args.output)
+    device = choose_device(args.device)
+    paths, missing = find_images(args.images)
+    if not paths:
+        raise PredictInputError(f"no image files in {', '.join(args.images)}")
+    description = resolve_model_ref(args.model)
+    model = load_model(description, device)
+    predictions, unreadable = predict_images(
+        model, description, paths, device=device, top_k=args.top_k, batch_size=args.batch_size,
+        attention_dir=args.attention, progress=not args.quiet)
+    skipped = missing + unreadable
+    for prediction in predictions:
+        print(format_prediction(prediction))
+    if args.output is not None:
+        print(f"{len(predictions)} predictions written to {write_predictions(predictions, args.output)}")
+    if args.attention is not None and any(p.attention for p in predictions):
+        print(f"attention overlays in {args.attention}")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(paths) + len(missing)} files:", file=sys.stderr)
+        for item in skipped:
+            print(f"  {item.path}: {item.reason}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return 0
+
+
 def cmd_attention(args: argparse.Namespace) -> int:
     from tasks.judging.attention import attention_maps
 
@@ -285,6 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--run-dir", metavar="DIR",
                          help="carry out DIR/registry.json, planned offline, once `wandb sync` has uploaded DIR's runs")
     publish.set_defaults(handler=cmd_publish)
+
+    predict = commands.add_parser("predict", help="classify image files with a trained model")
+    predict.add_argument("--model", required=True, metavar="MODEL_REF",
+                         help="a models/<name> directory, <run dir>:<name> (runs/<run>/latest:<name>), "
+                              "<run dir>/registry.json:<name>, or a W&B Registry path "
+                              "wandb-registry-<registry>/<collection>:<alias>")
+    predict.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="image files, folders (searched recursively) or globs ('**' recursive)")
+    predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="labels per image (default: %(default)s)")
+    predict.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                         help="images per forward pass (default: %(default)s)")
+    predict.add_argument("--output", type=Path, metavar="FILE",
+                         help="also write the predictions to FILE: .csv (one row per image) or .jsonl")
+    predict.add_argument("--attention", type=Path, metavar="DIR",
+                         help="write each image's attention overlay (CLS per head and rollout) to DIR/<name>.png")
+    predict.add_argument("--device", default="auto", choices=DEVICES,
+                         help="auto: the GPU when there is one (default: %(default)s)")
+    predict.set_defaults(handler=cmd_predict)
 
     verify = commands.add_parser("verify-shards", help="re-count and re-hash shards against manifest.json")
     verify.add_argument("location", help="shard directory or fsspec URL")
