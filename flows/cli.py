@@ -19,14 +19,17 @@ from tasks.data.shard import shard_from_config, verify_shards
 from tasks.errors import INPUT_ERRORS
 from tasks.inference.export import EXPORT_FORMATS, ONNX_TOLERANCE, PARITY_IMAGES, TIMM_TOLERANCE, ExportError
 from tasks.inference.model_ref import ModelRefError
+from tasks.inference.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, DEVICES, PredictInputError
 from tasks.operations.publish import PublishError
 from tasks.training.train import TrainingError
 
 EXIT_VERIFY_FAILED = 1
+EXIT_SKIPPED = 1  # predict: some files were not readable images (the others were classified)
 # Reported by name, exit EXIT_BAD_INPUT: the message says what is wrong, a traceback would only bury it.
 # Besides the user-input errors: a file named on the command line that is not there, and the training and
 # publish errors, whose messages say what to do.
-BAD_INPUT_ERRORS = (*INPUT_ERRORS, FileNotFoundError, TrainingError, PublishError, ModelRefError, ExportError)
+BAD_INPUT_ERRORS = (*INPUT_ERRORS, FileNotFoundError, TrainingError, PublishError, ModelRefError, ExportError,
+                    PredictInputError)
 # The loggers through which Prefect reports a step's or a flow's error, traceback included.
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
@@ -170,8 +173,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.layout import RunLayout
 
     config = _load(args, {"shards": "data.shard_dir"})
-    print(markdown_table(evaluate_models(config)), end="")
-    print(f"written to {RunLayout.of(config).evaluation}")
+    layout = RunLayout.of(config)
+    if args.model:
+        # Only the models named, merged into evaluation.json beside the others already scored there.
+        records = evaluate_models(config, {name: layout.weights(name) for name in dict.fromkeys(args.model)},
+                                  merge=True)
+    else:
+        records = evaluate_models(config)
+    print(markdown_table(records), end="")
+    print(f"written to {layout.evaluation}; `vit-pipeline report` renders it")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with a trained model; exit 1 when some files were skipped."""
+    from tasks.inference.model_ref import load_model, resolve_model_ref
+    from tasks.inference.predict import (
+        check_output,
+        choose_device,
+        find_images,
+        format_prediction,
+        predict_images,
+        write_predictions,
+    )
+
+    check_output(args.output)
+    device = choose_device(args.device)
+    paths, missing = find_images(args.images)
+    if not paths:
+        raise PredictInputError(f"no image files in {', '.join(args.images)}")
+    description = resolve_model_ref(args.model)
+    model = load_model(description, device)
+    predictions, unreadable = predict_images(
+        model, description, paths, device=device, top_k=args.top_k, batch_size=args.batch_size,
+        attention_dir=args.attention, progress=not args.quiet)
+    skipped = missing + unreadable
+    for prediction in predictions:
+        print(format_prediction(prediction))
+    if args.output is not None:
+        print(f"{len(predictions)} predictions written to {write_predictions(predictions, args.output)}")
+    if args.attention is not None and any(p.attention for p in predictions):
+        print(f"attention overlays in {args.attention}")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(paths) + len(missing)} files:", file=sys.stderr)
+        for item in skipped:
+            print(f"  {item.path}: {item.reason}", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
@@ -338,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="evaluate the trained models on the test split")
     _config_arguments(evaluate)
     evaluate.add_argument("--shards", help=shards_help)
+    evaluate.add_argument("--model", action="append", metavar="NAME",
+                          help="evaluate only this trained model of the config (repeatable), keeping the other "
+                               "models' records in evaluation.json (default: every model, all trained)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     attention = commands.add_parser("attention", help="attention-map grids of the trained transformers")
@@ -355,6 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--run-dir", metavar="DIR",
                          help="carry out DIR/registry.json, planned offline, once `wandb sync` has uploaded DIR's runs")
     publish.set_defaults(handler=cmd_publish)
+
+    predict = commands.add_parser("predict", help="classify image files with a trained model")
+    predict.add_argument("--model", required=True, metavar="MODEL_REF",
+                         help="a models/<name> directory, <run dir>:<name> (runs/<run>/latest:<name>), "
+                              "<run dir>/registry.json:<name>, or a W&B Registry path "
+                              "wandb-registry-<registry>/<collection>:<alias>")
+    predict.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="image files, folders (searched recursively) or globs ('**' recursive)")
+    predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="labels per image (default: %(default)s)")
+    predict.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                         help="images per forward pass (default: %(default)s)")
+    predict.add_argument("--output", type=Path, metavar="FILE",
+                         help="also write the predictions to FILE: .csv (one row per image) or .jsonl")
+    predict.add_argument("--attention", type=Path, metavar="DIR",
+                         help="write each image's attention overlay (CLS per head and rollout) to DIR/<name>.png")
+    predict.add_argument("--device", default="auto", choices=DEVICES,
+                         help="auto: the GPU when there is one (default: %(default)s)")
+    predict.set_defaults(handler=cmd_predict)
 
     export = commands.add_parser(
         "export", help="a trained model as ONNX or as a folder timm loads, checked on real test images")

@@ -52,6 +52,10 @@ class Panel:
     title: str
     maps: torch.Tensor
 
+    def of_image(self, index: int) -> Panel:
+        """This panel for the batch's image `index` alone (a one-row grid)."""
+        return Panel(self.title, self.maps[index : index + 1])
+
 
 def select_images(location: str, count: int = ATTENTION_IMAGES,
                   seed: int = ATTENTION_SEED) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -305,8 +305,13 @@ def _image_shape(stream: ShardStream) -> tuple[int, int, int]:
 
 
 def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = None,
-                    shard_location: str | None = None, group: str | None = None) -> list[EvaluationRecord]:
-    """Evaluate the baseline and every transformer (or `models`: name -> weights) on the test split."""
+                    shard_location: str | None = None, group: str | None = None, *,
+                    merge: bool = False) -> list[EvaluationRecord]:
+    """Evaluate the baseline and every transformer (or `models`: name -> weights) on the test split.
+
+    merge: keep evaluation.json's records of the other models (scored on the same classes), so models trained
+    one at a time are compared side by side; otherwise the file holds the models evaluated now. Returns the
+    records written, in the configuration's model order."""
     models = models if models is not None else default_models(config)
     for name, weights in models.items():
         config.model.spec(name)  # fail on an unknown name or missing file before evaluating anything
@@ -317,9 +322,24 @@ def evaluate_models(config: PipelineConfig, models: dict[str, Path] | None = Non
     records = [evaluate_model(config, name, Path(weights), location, manifest, device)
                for name, weights in models.items()]
     out = RunLayout.of(config).evaluation
+    if merge and out.is_file():
+        records = _merged(config, records, _read_evaluation_file(out), manifest.classes)
     write_evaluation(out, Evaluation(records, manifest.classes))
     _log_to_wandb(config, records, group, models, out)
     return records
+
+
+def _merged(config: PipelineConfig, records: list[EvaluationRecord], stored: Evaluation,
+            classes: list[str]) -> list[EvaluationRecord]:
+    """`records` with the stored records of other models, in the configuration's model order (others last)."""
+    if stored.classes != classes:
+        log.warning("%s was scored on other classes (%s); its records are replaced", RunLayout.of(config).evaluation,
+                    stored.classes)
+        return records
+    evaluated = {record.model for record in records}
+    kept = [record for record in stored.models if record.model not in evaluated]
+    order = [spec.name for spec in config.model.all_specs()]
+    return sorted([*kept, *records], key=lambda r: order.index(r.model) if r.model in order else len(order))
 
 
 def write_evaluation(path: Path, evaluation: Evaluation) -> None:
@@ -332,6 +352,10 @@ def read_evaluation(config: PipelineConfig) -> Evaluation:
     path = RunLayout.of(config).evaluation
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `vit-pipeline evaluate` first")
+    return _read_evaluation_file(path)
+
+
+def _read_evaluation_file(path: Path) -> Evaluation:
     return parse_record(Evaluation, path.read_text(), str(path))
 
 
