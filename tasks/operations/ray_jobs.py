@@ -262,6 +262,10 @@ def sweep_as_job(address: str, config: PipelineConfig, *, group: str | None, flo
 
 
 def _follow_submitted(address: str, submission_id: str, emit: Callable[[str], None]) -> str:
+    # Imported now: stop_followed_jobs may have to stop this job at interpreter exit, when an import that
+    # registers exit hooks (Ray's do) is refused.
+    import ray.job_submission  # noqa: F401
+
     emit(f"submitted Ray Job {submission_id} to {address}")
     with _followed_lock:
         _followed[submission_id] = address

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tasks.config import PipelineConfig
@@ -27,10 +28,13 @@ def mini_shards(tmp_path_factory, mini_cifar) -> str:
     return location
 
 
-def trained_run(tmp_path: Path, shards: str, transformers: list | None = None) -> PipelineConfig:
-    """A run directory (runs/eval/) whose models are trained as far as inference can tell: scrambled random
-    weights and config.json in models/<model>/, for the baseline and `transformers` (default a 2-block ViT-Tiny)."""
+def trained_run(tmp_path: Path, shards: str, transformers: list | None = None,
+                flow_run: str | None = None) -> PipelineConfig:
+    """A run directory (runs/eval/, or runs/eval/<flow_run>/ as a flow writes it) whose models are trained as far
+    as inference can tell: scrambled random weights and config.json in models/<model>/, for the baseline and
+    `transformers` (default a 2-block ViT-Tiny)."""
     config = tiny_config(tmp_path, shards, transformers=[TINY_VIT] if transformers is None else transformers)
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"flow_run": flow_run})})
     for name, weights in save_random_weights(config, scramble=True).items():
         write_model_config(weights.parent, config, name, shards)
     return config
@@ -38,7 +42,9 @@ def trained_run(tmp_path: Path, shards: str, transformers: list | None = None) -
 
 def png_test_images(shards: str, directory: Path, count: int) -> tuple[list[Path], np.ndarray, list[str]]:
     """The first `count` test images of the shards as PNG files, with their labels and shard keys."""
-    images, labels, keys = next(iter(ShardStream(shards, "test", count, train=False)))
+    batches = list(ShardStream(shards, "test", count, train=False))  # batches of at most `count`, in order
+    images, labels = torch.cat([b[0] for b in batches])[:count], torch.cat([b[1] for b in batches])[:count]
+    keys = [key for b in batches for key in b[2]][:count]
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, image in enumerate(images.permute(0, 2, 3, 1).numpy()):

@@ -652,7 +652,7 @@ def test_a_sweep_reaching_the_cluster_through_its_jobs_api_runs_as_a_ray_job(tmp
         return SweepOutcome([best], cfg, tmp_path / "results.json", tmp_path / "best.yaml", False, 1.0)
 
     monkeypatch.setattr(flows.sweep, "sweep_as_job", sweep_as_job)
-    monkeypatch.setattr(flows.sweep, "run_sweep", lambda *args, **kwargs: pytest.fail("Tune ran in the flow"))
+    monkeypatch.setattr("tasks.operations.sweep.run_sweep", lambda *args, **kwargs: pytest.fail("Tune ran in the flow"))
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
 
     @flow

@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 from flows.cli import main
+from tasks.judging.evaluate import Evaluation, write_evaluation
 from tasks.layout import RunLayout
+from tests.support.evaluation import evaluation_record
 from tests.support.inference import TINY_VIT, trained_run
 
 VIT = TINY_VIT["name"]
@@ -34,14 +36,14 @@ def test_evaluate_named_models_of_a_run_where_only_one_was_trained(tmp_path, min
     assert not layout.evaluation.exists()  # nothing evaluated before every name was checked
 
     # A record of another model scored earlier is kept; the named model's record is (re)written.
-    earlier = {"model": BASELINE, "top1": 0.5, "note": "scored earlier"}
-    stale = {"model": VIT, "top1": -1.0}
+    earlier = evaluation_record(BASELINE, 0.5, role="baseline")
+    stale = evaluation_record(VIT, 0.0, test_samples=1)
     classes = json.loads((Path(mini_shards) / "manifest.json").read_text())["classes"]
-    layout.evaluation.write_text(json.dumps({"models": [stale, earlier], "classes": classes}))
+    write_evaluation(layout.evaluation, Evaluation([stale, earlier], classes))
     assert main([*cli, "--model", VIT, "--model", VIT]) == 0
     written = json.loads(layout.evaluation.read_text())
     assert [record["model"] for record in written["models"]] == [BASELINE, VIT]  # the configuration's order
-    assert written["models"][0] == earlier
+    assert written["models"][0] == earlier.to_json()
     assert 0 <= written["models"][1]["top1"] <= 1 and written["models"][1]["test_samples"] == 200
     assert written["classes"] == classes
     table = capsys.readouterr().out

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tasks.config import build_config
 from tasks.data.loader import ShardStream
 from tasks.data.shard import require_manifest
+from tasks.digests import file_sha256
 from tasks.inference.model_ref import (
     MODEL_CONFIG_FILE,
     ModelRefError,
@@ -28,7 +29,7 @@ from tasks.inference.model_ref import (
 from tasks.judging.evaluate import load_trained_model, predict
 from tasks.layout import LATEST_LINK, RunLayout
 from tasks.models import build_model
-from tasks.training.checkpoints import METADATA, WEIGHTS, _sha256
+from tasks.training.checkpoints import METADATA, WEIGHTS
 from tasks.training.train import _export
 from tests.support.inference import TINY_VIT, model_dir, png_test_images, trained_run
 
@@ -43,7 +44,7 @@ def _fake_result(checkpoint: Path, weights: dict[str, torch.Tensor]):
     for name in ("best.safetensors", WEIGHTS):
         save_file(weights, str(checkpoint / name))
     history = [{"epoch": 1, "val_acc": 0.5}]
-    files = {WEIGHTS: {"bytes": (checkpoint / WEIGHTS).stat().st_size, "sha256": _sha256(checkpoint / WEIGHTS)}}
+    files = {WEIGHTS: {"bytes": (checkpoint / WEIGHTS).stat().st_size, "sha256": file_sha256(checkpoint / WEIGHTS)}}
     (checkpoint / METADATA).write_text(json.dumps({"files": files, "history": history, "best_epoch": 1}))
 
     @contextmanager
@@ -95,7 +96,7 @@ def test_every_reference_form_names_the_same_model(run, tmp_path, mini_shards):
     plan = {"version": 1, "models": [{
         "model": VIT, "target": f"wandb-registry-model/vit-pipeline-{VIT}",
         "weights": f"models/{VIT}/best.safetensors", "linked": None,
-        "metadata": {"weights_sha256": _sha256(directory / "best.safetensors")}}]}
+        "metadata": {"weights_sha256": file_sha256(directory / "best.safetensors")}}]}
     RunLayout(run_dir).registry.write_text(json.dumps(plan))
     downloads = tmp_path / "downloads"
 
