@@ -12,26 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.blocked_imports import import_blocker
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GPU_SCRIPT = REPO_ROOT / "benchmarks" / "gpu.py"
 ACCEPTANCE_SCRIPT = REPO_ROOT / "benchmarks" / "gpu_acceptance.py"
 # What a lent GPU machine lacks (it has torch, timm and the offline wheels): a sitecustomize on PYTHONPATH makes
 # their imports fail there as they would on that machine, in the script and in the children it starts.
 ABSENT_ON_GPU_MACHINE = ("ray", "prefect", "wandb", "matplotlib", "pyarrow")
-IMPORT_BLOCKER = f"""
-import importlib.abc
-import sys
-
-
-class Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {ABSENT_ON_GPU_MACHINE!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: absent on the GPU machine)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Absent())
-"""
+IMPORT_BLOCKER = import_blocker(ABSENT_ON_GPU_MACHINE, "absent on the GPU machine")
 TINY_VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 
 

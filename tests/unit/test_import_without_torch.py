@@ -7,22 +7,10 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.support.blocked_imports import import_blocker
 
 ABSENT = ("torch", "timm", "torchvision", "ray")
-BLOCKER = f"""
-import importlib.abc
-import sys
-
-
-class Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {ABSENT!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: not installed on a laptop)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Absent())
-"""
+BLOCKER = import_blocker(ABSENT, "not installed on a laptop")
 LIGHT_MODULES = ["tasks.config", "flows.operations", "flows.pipeline", "flows.sweep", "flows.deployments"]
 
 

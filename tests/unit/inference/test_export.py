@@ -27,6 +27,7 @@ from tasks.inference.export import (
 )
 from tasks.inference.model_ref import load_model, resolve_model_ref, write_model_config
 from tasks.layout import RunLayout
+from tests.support.blocked_imports import import_blocker
 from tests.support.evaluation import save_random_weights
 from tests.support.inference import png_test_images, trained_run
 
@@ -48,17 +49,10 @@ TIMM_FAMILIES = {"vit_tiny_patch4_32": "VisionTransformer",
 IMAGES = 32
 
 # The exported folder is loaded where neither this package nor vitmodels can be imported.
-BLOCKED_LOADER = textwrap.dedent("""
-    import importlib.abc, json, sys
+BLOCKED_LOADER = import_blocker(("vitmodels", "tasks", "flows"), "this package is not installed") + textwrap.dedent("""
+    import json
     from pathlib import Path
 
-    class Absent(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in ("vitmodels", "tasks", "flows"):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-            return None
-
-    sys.meta_path.insert(0, Absent())
     import numpy as np, timm, torch
     from timm.data import resolve_data_config
 
