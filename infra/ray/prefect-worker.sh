@@ -24,4 +24,5 @@ fi
 : "${PREFECT_API_URL:?not set: the head did not read its secret vit-pipeline/prefect-env}"
 : "${RAY_AUTH_TOKEN:?not set: the container did not get its secret vit-pipeline/cluster-env}"
 echo $$ >"$pidfile"
-exec prefect worker start --pool vit-pipeline --type process --name "vit-pipeline-head-$(hostname)"
+# The default queue only: the `launcher` queue (the weekly cifar10 run) is the off-cluster worker's.
+exec prefect worker start --pool vit-pipeline --work-queue default --type process --name "vit-pipeline-head-$(hostname)"

@@ -1154,3 +1154,28 @@ def test_the_kuberay_runbook_covers_the_cluster_prerequisites():
              ("gpu-nodepool.yaml", "efs-storageclass.yaml", "shared-volume.yaml", "raycluster.yaml")]
     assert order == sorted(order)
     assert "not there yet" not in readme, "S3 resume is there: tests/unit/training/test_checkpoints_s3.py"
+
+
+def test_only_the_off_cluster_worker_takes_the_runs_that_bring_their_own_cluster():
+    """A flow with a cluster launcher must not run on the cluster's own worker (its `ray down` would end it):
+    those deployments go to the `launcher` queue, which the cluster's workers (the head's systemd unit, the
+    KubeRay sidecar) do not poll, and which the runbook's off-cluster worker does."""
+    declared = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    for deployment in declared:
+        launches = any(override.startswith("orchestration.cluster.launcher=") and not override.endswith("=none")
+                       for override in deployment["parameters"].get("overrides", []))
+        queue = deployment["work_pool"].get("work_queue_name", "default")
+        assert (queue == "launcher") == launches, deployment["name"]
+    assert any(d["work_pool"].get("work_queue_name") == "launcher" for d in declared)
+
+    def polled_queues(command: str) -> list[str]:
+        return re.findall(r"--work-queue[ ,\"]+(\w+)", command)
+
+    head_worker = (INFRA / "ray" / "prefect-worker.sh").read_text()
+    sidecar = next(container for container in yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+                   ["spec"]["headGroupSpec"]["template"]["spec"]["initContainers"] if container["name"] == "prefect-worker")
+    for command in (next(line for line in head_worker.splitlines() if "worker start" in line),
+                    json.dumps(sidecar["command"])):
+        assert polled_queues(command) == ["default"], command
+    runbook = (INFRA / "README.md").read_text()
+    assert polled_queues(next(line for line in runbook.splitlines() if "vit-pipeline-launcher" in line)) == ["launcher"]
