@@ -1172,8 +1172,9 @@ def test_only_the_off_cluster_worker_takes_the_runs_that_bring_their_own_cluster
         return re.findall(r"--work-queue[ ,\"]+(\w+)", command)
 
     head_worker = (INFRA / "ray" / "prefect-worker.sh").read_text()
-    sidecar = next(container for container in yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
-                   ["spec"]["headGroupSpec"]["template"]["spec"]["initContainers"] if container["name"] == "prefect-worker")
+    head_pod = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())["spec"]["headGroupSpec"]["template"]
+    sidecar = next(container for container in head_pod["spec"]["initContainers"]
+                   if container["name"] == "prefect-worker")
     for command in (next(line for line in head_worker.splitlines() if "worker start" in line),
                     json.dumps(sidecar["command"])):
         assert polled_queues(command) == ["default"], command
