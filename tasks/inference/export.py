@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tasks.config import is_url
 from tasks.inference.model_ref import CROP_MODE, MODEL_CONFIG_FILE, ModelDescription, eval_transform, load_model
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def parity_images(description: ModelDescription, source: str | Path, count: int 
 
     transform = eval_transform(description)
     path = Path(source)
-    if "://" in str(source) or (path / MANIFEST_NAME).is_file():
+    if is_url(source) or (path / MANIFEST_NAME).is_file():
         if read_manifest(str(source)) is None:
             raise ExportError(f"--images {source}: no shards there (no manifest.json)")
         from tasks.data.loader import ShardStream
