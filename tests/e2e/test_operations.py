@@ -101,6 +101,7 @@ def test_apply_is_repeatable_and_a_failed_flow_run_notifies(server, webhook, tmp
 # the NaN alert and fails; like the real driver, it has no Prefect API and no W&B key.
 DIVERGING_DRIVER = """
 import tasks.operations.ray_jobs as jobs
+import tasks.training.train as train
 from tasks.operations.alerts import alert
 from tasks.training.train import TrainingError
 
@@ -109,7 +110,7 @@ def diverging(config, model_name, **_):
           "is kept", "ERROR", details={"model": model_name})
     raise TrainingError(f"training {model_name} failed: non-finite loss", retryable=False)
 
-jobs.train_model = diverging
+train.train_model = diverging  # what the job's driver imports when it runs
 jobs.main()
 """
 
