@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.config import is_url
-from tasks.inference.model_ref import CROP_MODE, MODEL_CONFIG_FILE, ModelDescription, eval_transform, load_model
+from tasks.inference.model_ref import (
+    CROP_MODE,
+    MODEL_CONFIG_FILE,
+    ModelDescription,
+    eval_transform,
+    load_model,
+    read_image,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +60,6 @@ PARITY_IMAGES = 64
 RUN_SHARDS = "shards"
 # A protobuf message is at most 2 GiB: larger weights go to model.onnx.data beside the graph.
 PROTOBUF_LIMIT = 2 ** 31 - 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # The timm architecture our CIFAR presets are a smaller copy of; a vp_ preset's twin is the name without vp_.
 # model_args set every structural hyper-parameter, so the name only chooses the family (and reads like the model).
@@ -145,15 +151,16 @@ def parity_images(description: ModelDescription, source: str | Path, count: int 
                 break
         pictures = pictures[:count]
     else:
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        from tasks.inference.predict import IMAGE_SUFFIXES, find_images
+
+        files, _ = find_images([str(source)])
         if not files:
             raise ExportError(f"--images {source}: neither shards (a manifest.json) nor image files "
-                              f"({', '.join(IMAGE_SUFFIXES)})")
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         pictures = []
         for file in files[:count]:
             try:
-                pictures.append(Image.open(file))
+                pictures.append(read_image(file))
             except (OSError, UnidentifiedImageError) as error:
                 raise ExportError(f"--images: {file} is not a readable image ({error})") from None
     return torch.stack([transform(picture) for picture in pictures])

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tasks.layout import BEST_WEIGHTS, LATEST_LINK, REGISTRY_FILE, RunLayout
 
@@ -285,6 +285,24 @@ def eval_transform(description: ModelDescription) -> Callable[[Image.Image], tor
 
     resize_and_normalize = create_transform(**description.data_config, is_training=False)
     return transforms.Compose([transforms.Lambda(_rgb), resize_and_normalize])
+
+
+def read_image(file: str | Path | BinaryIO) -> Image.Image:
+    """The image in `file` (a path or an open binary file), decoded now: a truncated file fails here rather than
+    inside a batch's transform. PIL's errors (OSError, UnidentifiedImageError, ValueError...) pass through."""
+    from PIL import Image
+
+    image = Image.open(file)
+    image.load()
+    return image
+
+
+def likeliest_labels(probabilities: torch.Tensor, labels: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per row of a batch's class probabilities, its k likeliest (label, probability), best first; one copy
+    from the device for the whole batch."""
+    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+    return [[(labels[index], value) for value, index in zip(row_values, row_indices, strict=True)]
+            for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
 def _rgb(image: Image.Image) -> Image.Image:

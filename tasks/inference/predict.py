@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from tasks.inference.model_ref import ModelDescription, eval_transform
+from tasks.inference.model_ref import ModelDescription, eval_transform, likeliest_labels, read_image
 from tasks.judging.attention import model_panels, plot_attention_grid, supports_attention
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,9 @@ def predict_images(model: nn.Module, description: ModelDescription, paths: Seque
                 logits, panels = model_panels(attention_model, inputs)
             else:
                 logits, panels = model(inputs), []
-            probabilities, indices = logits.float().softmax(1).topk(top_k, dim=1)
-        probabilities, indices = probabilities.cpu(), indices.cpu()  # one copy per batch
+            best = likeliest_labels(logits.float().softmax(1), description.labels, top_k)
         for row, path in enumerate(batch_paths):
-            labels = tuple(description.labels[i] for i in indices[row].tolist())
-            chances = tuple(probabilities[row].tolist())
+            labels, chances = (tuple(column) for column in zip(*best[row], strict=True))
             overlay = None
             if attention_dir is not None and attention_model is not None:
                 overlay = attention_dir / overlay_names[path]
@@ -155,8 +153,7 @@ def _decoded_batches(paths: Sequence[Path], transform: Callable[[Image.Image], t
 def _load(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor | str:
     """The preprocessed image, or why it cannot be read."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, by name
+        with read_image(path) as image:
             return transform(image)
     except Exception as error:  # noqa: BLE001  (PIL's decoders raise many kinds: OSError, ValueError, SyntaxError...)
         return f"not a readable image ({type(error).__name__}: {error})"

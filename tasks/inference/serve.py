@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from tasks.config import ConfigError
-from tasks.inference.model_ref import ModelDescription, eval_transform, load_model
+from tasks.inference.model_ref import ModelDescription, eval_transform, likeliest_labels, load_model, read_image
 
 if TYPE_CHECKING:
     import torch
@@ -64,8 +64,7 @@ def decode_image(body: bytes) -> Image.Image | RejectedImage:
     if not body:
         return RejectedImage(HTTP_BAD_REQUEST, "the body is empty: POST an image file's bytes")
     try:
-        image = Image.open(io.BytesIO(body))
-        image.load()  # decode now: a truncated file fails here, not inside the batch's transform
+        image = read_image(io.BytesIO(body))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         return RejectedImage(HTTP_BAD_REQUEST, f"the body is not an image this server can read "
                                                f"({type(error).__name__}: {error})")
@@ -74,10 +73,8 @@ def decode_image(body: bytes) -> Image.Image | RejectedImage:
 
 def top_k_predictions(probabilities: torch.Tensor, labels: Sequence[str], k: int) -> list[Prediction]:
     """Per row of a batch's class probabilities, its k likeliest labels, best first."""
-    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
-    return [[{"label": labels[index], "probability": value} for value, index in zip(row_values, row_indices,
-                                                                                   strict=True)]
-            for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)]
+    return [[{"label": label, "probability": value} for label, value in row]
+            for row in likeliest_labels(probabilities, labels, k)]
 
 
 def classify_bodies(model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], bodies: Sequence[bytes],
