@@ -10,11 +10,14 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # torch is installed first with exact pins so nothing later pulls a different build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml infra/docker/requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev]'
+	# The lock (the versions the tests last passed with) constrains every package it names: a fresh machine gets
+	# them rather than whatever was released since (a botocore newer than aiobotocore accepts sent pip
+	# backtracking through every Ray release). Tools only the tests use are not in it and come unpinned.
+	$(BIN)/pip install -e '.[dev]' -c infra/docker/requirements.lock
 	touch $(STAMP)
 
 # DEPLOYMENT=cifar10 runs the real experiment's deployment instead of the CPU smoke one.
