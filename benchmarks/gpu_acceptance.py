@@ -67,9 +67,10 @@ from tasks.data.augment import AugmentPlan, BatchAugmenter
 from tasks.data.auto_augment import OpRound
 from tasks.data.crops import EvalResize
 from tasks.data.loader import ShardStream, normalize
+from tasks.data.manifest import require_manifest
 from tasks.data.mixup import BatchMixer, MixDraw, random_cycle
 from tasks.data.random_erasing import BatchEraser
-from tasks.data.shard import ShardOptions, require_manifest, write_shards
+from tasks.data.shard import ShardOptions, write_shards
 from tasks.data.sources import Source, SplitSource, read_cifar10
 from tasks.judging.attention import model_panels, select_images
 from tasks.judging.evaluate import evaluate_model, predict

@@ -58,8 +58,9 @@ from torchvision import transforms
 
 import vitmodels  # noqa: F401  (registers our models with timm)
 from tasks.config import PipelineConfig, parse_override, set_dotted
+from tasks.data.manifest import require_manifest
 from tasks.data.samples import decode_image, decode_label, iter_samples
-from tasks.data.shard import require_manifest, shard_options, write_shards
+from tasks.data.shard import shard_options, write_shards
 from tasks.data.sources import Source, open_source
 from tasks.judging.evaluate import evaluate_models
 from tasks.layout import BEST_WEIGHTS, RunLayout

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from tasks.config import EXIT_BAD_INPUT, ConfigError, PipelineConfig, load_config, with_pretrained_file
-from tasks.data.shard import shard_from_config, verify_shards
+from tasks.data.manifest import verify_shards
+from tasks.data.shard import shard_from_config
 from tasks.errors import INPUT_ERRORS
 from tasks.inference.export import EXPORT_FORMATS, ONNX_TOLERANCE, PARITY_IMAGES, TIMM_TOLERANCE, ExportError
 from tasks.inference.model_ref import ModelRefError

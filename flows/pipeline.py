@@ -40,14 +40,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.operations import TRAINING_TAG
 from flows.run_owner import claim_run_directory, finish_run_directory
 from tasks.config import ConfigError, OrchestrationConfig, PipelineConfig, is_url, load_config, training_fields
-from tasks.data.shard import (
-    Manifest,
-    read_manifest,
-    shard_cache_inputs,
-    shard_from_config,
-    shard_listing,
-    verify_shards,
-)
+from tasks.data.manifest import Manifest, read_manifest, shard_listing, verify_shards
+from tasks.data.shard import shard_cache_inputs, shard_from_config
 from tasks.digests import file_sha256, json_sha256
 from tasks.errors import ShardFormatError, TrainingError, is_deterministic
 from tasks.layout import RunLayout

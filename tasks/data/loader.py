@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tasks.config import AugmentConfig, refuse_command_url
 from tasks.data.augment import BatchAugmenter
+from tasks.data.manifest import require_manifest
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
-from tasks.data.shard import require_manifest
 from tasks.data.sources import CIFAR10_MEAN
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]

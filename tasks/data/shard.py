@@ -1,4 +1,5 @@
-"""Shard step: a source dataset -> WebDataset tar shards + manifest.json; and their verification.
+"""Shard step: a source dataset -> WebDataset tar shards + manifest.json (manifest.py holds the manifest and
+the checks of shards against it).
 
 Shards are written by worker processes (one shard per job) under temporary names and renamed into
 place, and the manifest is written last, so a crash never leaves a half-written shard or a manifest
@@ -9,16 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import io
-import json
 import logging
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,15 +26,19 @@ import webdataset as wds
 from tqdm import tqdm
 
 from tasks.config import refuse_command_url
-from tasks.contracts import parse_record, record_json
-from tasks.data.samples import (
-    IMAGE_EXTENSIONS,
-    LABEL_EXTENSION,
-    ShardFormatError,
-    decode_label,
-    encode_sample,
-    iter_samples,
+from tasks.data.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    VAL_SPLIT,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    is_local_filesystem,
+    join_location,
+    read_manifest,
+    write_manifest,
 )
+from tasks.data.samples import ShardFormatError, encode_sample
 from tasks.data.sources import Source, SourceError, first_image_size, load_image_file, open_source
 from tasks.digests import file_sha256, json_sha256
 
@@ -46,13 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-# What a file listing says about a file without reading it, where the store says it: local files their size and
-# modification time, object stores their size, LastModified and ETag.
-FILE_IDENTITY_KEYS = ("size", "mtime", "LastModified", "ETag")
-MANIFEST_VERSION = 2  # 2: a validation split held out of the training split
-VAL_SPLIT = "val"
-TEST_SPLIT = "test"
 HOLDOUT_SOURCE_SPLIT = "train"
 
 
@@ -171,46 +165,6 @@ class ShardJob:
         return shard_name(self.split, self.index)
 
 
-@dataclass(frozen=True)
-class ShardEntry:
-    """One shard as manifest.json lists it."""
-
-    name: str
-    num_samples: int
-    sha256: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class SplitEntry:
-    """One split as manifest.json lists it."""
-
-    num_samples: int
-    class_counts: list[int]  # samples per class, in the manifest's class order
-    shards: list[ShardEntry]
-    held_out_from: str | None = None  # the source split a validation split was carved out of; absent on disk if none
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """manifest.json, the contract between the shard step and every step that reads shards (and W&B's lineage):
-    its keys are these fields, in this order."""
-
-    dataset: str
-    classes: list[str]
-    splits: dict[str, SplitEntry]
-    fingerprint: str
-    image_format: str | None
-    version: int
-
-    def shards(self) -> list[ShardEntry]:
-        """Every shard of every split."""
-        return [shard for split in self.splits.values() for shard in split.shards]
-
-    def to_json(self) -> dict:
-        return record_json(self, omit_when_none=("held_out_from",))
-
-
 @dataclass
 class ShardResult:
     manifest: Manifest
@@ -218,28 +172,8 @@ class ShardResult:
     location: str
 
 
-@dataclass
-class VerifyReport:
-    location: str
-    problems: list[str] = field(default_factory=list)
-    shards_checked: int = 0
-    samples_checked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def _join(location: str, name: str) -> str:
-    return f"{location.rstrip('/')}/{name}"
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def compute_fingerprint(source: Source, options: ShardOptions) -> str:
@@ -310,27 +244,9 @@ def _plan_jobs(source: Source, options: ShardOptions, staging_dir: str) -> list[
     return jobs
 
 
-def read_manifest(location: str) -> Manifest | None:
-    """The manifest of the shards in `location` (path or fsspec URL); None when there is none. A manifest that
-    is not valid JSON or lacks a field (or holds one of the wrong type) raises ShardFormatError naming it."""
-    fs, root = fsspec.core.url_to_fs(location)
-    path = _join(root, MANIFEST_NAME)
-    if not fs.exists(path):
-        return None
-    return parse_record(Manifest, fs.cat_file(path), _join(location, MANIFEST_NAME), ShardFormatError)
-
-
-def require_manifest(location: str) -> Manifest:
-    """The manifest of shards that must exist; FileNotFoundError when `location` has none."""
-    manifest = read_manifest(location)
-    if manifest is None:
-        raise FileNotFoundError(f"{location}: no manifest.json; run `vit-pipeline shard` first")
-    return manifest
-
-
 def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> bool:
     for shard in manifest.shards():
-        path = _join(root, shard.name)
+        path = join_location(root, shard.name)
         if not fs.exists(path) or fs.size(path) != shard.bytes:
             return False
         with fs.open(path, "rb") as handle:
@@ -342,7 +258,7 @@ def _shards_intact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest)
 @contextlib.contextmanager
 def _exclusive(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[None]:
     """Serialise writers of one local shard directory (two identical runs write shards once)."""
-    if not _is_local(fs):
+    if not is_local_filesystem(fs):
         yield
         return
     os.makedirs(root, exist_ok=True)
@@ -356,7 +272,7 @@ def _exclusive(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[None]:
 
 def _publish(fs: fsspec.AbstractFileSystem, local_file: str, target: str) -> None:
     """Move a finished local file to its final name; a rename locally, one PUT on object stores."""
-    if _is_local(fs):
+    if is_local_filesystem(fs):
         os.replace(local_file, target)
     else:
         fs.put_file(local_file, target)
@@ -365,7 +281,7 @@ def _publish(fs: fsspec.AbstractFileSystem, local_file: str, target: str) -> Non
 
 def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
     listed = {shard.name for shard in manifest.shards()}
-    for path in fs.glob(_join(root, "*.tar")):
+    for path in fs.glob(join_location(root, "*.tar")):
         if path.rsplit("/", 1)[-1] not in listed:
             fs.rm_file(path)
 
@@ -375,7 +291,7 @@ def check_shard_location(location: str) -> None:
     directory that cannot be made or written (under a file, a broken link, no write permission)."""
     refuse_command_url(location, ShardFormatError)
     fs, root = fsspec.core.url_to_fs(location)
-    if not _is_local(fs):
+    if not is_local_filesystem(fs):
         return
     path = Path(root).absolute()
     nearest = next(candidate for candidate in (path, *path.parents) if os.path.lexists(candidate))
@@ -400,7 +316,7 @@ def write_shards(
             log.info("shards in %s are up to date (fingerprint %s): nothing to do", location, fingerprint[:12])
             return ShardResult(existing, skipped=True, location=location)
         fs.makedirs(root, exist_ok=True)
-        staging_parent = root if _is_local(fs) else None
+        staging_parent = root if is_local_filesystem(fs) else None
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=staging_parent) as staging:
             jobs = _plan_jobs(source, options, staging)
             # A bad image fails here, in staging: the previous shards and manifest are untouched.
@@ -408,12 +324,12 @@ def write_shards(
             if existing is not None:
                 # The old manifest goes before any shard is replaced: a crash mid-publish must not leave it
                 # naming new shards.
-                fs.rm_file(_join(root, MANIFEST_NAME))
+                fs.rm_file(join_location(root, MANIFEST_NAME))
             for record in records.values():
-                _publish(fs, record.pop("partial"), _join(root, record["name"]))
+                _publish(fs, record.pop("partial"), join_location(root, record["name"]))
         manifest = _build_manifest(source, jobs, records, fingerprint)
         _remove_unlisted_shards(fs, root, manifest)
-        _write_manifest(fs, root, manifest)
+        write_manifest(fs, root, manifest)
     return ShardResult(manifest, skipped=False, location=location)
 
 
@@ -456,17 +372,6 @@ def _build_manifest(source: Source, jobs: list[ShardJob], records: dict[str, dic
         image_format=jobs[0].image_format if jobs else None,
         version=MANIFEST_VERSION,
     )
-
-
-def _write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
-    text = json.dumps(manifest.to_json(), indent=2)
-    if _is_local(fs):
-        temporary = os.path.join(root, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
-        with open(temporary, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, os.path.join(root, MANIFEST_NAME))
-    else:
-        fs.pipe_file(_join(root, MANIFEST_NAME), text.encode())
 
 
 def shard_dataset(
@@ -512,110 +417,3 @@ def shard_from_config(config: PipelineConfig, progress: bool = True) -> ShardRes
         data.dataset, data.data_root, config.shard_location, shard_options(config), download_dir=data.download_dir,
         progress=progress,
     )
-
-
-def _check_shard(
-    name: str, data: bytes, expected: ShardEntry, num_classes: int, seen_keys: set[str]
-) -> tuple[list[str], int, list[int]]:
-    problems = []
-    if len(data) != expected.bytes:
-        problems.append(f"{name}: size is {len(data)} bytes, manifest says {expected.bytes}")
-    actual_hash = hashlib.sha256(data).hexdigest()
-    if actual_hash != expected.sha256:
-        problems.append(f"{name}: sha256 is {actual_hash[:16]}…, manifest says {expected.sha256[:16]}…")
-    count, class_counts = 0, [0] * num_classes
-    try:
-        for sample in iter_samples(io.BytesIO(data), name):
-            key = sample["__key__"]
-            if key in seen_keys:
-                problems.append(f"{name}: duplicate sample key {key!r}")
-            seen_keys.add(key)
-            if not any(ext in sample for ext in IMAGE_EXTENSIONS) or LABEL_EXTENSION not in sample:
-                problems.append(f"{name}: sample {key!r} lacks an image or a label")
-                continue
-            label = decode_label(sample)
-            if not 0 <= label < num_classes:
-                problems.append(f"{name}: sample {key!r} has label {label}, outside 0..{num_classes - 1}")
-                continue
-            class_counts[label] += 1
-            count += 1
-    except ShardFormatError as error:
-        problems.append(str(error))
-    if count != expected.num_samples:
-        problems.append(f"{name}: holds {count} samples, manifest says {expected.num_samples}")
-    return problems, count, class_counts
-
-
-def shard_listing(location: str) -> dict[str, dict]:
-    """Every shard file in `location`, name -> what one listing says of it (FILE_IDENTITY_KEYS); nothing is read.
-
-    A shard rewritten or touched since shows another modification time (or ETag)."""
-    fs, root = fsspec.core.url_to_fs(location)
-    fs.invalidate_cache(root)  # object stores cache listings; a shard replaced since must show
-    if not fs.exists(root):
-        return {}
-    files = [entry for entry in fs.ls(root, detail=True) if entry["type"] == "file" and entry["name"].endswith(".tar")]
-    return {entry["name"].rsplit("/", 1)[-1]: {key: entry[key] for key in FILE_IDENTITY_KEYS if key in entry}
-            for entry in files}
-
-
-def check_shard_sizes(location: str) -> VerifyReport:
-    """The cheap check before a training: the manifest is there, every shard it lists is there at the size it
-    records, and no other shard is, from one listing of the directory. No shard is read: verify_shards re-reads
-    and re-hashes them all, once per shard set (the flow's verify step, `vit-pipeline verify-shards`)."""
-    report = VerifyReport(location)
-    manifest = read_manifest(location)
-    if manifest is None:
-        report.problems.append(f"{_join(location, MANIFEST_NAME)}: missing")
-        return report
-    listing = shard_listing(location)
-    listed = set()
-    for shard in manifest.shards():
-        name = shard.name
-        listed.add(name)
-        if name not in listing:
-            report.problems.append(f"{name}: missing")
-        elif listing[name]["size"] != shard.bytes:
-            report.problems.append(f"{name}: size is {listing[name]['size']} bytes, manifest says {shard.bytes}")
-        else:
-            report.shards_checked += 1
-    report.problems.extend(f"{name}: unknown shard, not in the manifest" for name in sorted(listing.keys() - listed))
-    return report
-
-
-def verify_shards(location: str) -> VerifyReport:
-    """Re-count and re-hash every shard against the manifest; report every difference found."""
-    report = VerifyReport(location)
-    manifest = read_manifest(location)
-    if manifest is None:
-        report.problems.append(f"{_join(location, MANIFEST_NAME)}: missing")
-        return report
-    fs, root = fsspec.core.url_to_fs(location)
-    num_classes = len(manifest.classes)
-    seen_keys: set[str] = set()
-    listed = set()
-    for split_name, split in manifest.splits.items():
-        split_counts = [0] * num_classes
-        for shard in split.shards:
-            listed.add(shard.name)
-            path = _join(root, shard.name)
-            if not fs.exists(path):
-                report.problems.append(f"{shard.name}: missing")
-                continue
-            problems, count, class_counts = _check_shard(
-                shard.name, fs.cat_file(path), shard, num_classes, seen_keys
-            )
-            report.problems.extend(problems)
-            report.shards_checked += 1
-            report.samples_checked += count
-            split_counts = [a + b for a, b in zip(split_counts, class_counts, strict=True)]
-        if not report.problems and split_counts != split.class_counts:
-            report.problems.append(
-                f"split {split_name}: class counts {split_counts} differ from the manifest's {split.class_counts}"
-            )
-    for path in fs.glob(_join(root, "*.tar")):
-        name = path.rsplit("/", 1)[-1]
-        if name not in listed:
-            report.problems.append(f"{name}: unknown shard, not in the manifest")
-    return report
-

@@ -120,7 +120,7 @@ class ExportResult:
 def default_image_source(description: ModelDescription) -> str | None:
     """The shards of the run the model was trained in: runs/<run>/shards above runs/<run>[/<flow run>]/models/<name>/,
     or None when the model is not in such a run directory (a W&B download, a copied folder)."""
-    from tasks.data.shard import MANIFEST_NAME
+    from tasks.data.manifest import MANIFEST_NAME
 
     model_dir = description.weights.resolve().parent
     for run_root in list(model_dir.parents)[1:3]:  # runs/<run>/models/<name> or runs/<run>/<flow run>/models/<name>
@@ -135,7 +135,7 @@ def parity_images(description: ModelDescription, source: str | Path, count: int 
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from tasks.data.shard import MANIFEST_NAME, TEST_SPLIT, read_manifest
+    from tasks.data.manifest import MANIFEST_NAME, TEST_SPLIT, read_manifest
 
     transform = eval_transform(description)
     path = Path(source)

@@ -79,7 +79,7 @@ def model_config(config: PipelineConfig, model_name: str, location: str) -> dict
 
     The input size and resize are evaluate's (EvalResize): data.image_size with data.crop_pct, else the shards'
     own size (passed through as it is: crop_pct is 1.0 without data.image_size)."""
-    from tasks.data.shard import require_manifest
+    from tasks.data.manifest import require_manifest
 
     spec = config.model.spec(model_name)
     labels = list(require_manifest(location).classes)
@@ -115,8 +115,8 @@ def _shard_image_size(config: PipelineConfig, location: str) -> tuple[int, int]:
     data.image_size hold images of one size, which the loader passes on as they are)."""
     import fsspec
 
+    from tasks.data.manifest import TEST_SPLIT, require_manifest
     from tasks.data.samples import decode_image, iter_samples
-    from tasks.data.shard import TEST_SPLIT, require_manifest
     from tasks.data.sources import CIFAR10_SIDE
 
     if config.data.dataset == "cifar10":

@@ -24,7 +24,7 @@ from torch import nn
 from tasks.config import PipelineConfig
 from tasks.data.crops import EvalResize
 from tasks.data.loader import ShardStream, normalize
-from tasks.data.shard import require_manifest
+from tasks.data.manifest import require_manifest
 from tasks.judging.evaluate import evaluation_device, load_trained_model
 from tasks.layout import RunLayout
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run

@@ -26,7 +26,7 @@ from tasks.config import PipelineConfig
 from tasks.contracts import parse_record, record_json
 from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
-from tasks.data.shard import VAL_SPLIT, Manifest, require_manifest
+from tasks.data.manifest import VAL_SPLIT, Manifest, require_manifest
 from tasks.layout import METRICS_FILE, RunLayout
 from tasks.models import autocast_context, build_model, uses_channels_last
 from tasks.operations.tracking import files_artifact, record_model_inputs, start_wandb_run

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from tasks.config import PipelineConfig, training_fields
-from tasks.data.shard import TEST_SPLIT, VAL_SPLIT, Manifest, read_manifest
+from tasks.data.manifest import TEST_SPLIT, VAL_SPLIT, Manifest, read_manifest
 from tasks.digests import file_sha256, json_sha256
 from tasks.inference.model_ref import MODEL_CONFIG_FILE, REGISTRY_PREFIX
 from tasks.layout import RunLayout

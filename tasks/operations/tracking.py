@@ -143,7 +143,7 @@ def sync_command(config: PipelineConfig) -> str:
 def manifest_snapshot(location: str, directory: Path) -> Path:
     """The shards' manifest as a local file, written the same way everywhere so its digest names the
     dataset version in W&B lineage (the shards themselves may live on s3://)."""
-    from tasks.data.shard import MANIFEST_NAME, require_manifest
+    from tasks.data.manifest import MANIFEST_NAME, require_manifest
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST_NAME

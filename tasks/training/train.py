@@ -23,7 +23,7 @@ from tasks.config import (
     is_url,
     with_absolute_paths,
 )
-from tasks.data.shard import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
+from tasks.data.manifest import VAL_SPLIT, check_shard_sizes, require_manifest, verify_shards
 from tasks.errors import TrainingError, is_deterministic
 from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS, RunLayout

@@ -39,9 +39,9 @@ from tasks.config import PipelineConfig
 from tasks.data.augment import BatchAugmenter
 from tasks.data.crops import EvalResize
 from tasks.data.loader import Normalizer, ShardStream, device_batches, make_loader
+from tasks.data.manifest import VAL_SPLIT, read_manifest
 from tasks.data.mixup import BatchMixer
 from tasks.data.random_erasing import BatchEraser
-from tasks.data.shard import VAL_SPLIT, read_manifest
 from tasks.errors import NonFiniteLossError
 from tasks.inference.model_ref import write_model_config
 from tasks.layout import BEST_WEIGHTS

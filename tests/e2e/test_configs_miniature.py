@@ -27,7 +27,7 @@ from flows.pipeline import vit_pipeline
 from flows.sweep import vit_sweep
 from tasks.config import PipelineConfig, TrainingConfig, get_dotted, load_config
 from tasks.data.loader import ShardStream
-from tasks.data.shard import read_manifest
+from tasks.data.manifest import read_manifest
 from tasks.data.sources import read_cifar10
 from tasks.judging.evaluate import read_evaluation
 from tasks.layout import RunLayout

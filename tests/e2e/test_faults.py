@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tasks.config import build_config
-from tasks.data.shard import MANIFEST_NAME, read_manifest, verify_shards
+from tasks.data.manifest import MANIFEST_NAME, read_manifest, verify_shards
 from tasks.models import build_model
 from tasks.operations.tracking import wandb_run_id
 from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.config import build_config
 from tasks.contracts import parse_record
-from tasks.data.shard import Manifest
+from tasks.data.manifest import Manifest
 from tasks.judging.evaluate import Evaluation, write_evaluation
 from tasks.layout import RunLayout
 from tests.support.evaluation import evaluation_record

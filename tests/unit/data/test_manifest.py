@@ -9,8 +9,8 @@ import fsspec
 import pytest
 
 from flows.cli import EXIT_BAD_INPUT, main
+from tasks.data.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from tasks.data.samples import ShardFormatError
-from tasks.data.shard import MANIFEST_NAME, _write_manifest, read_manifest
 
 # The contract other steps and W&B read: these keys, in this order.
 MANIFEST_KEYS = ["dataset", "classes", "splits", "fingerprint", "image_format", "version"]
@@ -34,7 +34,7 @@ def test_a_manifest_reads_back_as_written_byte_for_byte(shards, request, tmp_pat
     manifest = read_manifest(location)
     assert json.dumps(manifest.to_json(), indent=2) == (Path(location) / MANIFEST_NAME).read_text()
     fs, root = fsspec.core.url_to_fs(str(tmp_path))
-    _write_manifest(fs, root, manifest)
+    write_manifest(fs, root, manifest)
     assert read_manifest(str(tmp_path)) == manifest
     assert (tmp_path / MANIFEST_NAME).read_bytes() == (Path(location) / MANIFEST_NAME).read_bytes()
 

@@ -10,16 +10,9 @@ import pytest
 from PIL import Image
 
 from flows.cli import main as cli
+from tasks.data.manifest import MANIFEST_NAME, check_shard_sizes, read_manifest, verify_shards
 from tasks.data.samples import ShardFormatError, decode_image, decode_label, iter_samples
-from tasks.data.shard import (
-    MANIFEST_NAME,
-    ShardOptions,
-    check_holdout,
-    check_shard_sizes,
-    read_manifest,
-    shard_dataset,
-    verify_shards,
-)
+from tasks.data.shard import ShardOptions, check_holdout, shard_dataset
 from tasks.data.sources import SourceError, read_cifar10, read_imagefolder
 from tests.conftest import REPO_ROOT, SUBSET_TEST, SUBSET_TRAIN
 from tests.support.source_files import PIXELS_PER_IMAGE, valid_batch, write_cifar_dir, write_unusable_entry

@@ -2,7 +2,8 @@
 
 
 from tasks.data.loader import ShardStream
-from tasks.data.shard import ShardOptions, check_shard_sizes, read_manifest, shard_dataset, shard_listing, verify_shards
+from tasks.data.manifest import check_shard_sizes, read_manifest, shard_listing, verify_shards
+from tasks.data.shard import ShardOptions, shard_dataset
 from tests.conftest import SUBSET_TEST
 
 

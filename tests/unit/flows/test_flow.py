@@ -331,7 +331,7 @@ def shard_reads(monkeypatch) -> list[str]:
 def test_a_training_checks_shard_sizes_without_reading_them_unless_asked_to_verify(
         tmp_path, data_root, val_shards, shard_reads, monkeypatch, capsys):
     from flows.cli import EXIT_BAD_INPUT, main
-    from tasks.data.shard import read_manifest
+    from tasks.data.manifest import read_manifest
     from tasks.training.train import TrainingError, train_model
 
     def ray_would_start(config):  # every check before the workers is done by then

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tasks.config import build_config
 from tasks.data.loader import ShardStream
-from tasks.data.shard import require_manifest
+from tasks.data.manifest import require_manifest
 from tasks.digests import file_sha256
 from tasks.inference.model_ref import (
     MODEL_CONFIG_FILE,
