@@ -184,7 +184,7 @@ def check_shard_sizes(location: str) -> VerifyReport:
             report.problems.append(f"{name}: size is {listing[name]['size']} bytes, manifest says {shard.bytes}")
         else:
             report.shards_checked += 1
-    report.problems.extend(f"{name}: unknown shard, not in the manifest" for name in sorted(listing.keys() - listed))
+    _report_unknown_shards(report, listing, listed)
     return report
 
 
@@ -218,8 +218,10 @@ def verify_shards(location: str) -> VerifyReport:
             report.problems.append(
                 f"split {split_name}: class counts {split_counts} differ from the manifest's {split.class_counts}"
             )
-    for path in fs.glob(join_location(root, "*.tar")):
-        name = path.rsplit("/", 1)[-1]
-        if name not in listed:
-            report.problems.append(f"{name}: unknown shard, not in the manifest")
+    _report_unknown_shards(report, shard_listing(location), listed)
     return report
+
+
+def _report_unknown_shards(report: VerifyReport, listing: dict[str, dict], listed: set[str]) -> None:
+    """Each shard file in the directory that the manifest does not list (left by another shard set, or copied in)."""
+    report.problems.extend(f"{name}: unknown shard, not in the manifest" for name in sorted(listing.keys() - listed))

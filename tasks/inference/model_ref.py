@@ -115,14 +115,14 @@ def _shard_image_size(config: PipelineConfig, location: str) -> tuple[int, int]:
     data.image_size hold images of one size, which the loader passes on as they are)."""
     import fsspec
 
-    from tasks.data.manifest import TEST_SPLIT, require_manifest
+    from tasks.data.manifest import TEST_SPLIT, join_location, require_manifest
     from tasks.data.samples import decode_image, iter_samples
     from tasks.data.sources import CIFAR10_SIDE
 
     if config.data.dataset == "cifar10":
         return CIFAR10_SIDE, CIFAR10_SIDE
     first = require_manifest(location).splits[TEST_SPLIT].shards[0].name
-    with fsspec.open(f"{location.rstrip('/')}/{first}", "rb") as stream:
+    with fsspec.open(join_location(location, first), "rb") as stream:
         height, width = decode_image(next(iter_samples(stream, first))).shape[:2]
     return int(height), int(width)
 
