@@ -36,6 +36,7 @@ from tasks.data.manifest import (
     is_local_filesystem,
     join_location,
     read_manifest,
+    shard_listing,
     write_manifest,
 )
 from tasks.data.samples import ShardFormatError, encode_sample
@@ -279,11 +280,10 @@ def _publish(fs: fsspec.AbstractFileSystem, local_file: str, target: str) -> Non
         os.remove(local_file)
 
 
-def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
-    listed = {shard.name for shard in manifest.shards()}
-    for path in fs.glob(join_location(root, "*.tar")):
-        if path.rsplit("/", 1)[-1] not in listed:
-            fs.rm_file(path)
+def _remove_unlisted_shards(fs: fsspec.AbstractFileSystem, root: str, location: str, manifest: Manifest) -> None:
+    """Shards of an earlier shard set that the new manifest does not list."""
+    for name in shard_listing(location).keys() - {shard.name for shard in manifest.shards()}:
+        fs.rm_file(join_location(root, name))
 
 
 def check_shard_location(location: str) -> None:
@@ -328,7 +328,7 @@ def write_shards(
             for record in records.values():
                 _publish(fs, record.pop("partial"), join_location(root, record["name"]))
         manifest = _build_manifest(source, jobs, records, fingerprint)
-        _remove_unlisted_shards(fs, root, manifest)
+        _remove_unlisted_shards(fs, root, location, manifest)
         write_manifest(fs, root, manifest)
     return ShardResult(manifest, skipped=False, location=location)
 

@@ -224,6 +224,19 @@ def test_imagefolder_converts_modes_and_rejects_wrong_size_by_name(tmp_path):
         shard_dataset("imagefolder", root, str(tmp_path / "broken"), resize, progress=False)
 
 
+def test_resharding_into_fewer_shards_removes_the_ones_no_longer_listed(tmp_path):
+    root = tmp_path / "folder"
+    for name in "abcde":
+        _write_image(root / "train" / "cat" / f"{name}.png")
+    _write_image(root / "test" / "cat" / "f.png")
+    out = tmp_path / "out"
+    shard_dataset("imagefolder", root, str(out), ShardOptions(shard_size=2, workers=1), progress=False)
+    assert len(list(out.glob("train-*.tar"))) == 3
+    shard_dataset("imagefolder", root, str(out), ShardOptions(shard_size=10, workers=1), progress=False)
+    assert sorted(path.name for path in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar"]
+    assert verify_shards(str(out)).ok
+
+
 def test_cli_names_bad_input(tmp_path, capsys):
     assert cli(["shard", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "data.data_root" in capsys.readouterr().err
