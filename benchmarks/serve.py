@@ -6,7 +6,9 @@ batches of --max-batch-size, in this process with the replica's torch threads; t
 --requests POSTs of the same PNGs from `concurrency` client threads, each on one kept-alive connection, so the
 server never holds more than `concurrency` requests. Each concurrency runs --rounds rounds of the plain loop then
 the served model, so that both see about the same load from the rest of the machine; medians are reported.
-Random weights: speed does not depend on them.
+Last, the same architecture cut to next to nothing (--floor-model-kwargs, depth 0 for a ViT) is served at the
+highest concurrency: what Serve's own request path can carry, and from it the most a replica that handles requests
+and runs the model one after the other can reach. Random weights: speed does not depend on them.
 
     python benchmarks/serve.py                               # ViT-Tiny/4 at concurrency 1, 8 and 32
     python benchmarks/serve.py --requests 64 --concurrency 1 4 --model-kwargs '{"depth": 1}'   # a quick look
@@ -24,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -126,6 +129,32 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+class Row(NamedTuple):
+    concurrency: int
+    requests: int
+    served_rate: float
+    plain_rate: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float
+
+
+def measure(directory: Path, bodies: list[bytes], port: int, concurrency: int, args: argparse.Namespace) -> Row:
+    """Rounds of the plain loop then the served model (already serving `directory` on `port`); medians."""
+    load(port, bodies, 2 * concurrency, concurrency)  # warm-up: connections, the first batches
+    plain, served, latencies, sizes = [], [], [], []
+    for _ in range(args.rounds):
+        plain.append(plain_loop(directory, bodies, args.requests, args.max_batch_size, args.cpus))
+        seen = len(recorded_batch_sizes())
+        wall, round_latencies = load(port, bodies, args.requests, concurrency)
+        served.append(len(round_latencies) / wall)
+        latencies += round_latencies
+        sizes += recorded_batch_sizes()[seen:]
+    print(f"concurrency {concurrency}: served {served} requests/s, plain loop {plain} images/s", flush=True)
+    return Row(concurrency, len(latencies), statistics.median(served), statistics.median(plain),
+               1000 * statistics.median(latencies), 1000 * percentile(latencies, 0.99), statistics.mean(sizes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", default="vit_tiny_patch4_32")
@@ -139,9 +168,13 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--cpus", type=int, default=1,
                         help="torch threads of the plain loop and of the replica (its Ray CPUs)")
+    parser.add_argument("--floor-model-kwargs", type=json.loads, default={"depth": 0},
+                        help="create_model keywords (JSON, over --model-kwargs) of a model that costs next to "
+                             "nothing, served at the highest concurrency to measure Serve's own request path; "
+                             "null skips it")
     args = parser.parse_args()
 
-    rows = []
+    rows, floor = [], None
     with tempfile.TemporaryDirectory() as work:
         directory = write_model(Path(work) / "model", args.architecture, args.model_kwargs)
         bodies = png_bodies(DISTINCT_IMAGES, args.model_kwargs.get("img_size", 32))
@@ -153,21 +186,13 @@ def main() -> None:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             start_serving(read_model_dir(directory, str(directory)), serving)
-            for concurrency in args.concurrency:
-                load(port, bodies, 2 * concurrency, concurrency)  # warm-up: connections, the first batches
-                plain, served, latencies, sizes = [], [], [], []
-                for _ in range(args.rounds):
-                    plain.append(plain_loop(directory, bodies, args.requests, args.max_batch_size, args.cpus))
-                    seen = len(recorded_batch_sizes())
-                    wall, round_latencies = load(port, bodies, args.requests, concurrency)
-                    served.append(len(round_latencies) / wall)
-                    latencies += round_latencies
-                    sizes += recorded_batch_sizes()[seen:]
-                rows.append((concurrency, len(latencies), statistics.median(served), statistics.median(plain),
-                             1000 * statistics.median(latencies), 1000 * percentile(latencies, 0.99),
-                             statistics.mean(sizes)))
-                print(f"concurrency {concurrency}: served {served} requests/s, plain loop {plain} images/s",
-                      flush=True)
+            rows = [measure(directory, bodies, port, concurrency, args) for concurrency in args.concurrency]
+            if args.floor_model_kwargs is not None:
+                stop_serving()
+                floor_directory = write_model(Path(work) / "floor", args.architecture,
+                                              {**args.model_kwargs, **args.floor_model_kwargs})
+                start_serving(read_model_dir(floor_directory, str(floor_directory)), serving)
+                floor = measure(floor_directory, bodies, port, max(args.concurrency), args)
         finally:
             stop_serving()
             ray.shutdown()
@@ -178,9 +203,21 @@ def main() -> None:
     print("| concurrency | requests | served requests/s | plain loop images/s | served / plain | p50 ms | p99 ms "
           "| mean batch |")
     print("|---|---|---|---|---|---|---|---|")
-    for concurrency, count, served_rate, plain_rate, p50, p99, batch in rows:
-        print(f"| {concurrency} | {count} | {served_rate:.1f} | {plain_rate:.1f} | {served_rate / plain_rate:.2f} "
-              f"| {p50:.1f} | {p99:.1f} | {batch:.1f} |")
+    for row in rows:
+        print(f"| {row.concurrency} | {row.requests} | {row.served_rate:.1f} | {row.plain_rate:.1f} "
+              f"| {row.served_rate / row.plain_rate:.2f} | {row.p50_ms:.1f} | {row.p99_ms:.1f} "
+              f"| {row.mean_batch:.1f} |")
+    if floor is not None:
+        # A replica that handles a request and then runs the model, one after the other, spends about 1/floor +
+        # 1/plain seconds per request: floor / (floor + plain) of the plain loop. (Part of the floor's cost is the
+        # proxy's, on another core, so this is an estimate rather than a bound.)
+        top = max(rows, key=lambda row: row.concurrency)
+        bound = floor.served_rate / (floor.served_rate + top.plain_rate)
+        print(f"\nServe's own request path ({args.floor_model_kwargs} over the model, concurrency "
+              f"{floor.concurrency}): {floor.served_rate:.1f} requests/s, mean batch {floor.mean_batch:.1f}. "
+              f"Request handling and the model one after the other would give ~{bound:.2f} of the plain loop "
+              f"({top.plain_rate:.1f} images/s) at concurrency {top.concurrency}; measured "
+              f"{top.served_rate / top.plain_rate:.2f}.")
     print(f"\nload average (1, 5, 15 min) at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
