@@ -25,6 +25,7 @@ from tasks.operations.tracking import wandb_run_id
 from tasks.training.checkpoints import checkpoint_dirs, read_checkpoint_metadata
 from tasks.training.train import TrainingError, train_model
 from tests.conftest import REPO_ROOT
+from tests.support.ports import unused_port
 from tests.support.processes import kill_leftovers, processes_with
 from tests.support.wandb_records import history_rows, read_records
 
@@ -35,12 +36,6 @@ MODEL = "vit_tiny_patch4_32"
 TINY_VIT = {"name": MODEL, "drop_path_rate": 0.0, "model_kwargs": {"depth": 1}}
 STEPS_PER_EPOCH = 18  # 4585 train samples (5085 less 500 for validation), batch 128, 2 ranks
 FLOW_TIMEOUT = 420
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ def ray_cluster(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.delenv("WANDB_API_KEY", raising=False)
     patch.delenv("WANDB_MODE", raising=False)
-    patch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    patch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{unused_port()}")
     ray.init(address="local", num_cpus=4)  # "local": never join a Ray cluster someone else runs here
     yield
     ray.shutdown()

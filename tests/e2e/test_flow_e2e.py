@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.support.prefect_server import free_port, server_env, stop, wait_until
+from tests.support.ports import unused_port
+from tests.support.prefect_server import server_env, stop, wait_until
 from tests.support.prefect_server import start as start_server
 from tests.support.ray_head import ray_head
 from tests.support.sweep_runs import SHRUNK as SWEEP_SHRUNK
@@ -48,7 +49,7 @@ def cluster_head():
 def served(tmp_path_factory, data_root, cluster_head):
     home = tmp_path_factory.mktemp("e2e")
     # The flow runs' credentials for the Ray head (trainings sent there as jobs); local Rays use it too.
-    env = server_env(home, free_port(), DATA_ROOT=str(data_root), WANDB_MODE="offline", **cluster_head.client_env)
+    env = server_env(home, unused_port(), DATA_ROOT=str(data_root), WANDB_MODE="offline", **cluster_head.client_env)
     env.pop("WANDB_API_KEY", None)
     logs = home / "logs"
     logs.mkdir()

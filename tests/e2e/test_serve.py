@@ -24,18 +24,13 @@ from tasks.inference.model_ref import eval_transform, load_model, resolve_model_
 from tests.conftest import REPO_ROOT
 from tests.support import inference
 from tests.support.inference import TINY_VIT, model_dir, png_test_images, trained_run
+from tests.support.ports import unused_port
 
 mini_shards = inference.mini_shards  # a fixture: small real CIFAR-10 shards
 pytestmark = pytest.mark.slow  # Ray and Serve take 20-30 s to start here
 TOP_K = 3
 MAX_BODY_BYTES = 20_000  # a 32 px PNG is ~3 KB
 CONCURRENT_REQUESTS = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
@@ -73,7 +68,7 @@ def run_config(tmp_path_factory, mini_shards):
 
 
 def test_the_serve_command_serves_until_interrupted_then_shuts_down(run_config):
-    port = _free_port()
+    port = unused_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir(run_config, TINY_VIT["name"])),
                "--port", str(port), "--set", "scaling.ray_num_cpus=2"]
@@ -119,7 +114,7 @@ def server(tmp_path_factory, run_config, mini_shards):
     test images with the labels the model itself gives them."""
     from tasks.inference.serve import serve_trained_model, stop_serving
 
-    serving = ServingConfig(port=_free_port(), top_k=TOP_K, max_body_bytes=MAX_BODY_BYTES, batch_wait_timeout_s=0.05)
+    serving = ServingConfig(port=unused_port(), top_k=TOP_K, max_body_bytes=MAX_BODY_BYTES, batch_wait_timeout_s=0.05)
     config = run_config.model_copy(update={"serving": serving})
     images, _, _ = png_test_images(mini_shards, tmp_path_factory.mktemp("images"), 8)
     expected = local_top_k(model_dir(config, TINY_VIT["name"]), images)

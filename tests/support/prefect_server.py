@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support.ports import unused_port
+
 BIN = Path(sys.executable).parent
 STARTUP_SECONDS = 120
 SHUTDOWN_SECONDS = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, seconds: float, what: str) -> None:
@@ -67,7 +62,7 @@ def stop(process: subprocess.Popen, seconds: float = SHUTDOWN_SECONDS) -> None:
 @contextlib.contextmanager
 def prefect_server(home: Path, **extra: str) -> Iterator[dict[str, str]]:
     """Yield the environment that talks to a fresh server."""
-    env = server_env(home, free_port(), **extra)
+    env = server_env(home, unused_port(), **extra)
     server = start(env, home / "prefect-server.log")
     try:
         yield env

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
+from tests.support.ports import unused_ports
 
 BIN = Path(sys.executable).parent
 STARTUP_SECONDS = 120
@@ -45,16 +45,6 @@ class RayHead:
             return json.loads(response.read())
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
     """Yield a running head; TERM to `ray start --block` then stops exactly the processes it started."""
@@ -62,7 +52,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
     token = temp / "auth-token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    gcs, dashboard, *others = _free_ports(2 + len(OTHER_PORTS))
+    gcs, dashboard, *others = unused_ports(2 + len(OTHER_PORTS))
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     # Job drivers and workers import this checkout and find `python` as the flow's.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONPATH=str(REPO_ROOT),

@@ -5,7 +5,6 @@ errors without W&B; and, against a Prefect server, the regression and NaN alerts
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tasks.operations.publish import (
     read_plan,
     split_sha256,
 )
+from tests.support.ports import unused_port
 from tests.support.published_run import BASELINE, MANIFEST, SPLIT, VIT, manifest_of
 from tests.support.wandb_records import read_records
 
@@ -169,12 +169,6 @@ def test_a_plan_waits_for_its_runs_to_be_synced_and_for_its_own_weights(evaluate
         publish_plan(plan, run_dir, FakeRegistry())
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again when the block ends: nothing listens there
-
-
 def test_publish_run_dir_names_what_is_missing(evaluated_run, capsys, monkeypatch):
     run_dir = Path(evaluated_run.run_dir)
     assert main(["publish", "--run-dir", str(run_dir)]) == 2
@@ -188,7 +182,7 @@ def test_publish_run_dir_names_what_is_missing(evaluated_run, capsys, monkeypatc
 
     # No network: a clear error at once, not the W&B client's retries.
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{unused_port()}"
     monkeypatch.setenv("WANDB_BASE_URL", url)
     started = time.monotonic()
     assert main(["publish", "--run-dir", str(run_dir)]) == 2
