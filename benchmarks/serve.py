@@ -212,10 +212,10 @@ def main() -> None:
         # 1/plain seconds per request: floor / (floor + plain) of the plain loop. (Part of the floor's cost is the
         # proxy's, on another core, so this is an estimate rather than a bound.)
         top = max(rows, key=lambda row: row.concurrency)
-        bound = floor.served_rate / (floor.served_rate + top.plain_rate)
+        estimate = floor.served_rate / (floor.served_rate + top.plain_rate)
         print(f"\nServe's own request path ({args.floor_model_kwargs} over the model, concurrency "
               f"{floor.concurrency}): {floor.served_rate:.1f} requests/s, mean batch {floor.mean_batch:.1f}. "
-              f"Request handling and the model one after the other would give ~{bound:.2f} of the plain loop "
+              f"Request handling and the model one after the other would give ~{estimate:.2f} of the plain loop "
               f"({top.plain_rate:.1f} images/s) at concurrency {top.concurrency}; measured "
               f"{top.served_rate / top.plain_rate:.2f}.")
     print(f"\nload average (1, 5, 15 min) at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
