@@ -11,11 +11,13 @@ highest concurrency: what Serve's own request path can carry, and from it the mo
 and runs the model one after the other can reach. Random weights: speed does not depend on them.
 
     python benchmarks/serve.py                               # ViT-Tiny/4 at concurrency 1, 8 and 32
+    python benchmarks/serve.py --python-proxy                # the same behind Serve's Python proxy
     python benchmarks/serve.py --requests 64 --concurrency 1 4 --model-kwargs '{"depth": 1}'   # a quick look
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import json
@@ -25,6 +27,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,7 +46,6 @@ from tasks.inference.serve import (
     classify_bodies,
     recorded_batch_sizes,
     start_serving,
-    stop_serving,
 )
 from vitmodels import CIFAR10_MEAN, CIFAR10_STD
 
@@ -129,6 +131,18 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+@contextlib.contextmanager
+def served(directory: Path, serving: ServingConfig, cpus: int) -> Iterator[None]:
+    """`directory`'s model served on a local Ray of its own, which ends with the block (and Serve at once with it,
+    where deleting the application would wait out the replica's drain)."""
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        start_serving(read_model_dir(directory, str(directory)), serving)
+        yield
+    finally:
+        ray.shutdown()
+
+
 class Row(NamedTuple):
     concurrency: int
     requests: int
@@ -168,6 +182,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--cpus", type=int, default=1,
                         help="torch threads of the plain loop and of the replica (its Ray CPUs)")
+    parser.add_argument("--python-proxy", action="store_true",
+                        help="Serve's Python proxy actor takes the requests instead of HAProxy "
+                             "(serving.haproxy=false)")
     parser.add_argument("--floor-model-kwargs", type=json.loads, default={"depth": 0},
                         help="create_model keywords (JSON, over --model-kwargs) of a model that costs next to "
                              "nothing, served at the highest concurrency to measure Serve's own request path; "
@@ -182,22 +199,18 @@ def main() -> None:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         serving = ServingConfig(port=port, max_batch_size=args.max_batch_size,
-                                batch_wait_timeout_s=args.batch_wait_ms / 1000, cpus_per_replica=args.cpus)
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        try:
-            start_serving(read_model_dir(directory, str(directory)), serving)
+                                batch_wait_timeout_s=args.batch_wait_ms / 1000, cpus_per_replica=args.cpus,
+                                haproxy=not args.python_proxy)
+        with served(directory, serving, args.cpus):
             rows = [measure(directory, bodies, port, concurrency, args) for concurrency in args.concurrency]
-            if args.floor_model_kwargs is not None:
-                stop_serving()
-                floor_directory = write_model(Path(work) / "floor", args.architecture,
-                                              {**args.model_kwargs, **args.floor_model_kwargs})
-                start_serving(read_model_dir(floor_directory, str(floor_directory)), serving)
+        if args.floor_model_kwargs is not None:
+            floor_directory = write_model(Path(work) / "floor", args.architecture,
+                                          {**args.model_kwargs, **args.floor_model_kwargs})
+            with served(floor_directory, serving, args.cpus):
                 floor = measure(floor_directory, bodies, port, max(args.concurrency), args)
-        finally:
-            stop_serving()
-            ray.shutdown()
 
-    print(f"\n{args.architecture} {args.model_kwargs or ''} served by Ray Serve (batches of up to "
+    ingress = "Serve's Python proxy" if args.python_proxy else "HAProxy"
+    print(f"\n{args.architecture} {args.model_kwargs or ''} served by Ray Serve behind {ingress} (batches of up to "
           f"{args.max_batch_size}, {args.batch_wait_ms:g} ms wait) against a plain loop on batches of "
           f"{args.max_batch_size}; {args.cpus} torch thread(s) in each; medians of {args.rounds} rounds\n")
     print("| concurrency | requests | served requests/s | plain loop images/s | served / plain | p50 ms | p99 ms "

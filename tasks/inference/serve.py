@@ -8,7 +8,10 @@
 Requests reaching a replica within serving.batch_wait_timeout_s of each other go through the model as one batch
 (`@serve.batch`), up to serving.max_batch_size. Each body is decoded inside the batch on its own: one that is not
 an image is answered 400 and the others of its batch are classified as usual. Replicas take a GPU each when the
-Ray cluster has GPUs. `vit-pipeline serve` (flows/cli.py) and the flow's optional serve step start it.
+Ray cluster has GPUs. Requests reach them through HAProxy, Serve's high-throughput ingress, which hands each one
+straight to a replica's own HTTP server (serving.haproxy; false: Serve's Python proxy actor, which passes it on
+through Ray and leaves a replica a fifth of the requests/s, benchmarks/serve.py). `vit-pipeline serve`
+(flows/cli.py) and the flow's optional serve step start it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ PREDICT_PATH, HEALTH_PATH = "/predict", "/health"
 BATCH_SIZES_KEPT = 10_000
 # One request's answer: its top-k labels with probabilities, best first.
 Prediction = list[dict[str, Any]]
+# Serve reads its ingress from the environment of its controller (ray.serve._private.constants).
+HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
+WITHOUT_HAPROXY = "set serving.haproxy=false for Serve's Python proxy"
 HTTP_BAD_REQUEST, HTTP_NOT_FOUND, HTTP_METHOD_NOT_ALLOWED, HTTP_TOO_LARGE = 400, 404, 405, 413
 
 
@@ -193,30 +199,71 @@ def deployment_options(serving: ServingConfig, cluster_gpus: float) -> dict[str,
             "logging_config": {"enable_access_log": False}}
 
 
+def controller_options(serving: ServingConfig) -> dict[str, Any]:
+    """Serve's controller options: the environment of the controller, which its actors (the ingress, the replicas)
+    inherit and which says whether HAProxy or Serve's Python proxy takes the requests (serving.haproxy)."""
+    return {"runtime_env": {"env_vars": {HAPROXY_SWITCH: "1" if serving.haproxy else "0"}}}
+
+
+def _haproxy_failure(cause: BaseException) -> str:
+    """HAProxy's own complaint (its first [ALERT] line, e.g. a port it cannot bind), else the error's text."""
+    alerts = [line.split(":", 1)[-1].strip() for line in str(cause).splitlines() if line.startswith("[ALERT]")]
+    return (alerts[0] if alerts else str(cause).strip()).rstrip(".")
+
+
 def build_app(description: ModelDescription, serving: ServingConfig, cluster_gpus: float = 0.0) -> Application:
     """The Serve application that serves `description` as `serving` says."""
     return classifier_deployment.options(**deployment_options(serving, cluster_gpus)).bind(description, serving)
 
 
-def require_free_port(host: str, port: int) -> None:
-    """Refuse a port something already listens on (ConfigError), before Ray starts a proxy that would fail to
-    bind it."""
+def require_free_port(host: str, port: int, *, setting: str = "serving.port",
+                      remedy: str = "choose another --port") -> None:
+    """Refuse a port something already listens on (ConfigError naming `setting`), before Ray starts a server that
+    would fail to bind it."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ConfigError(f"serving.port: cannot serve on {host}:{port}: {error.strerror or error}; "
-                              "choose another --port") from None
+            raise ConfigError(f"{setting}: cannot serve on {host}:{port}: {error.strerror or error}; "
+                              f"{remedy}") from None
+
+
+def require_haproxy(serving: ServingConfig) -> None:
+    """For a Serve whose controller will run on this machine: refuse (ConfigError) what would stop its HAProxy
+    (serving.haproxy), no HAProxy binary or its statistics or metrics port taken, before Ray takes its seconds to
+    start and before the failure reaches the terminal as Ray's tracebacks."""
+    if not serving.haproxy:
+        return
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    try:
+        get_haproxy_binary()
+    except FileNotFoundError as error:
+        raise ConfigError(f"serving.haproxy: {str(error).rstrip('.')}; {WITHOUT_HAPROXY}") from None
+    for port, use in ((RAY_SERVE_HAPROXY_STATS_PORT, "statistics"), (RAY_SERVE_HAPROXY_METRICS_PORT, "metrics")):
+        require_free_port("0.0.0.0", port, setting="serving.haproxy",
+                          remedy=f"HAProxy serves its {use} there: free it, or {WITHOUT_HAPROXY}")
 
 
 def start_serving(description: ModelDescription, serving: ServingConfig) -> str:
     """Deploy the model on the Ray this process is connected to (ray.init first) and return its base URL once a
     replica has loaded it. The application runs until `stop_serving` or the end of the Ray cluster."""
     import ray
+    from ray.exceptions import RayTaskError
 
     require_free_port(serving.host, serving.port)
-    serve.start(http_options={"host": serving.host, "port": serving.port})
+    try:
+        serve.start(http_options={"host": serving.host, "port": serving.port},
+                    controller_options=controller_options(serving))
+    except RayTaskError as error:
+        if not serving.haproxy:
+            raise
+        serve.shutdown()  # the controller this call created, left without an ingress
+        raise ConfigError(f"serving.haproxy: Ray Serve's HAProxy did not start ({_haproxy_failure(error.cause)}); "
+                          f"install ray[serve] on Linux, which brings HAProxy, free the port it names, or "
+                          f"{WITHOUT_HAPROXY}") from None
     app = build_app(description, serving, ray.cluster_resources().get("GPU", 0.0))
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{serving.host}:{serving.port}"
@@ -246,14 +293,13 @@ def recorded_batch_sizes() -> list[int]:
     return list(serve.get_app_handle(APP_NAME).recorded_batch_sizes.remote().result())
 
 
-def stop_serving(shutdown_serve: bool = True) -> None:
-    """Take the application down; with `shutdown_serve`, Serve itself too (its proxy and controller): only right
-    on a Ray this process started, since on a shared cluster other applications may be served."""
+def stop_serving() -> None:
+    """Take the application down the way Serve does, letting its replicas finish their requests (behind HAProxy
+    each also waits 30 s, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, for load balancers to let it go); for a
+    Ray cluster that goes on. On a Ray this process started, ray.shutdown() alone ends Serve with it at once."""
     from ray.serve.exceptions import RayServeException
 
     try:
         serve.delete(APP_NAME)
     except RayServeException:  # Serve never started (start_serving failed early): nothing to take down
         return
-    if shutdown_serve:
-        serve.shutdown()

@@ -3,24 +3,26 @@ and `vit-pipeline serve` as a user starts and stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from tasks.config import ServingConfig
+from tasks.config import ConfigError, ServingConfig
 from tasks.inference.model_ref import eval_transform, load_model, resolve_model_ref
+from tasks.inference.serve import require_free_port
 from tests.conftest import REPO_ROOT
 from tests.support import inference
 from tests.support.inference import TINY_VIT, model_dir, png_test_images, trained_run
@@ -67,13 +69,17 @@ def run_config(tmp_path_factory, mini_shards):
     return trained_run(tmp_path_factory.mktemp("served"), mini_shards)
 
 
-def test_the_serve_command_serves_until_interrupted_then_shuts_down(run_config):
-    port = unused_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir(run_config, TINY_VIT["name"])),
-               "--port", str(port), "--set", "scaling.ray_num_cpus=2"]
+def serve_command(run_config, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir(run_config, TINY_VIT["name"])),
+            "--port", str(port), "--set", "scaling.ray_num_cpus=2", *extra]
+
+
+@contextlib.contextmanager
+def serving_command(command: list[str], url: str, env: dict[str, str], stop: signal.Signals) -> Iterator[list[str]]:
+    """`vit-pipeline serve` running until it says it serves at `url`; then `stop` (SIGINT: Ctrl-C), and it must exit
+    0 having said "stopping Serve". Yields its output lines so far."""
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "RAY_ADDRESS": ""})
+                               env={**os.environ, "RAY_ADDRESS": "", **env})
     lines: list[str] = []
     serving = threading.Event()
 
@@ -88,42 +94,76 @@ def test_the_serve_command_serves_until_interrupted_then_shuts_down(run_config):
     reader.start()
     try:
         assert serving.wait(timeout=180), "".join(lines)
-        assert get(url, "/health")[0] == 200
+        yield lines
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         process.wait(timeout=120)
         reader.join()
     output = "".join(lines)
     assert process.returncode == 0, output
     assert "stopping Serve" in output and "Traceback" not in output
-    # The proxy is gone: Ray's processes end a few seconds after the command (more on a loaded machine).
+
+
+def test_the_serve_command_serves_until_terminated_then_shuts_down(run_config):
+    port = unused_port()
+    url = f"http://127.0.0.1:{port}"
+    with serving_command(serve_command(run_config, port), url, {}, signal.SIGTERM):
+        assert get(url, "/health")[0] == 200
+    # HAProxy is gone, so that serving again on the port would start: Ray's processes end a few seconds after the
+    # command (more on a loaded machine). (A bind without SO_REUSEADDR would wait out the closed connections'
+    # TIME_WAIT instead, a minute.)
     deadline = time.monotonic() + 60
     while True:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"port {port} still taken 60 s after the command ended"
+        try:
+            require_free_port("127.0.0.1", port)
+            break
+        except ConfigError:
+            assert time.monotonic() < deadline, f"port {port} still taken 60 s after the command ended"
         time.sleep(0.5)
+
+
+def test_without_haproxy_serve_refuses_naming_serving_haproxy_and_serves_with_the_python_proxy(
+        run_config, mini_shards, tmp_path):
+    missing = tmp_path / "no-haproxy" / "haproxy"
+    without_haproxy = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(missing)}  # as on a machine without it (macOS)
+    port = unused_port()
+    url = f"http://127.0.0.1:{port}"
+    refused = subprocess.run(serve_command(run_config, port), cwd=REPO_ROOT, capture_output=True, text=True,
+                             env={**os.environ, "RAY_ADDRESS": "", **without_haproxy}, timeout=180)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "serving.haproxy" in refused.stderr and str(missing) in refused.stderr
+    assert "Traceback" not in refused.stderr
+    images, _, _ = png_test_images(mini_shards, tmp_path / "images", 1)
+    with serving_command(serve_command(run_config, port, "--set", "serving.haproxy=false"), url, without_haproxy,
+                         signal.SIGINT):
+        status, body = post(url, images[0].read_bytes())
+        assert status == 200, body
+    expected = local_top_k(model_dir(run_config, TINY_VIT["name"]), images)[0]
+    assert [p["label"] for p in body["predictions"]][:TOP_K] == expected
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, run_config, mini_shards):
     """The flow's serve step (serve_trained_model) on a local Ray, the run's tiny ViT; its URL and real CIFAR-10
     test images with the labels the model itself gives them."""
-    from tasks.inference.serve import serve_trained_model, stop_serving
+    from ray import serve
+
+    from tasks.inference.serve import APP_NAME, serve_trained_model, stop_serving
 
     serving = ServingConfig(port=unused_port(), top_k=TOP_K, max_body_bytes=MAX_BODY_BYTES, batch_wait_timeout_s=0.05)
     config = run_config.model_copy(update={"serving": serving})
     images, _, _ = png_test_images(mini_shards, tmp_path_factory.mktemp("images"), 8)
     expected = local_top_k(model_dir(config, TINY_VIT["name"]), images)
-    ray.init(address="local", num_cpus=4)  # "local": never join a Ray cluster someone else runs here
+    with pytest.MonkeyPatch.context() as environment:  # Ray's processes take the environment it starts with
+        # Behind HAProxy a replica being taken down stays 30 s for load balancers to let it go; none here.
+        environment.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+        ray.init(address="local", num_cpus=4)  # "local": never join a Ray cluster someone else runs here
     try:
         url = serve_trained_model(config, TINY_VIT["name"])
         yield url, images, expected
+        stop_serving()  # as `vit-pipeline serve` on a cluster does
+        assert APP_NAME not in serve.status().applications
     finally:
-        stop_serving()
         ray.shutdown()
 
 

@@ -3,8 +3,8 @@
 A port the kernel hands out for port 0 comes from its ephemeral range, the same range every outgoing connection
 takes its local port from; a Ray head starts dozens of processes that open connections and bind port 0, so such a
 port can be taken between the test choosing it and its server binding it (a lost-head test failed that way, its
-second head's GCS finding its port in use). The ports here come from between Ray's worker ports and the ephemeral
-range, which nothing takes by itself.
+second head's GCS finding its port in use). The ports here come from between Ray's worker ports and the ports
+Serve's replicas listen on behind HAProxy (from 30000), below the ephemeral range: nothing takes them by itself.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 RAY_WORKER_PORTS_END = 19_999  # Ray's default --max-worker-port
+SERVE_REPLICA_PORTS_START = 30_000  # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT's default
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
@@ -35,7 +36,7 @@ def _bindable(port: int) -> bool:
 
 def unused_ports(count: int) -> list[int]:
     """`count` distinct ports that nothing listens on now, and that no process takes without being told to."""
-    candidates = range(RAY_WORKER_PORTS_END + 1, _first_ephemeral_port())
+    candidates = range(RAY_WORKER_PORTS_END + 1, min(SERVE_REPLICA_PORTS_START, _first_ephemeral_port()))
     ports: list[int] = []
     for port in random.sample(candidates, len(candidates)):
         if _bindable(port):

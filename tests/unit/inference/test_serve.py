@@ -20,9 +20,12 @@ from tasks.inference.serve import (
     deployment_options,
     model_to_serve,
     require_free_port,
+    require_haproxy,
+    start_serving,
     top_k_predictions,
 )
 from tests.support.inference import TINY_VIT, model_dir, png_test_images, trained_run
+from tests.support.ports import unused_port, unused_ports
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +100,50 @@ def test_a_taken_port_is_refused_by_number():
         port = listener.getsockname()[1]
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
             require_free_port("127.0.0.1", port)
+
+
+def test_without_haproxys_binary_or_ports_serving_haproxy_is_refused_by_name(tmp_path, monkeypatch):
+    from ray.serve._private import constants, haproxy
+
+    stats_port, metrics_port = unused_ports(2)  # not Ray's 8404 and 9101: this machine's may be taken
+    monkeypatch.setattr(constants, "RAY_SERVE_HAPROXY_STATS_PORT", stats_port)
+    monkeypatch.setattr(constants, "RAY_SERVE_HAPROXY_METRICS_PORT", metrics_port)
+    require_haproxy(ServingConfig())  # ray[serve] brings HAProxy on Linux
+    require_haproxy(ServingConfig(haproxy=False))
+    missing = tmp_path / "haproxy"
+    monkeypatch.setattr(haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", str(missing))
+    with pytest.raises(ConfigError, match=f"serving.haproxy: .*{missing}.*serving.haproxy=false"):
+        require_haproxy(ServingConfig())
+    require_haproxy(ServingConfig(haproxy=False))  # Serve's Python proxy needs none of it
+    monkeypatch.setattr(haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        monkeypatch.setattr(constants, "RAY_SERVE_HAPROXY_METRICS_PORT", taken)
+        with pytest.raises(ConfigError, match=f"serving.haproxy: cannot serve on 0.0.0.0:{taken}.*its metrics"):
+            require_haproxy(ServingConfig())
+
+
+def test_haproxy_failing_to_start_is_a_config_error_naming_its_alert(served, monkeypatch):
+    """What a Ray cluster's HAProxy says when it cannot start reaches the user as serving.haproxy's error, and the
+    controller left without an ingress is shut down."""
+    from ray import serve
+    from ray.exceptions import RayTaskError
+
+    alert = "[ALERT]    (7) : Binding [haproxy.cfg:45] for frontend prometheus: cannot bind socket for [0.0.0.0:9101]"
+    failure = RayTaskError("HAProxyManager.ready", "(a traceback)", RuntimeError(f"[NOTICE] (7) : version\n{alert}"))
+    shutdowns = []
+
+    def failing_start(**options: object) -> None:
+        assert options["controller_options"] == {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}
+        raise failure.as_instanceof_cause()
+
+    monkeypatch.setattr(serve, "start", failing_start)
+    monkeypatch.setattr(serve, "shutdown", lambda: shutdowns.append(True))
+    with pytest.raises(ConfigError, match=r"serving.haproxy: .*\(Binding \[haproxy.cfg:45\] .*0.0.0.0:9101]\)"):
+        start_serving(served[0], ServingConfig(port=unused_port()))
+    assert shutdowns == [True]
 
 
 def test_serve_refuses_a_bad_model_or_port_with_exit_2(tmp_path, capsys, served):
