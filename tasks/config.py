@@ -658,8 +658,10 @@ class ServingConfig(Section):
                            "scaling.ray_address) it ends with the flow, so turn this on for a cluster that stays up.")
     model: str | None = Field(
         None, description="The model the flow deploys, by name; None: the one with the best validation accuracy.")
-    host: str = Field("127.0.0.1", description="The address Serve's HTTP ingress listens on (0.0.0.0: every "
-                                               "interface).")
+    host: str = Field(
+        "127.0.0.1", description="The address Serve's HTTP ingress listens on (0.0.0.0: every interface). Behind "
+                                 "HAProxy each replica listens on it too, so on a Ray cluster it must be one that "
+                                 "the other nodes reach (0.0.0.0); loopback is refused there.")
     port: int = Field(8000, ge=1, le=65535, description="The port Serve's HTTP ingress listens on.")
     haproxy: bool = Field(
         True, description="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY, Ray's high-throughput mode): HAProxy "

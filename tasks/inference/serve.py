@@ -17,6 +17,7 @@ through Ray and leaves a replica a fifth of the requests/s, benchmarks/serve.py)
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import socket
 from collections import deque
@@ -247,6 +248,21 @@ def require_haproxy(serving: ServingConfig) -> None:
                           remedy=f"HAProxy serves its {use} there: free it, or {WITHOUT_HAPROXY}")
 
 
+def require_reachable_replicas(serving: ServingConfig) -> None:
+    """For a Serve on a Ray cluster: refuse (ConfigError) serving.host on loopback behind HAProxy. Each replica
+    listens on serving.host, and HAProxy on one node must reach the replicas on the others (a GPU node's)."""
+    if not serving.haproxy:
+        return
+    try:
+        loopback = ipaddress.ip_address(serving.host).is_loopback
+    except ValueError:  # a name
+        loopback = serving.host == "localhost"
+    if loopback:
+        raise ConfigError(f"serving.host: {serving.host} on a Ray cluster: behind HAProxy each replica listens on it, "
+                          "and HAProxy on one node must reach the replicas on the others; set serving.host=0.0.0.0 "
+                          "(--host), or serving.haproxy=false for Serve's Python proxy")
+
+
 def start_serving(description: ModelDescription, serving: ServingConfig) -> str:
     """Deploy the model on the Ray this process is connected to (ray.init first) and return its base URL once a
     replica has loaded it. The application runs until `stop_serving` or the end of the Ray cluster."""
@@ -281,9 +297,11 @@ def serve_trained_model(config: PipelineConfig, model_name: str) -> str:
     here as a driver when this process is not one yet; returns the base URL."""
     from tasks.inference.model_ref import read_model_dir
     from tasks.layout import RunLayout
-    from tasks.training.train import ensure_ray
+    from tasks.training.train import ensure_ray, ray_address
 
     description = read_model_dir(RunLayout.of(config).model_dir(model_name), f"{config.run_dir}:{model_name}")
+    if ray_address(config) is not None:
+        require_reachable_replicas(config.serving)
     ensure_ray(config)
     return start_serving(description, config.serving)
 

@@ -21,6 +21,7 @@ from tasks.inference.serve import (
     model_to_serve,
     require_free_port,
     require_haproxy,
+    require_reachable_replicas,
     start_serving,
     top_k_predictions,
 )
@@ -125,6 +126,15 @@ def test_without_haproxys_binary_or_ports_serving_haproxy_is_refused_by_name(tmp
             require_haproxy(ServingConfig())
 
 
+def test_on_a_cluster_behind_haproxy_a_loopback_host_is_refused():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        with pytest.raises(ConfigError, match=f"serving.host: {host} on a Ray cluster.*0.0.0.0"):
+            require_reachable_replicas(ServingConfig(host=host))
+        require_reachable_replicas(ServingConfig(host=host, haproxy=False))  # the proxy reaches replicas over Ray
+    for host in ("0.0.0.0", "10.0.3.7", "head.internal"):
+        require_reachable_replicas(ServingConfig(host=host))
+
+
 def test_haproxy_failing_to_start_is_a_config_error_naming_its_alert(served, monkeypatch):
     """What a Ray cluster's HAProxy says when it cannot start reaches the user as serving.haproxy's error, and the
     controller left without an ingress is shut down."""
@@ -161,3 +171,7 @@ def test_serve_refuses_a_bad_model_or_port_with_exit_2(tmp_path, capsys, served)
         assert main(["serve", "--model", str(model), "--port", str(taken)]) == EXIT_BAD_INPUT
     error = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{taken}" in error and "Traceback" not in error
+    # a cluster's Serve, before joining it (nothing listens at that address)
+    assert main(["serve", "--model", str(model), "--port", str(unused_port()),
+                 "--set", "scaling.ray_address=127.0.0.1:1"]) == EXIT_BAD_INPUT
+    assert "serving.host: 127.0.0.1 on a Ray cluster" in capsys.readouterr().err
