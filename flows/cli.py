@@ -317,24 +317,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
     from tasks.inference.model_ref import resolve_model_ref
-    from tasks.inference.serve import (
-        PREDICT_PATH,
-        require_free_port,
-        require_haproxy,
-        require_reachable_replicas,
-        start_serving,
-        stop_serving,
-    )
+    from tasks.inference.serve import PREDICT_PATH, require_free_port, require_ingress, start_serving, stop_serving
     from tasks.training.train import ensure_ray, ray_address
 
     config = _load(args, {"host": "serving.host", "port": "serving.port"})
     description = resolve_model_ref(args.model)
     require_free_port(config.serving.host, config.serving.port)  # before Ray takes its seconds to start
+    require_ingress(config)
     own_ray = ray_address(config) is None  # else a cluster's, where other applications may be served
-    if own_ray:  # Serve's controller, and so HAProxy, will run on this machine
-        require_haproxy(config.serving)
-    else:
-        require_reachable_replicas(config.serving)
     ensure_ray(config)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own that dumps a stack
     try:

@@ -263,6 +263,18 @@ def require_reachable_replicas(serving: ServingConfig) -> None:
                           "(--host), or serving.haproxy=false for Serve's Python proxy")
 
 
+def require_ingress(config: PipelineConfig) -> None:
+    """Before Ray is started or joined, refuse (ConfigError) what would stop Serve's ingress: on a Ray of this
+    process's own, Serve's controller and so HAProxy run on this machine (require_haproxy); on a cluster, HAProxy
+    must reach replicas on other nodes (require_reachable_replicas)."""
+    from tasks.training.train import ray_address
+
+    if ray_address(config) is None:
+        require_haproxy(config.serving)
+    else:
+        require_reachable_replicas(config.serving)
+
+
 def start_serving(description: ModelDescription, serving: ServingConfig) -> str:
     """Deploy the model on the Ray this process is connected to (ray.init first) and return its base URL once a
     replica has loaded it. The application runs until `stop_serving` or the end of the Ray cluster."""
@@ -297,11 +309,10 @@ def serve_trained_model(config: PipelineConfig, model_name: str) -> str:
     here as a driver when this process is not one yet; returns the base URL."""
     from tasks.inference.model_ref import read_model_dir
     from tasks.layout import RunLayout
-    from tasks.training.train import ensure_ray, ray_address
+    from tasks.training.train import ensure_ray
 
     description = read_model_dir(RunLayout.of(config).model_dir(model_name), f"{config.run_dir}:{model_name}")
-    if ray_address(config) is not None:
-        require_reachable_replicas(config.serving)
+    require_ingress(config)
     ensure_ray(config)
     return start_serving(description, config.serving)
 
